@@ -1,0 +1,127 @@
+"""The candidate subgraph's nodes: apply → (repair → apply)* → novelty → proxy_train → record.
+
+Each node returns an update and never mutates the state it is given. Every step
+is appended to the candidate's trajectory as a tool call with its result.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from deltanas.agent.deps import Deps
+from deltanas.agent.llm.base import Prompt
+from deltanas.agent.state import CandidateState
+from deltanas.agent.store import CandidateRow
+from deltanas.tools import prompting
+from deltanas.tools.diff_apply import apply_model_output
+from deltanas.tools.full_extract import apply_full_output
+from deltanas.tools.trajectory import chat_view, proposal_step, tool_step
+
+
+def _parent_source(state: CandidateState, deps: Deps) -> str:
+    return deps.store.get(state["parent_id"]).source
+
+
+def apply(state: CandidateState, deps: Deps) -> dict[str, Any]:
+    existing = deps.store.get(state["candidate_id"])
+    if existing is not None and existing.final:  # finished before a crash or resume
+        return {"status": existing.status, "finished": [existing.id]}
+    s = deps.config.search
+    applier = apply_full_output if s.mode == "full" else apply_model_output
+    res = applier(_parent_source(state, deps), state["completion"], allow_train_changes=s.allow_train_changes)
+    messages = tool_step(state["messages"], "apply_diff", {"target": "model.py"}, res.to_json())
+    if res.ok:
+        return {"messages": messages, "source": res.source, "diff": res.diff, "added": res.added,
+                "removed": res.removed, "error": None}
+    return {"messages": messages, "diff": res.diff, "added": res.added, "removed": res.removed,
+            "error": {"code": res.error.code.value, "message": res.error.message, "hint": res.error.hint}}
+
+
+def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
+    """Feed the apply error back to the model and take its new answer."""
+    deps.check_stop()
+    s = deps.config.search
+    attempt = state.get("attempts", 0) + 1
+    err = state["error"]
+    turn = prompting.repair_message(code=err["code"], message=err["message"], hint=err["hint"],
+                                    attempt=attempt, max_attempts=s.max_repairs, mode=s.mode)
+    messages = [*state["messages"], turn]
+    prompt = Prompt(messages=chat_view(messages), base_source=_parent_source(state, deps), mode=s.mode)
+    comp = deps.llm.generate([prompt], deps.sampling)[0]
+    return {"messages": proposal_step(messages, comp.text), "completion": comp.text, "attempts": attempt,
+            "prompt_tokens": state.get("prompt_tokens", 0) + comp.prompt_tokens,
+            "completion_tokens": state.get("completion_tokens", 0) + comp.completion_tokens}
+
+
+def novelty(state: CandidateState, deps: Deps) -> dict[str, Any]:
+    sig = deps.novelty.signature(state["source"])
+    res = deps.novelty.check(state["source"], _parent_source(state, deps), state["parent_id"], sig=sig)
+    if res.novel:  # index it now, so that a sibling in this cycle cannot duplicate it
+        deps.novelty.add(state["candidate_id"], sig)
+    return {"messages": tool_step(state["messages"], "check_novelty", {}, res.to_json()),
+            "novelty": {**res.to_json(), "minhash": sig.hashvalues.tobytes().hex()}}
+
+
+def _earlier_outcome(out_dir: Path, source: str) -> dict[str, Any] | None:
+    """The result of this exact source if it was trained before an interruption."""
+    try:
+        if (out_dir / "model.py").read_text() != source:
+            return None
+        found = json.loads((out_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and "status" in found else None
+
+
+def proxy_train(state: CandidateState, deps: Deps) -> dict[str, Any]:
+    cid = state["candidate_id"]
+    out_dir = deps.candidate_dir(cid)
+    outcome = _earlier_outcome(out_dir, state["source"])
+    if outcome is None:
+        deps.check_stop()
+        outcome = deps.executor.evaluate(state["source"], cid, out_dir).to_json()
+    result = {k: v for k, v in outcome.items() if k != "log_tail"}
+    args = {"dataset": deps.dataset.name, "epochs": deps.config.train.epochs}
+    return {"messages": tool_step(state["messages"], "proxy_train", args, result), "outcome": outcome}
+
+
+def _final_status(state: CandidateState) -> tuple[str, str | None, str | None]:
+    if state.get("outcome"):
+        o = state["outcome"]
+        return o["status"], (None if o["status"] == "ok" else o["status"]), o.get("error") or None
+    if state.get("novelty") and not state["novelty"]["novel"]:
+        n = state["novelty"]
+        return "duplicate", "duplicate", f"similarity {n['max_similarity']:.3f} to {n['nearest_id']}"
+    err = state.get("error") or {"code": "no_diff", "message": "no answer"}
+    return "apply_failed", err["code"], err["message"]
+
+
+def record(state: CandidateState, deps: Deps) -> dict[str, Any]:
+    """Write the finished candidate: one archive row (an upsert by id) and its files."""
+    cid = state["candidate_id"]
+    status, code, message = _final_status(state)
+    nov = state.get("novelty") or {}
+    out = state.get("outcome") or {}
+    prev = deps.store.get(cid)
+    deps.store.put_trajectory(cid, state["messages"])
+    deps.store.upsert(CandidateRow(
+        id=cid, cycle=state["cycle"], idx=state["idx"], kind=deps.config.search.mode,
+        parent_id=state["parent_id"], dataset=deps.dataset.name, status=status, error_code=code,
+        error_message=message, source=state.get("source"), diff=state.get("diff"),
+        completion=prev.completion if prev else state["completion"], added=state.get("added"),
+        removed=state.get("removed"), attempts=state.get("attempts", 0), novel=nov.get("novel"),
+        similarity=nov.get("max_similarity"), nearest_id=nov.get("nearest_id"),
+        minhash=bytes.fromhex(nov["minhash"]) if nov.get("novel") else None,
+        accuracy=out.get("accuracy"), param_count=out.get("param_count"), train_seconds=out.get("train_seconds"),
+        eval_seconds=out.get("total_seconds"), prompt_tokens=state.get("prompt_tokens", 0),
+        completion_tokens=state.get("completion_tokens", 0), gen_seconds=prev.gen_seconds if prev else 0.0,
+        created_at=prev.created_at if prev else time.time(), finished_at=time.time()))
+    d = deps.candidate_dir(cid)
+    d.mkdir(parents=True, exist_ok=True)
+    if state.get("diff"):
+        (d / "diff.patch").write_text(state["diff"])
+    if not out:  # a trained candidate's result.json was written by the proxy client
+        (d / "result.json").write_text(json.dumps({"status": status, "error_code": code, "error": message}))
+    return {"status": status, "finished": [cid]}

@@ -1,0 +1,300 @@
+"""deltanas command line.
+
+    deltanas run                          the offline CPU demo: SmolLM2 + MNIST + the zoo
+    deltanas run --llm mutate --cycles 5  the no-LLM baseline
+    deltanas run --resume runs/run        continue a stopped or killed run
+    deltanas status runs/run [--json]
+    deltanas diff apply BASE.py DIFF [--output FILE] [--json]
+    deltanas eval MODEL.py [--dataset mnist] [--json]
+    deltanas zoo list [--json] | deltanas zoo show NAME
+
+Heavy libraries (torch, transformers, langgraph) are imported inside commands, so
+`deltanas --help` starts at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {n}")
+    return n
+
+
+def _positive_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltanas", description="Delta-based neural architecture search driven by a "
+                                "language model that proposes unified diffs to PyTorch networks.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="start a search (or --resume one)",
+                       description="Start a search on the embedded defaults (offline SmolLM2 + MNIST), "
+                                   "or continue one with --resume.")
+    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
+    r.add_argument("--config", metavar="FILE", help="TOML config (see `deltanas run --print-config`)")
+    r.add_argument("--llm", metavar="SPEC", help="hf:smollm2 | hf:PATH | openai:MODEL@URL | vllm:MODEL | mutate")
+    r.add_argument("--dataset", help="mnist, cifar10, cifar100, svhn, imagenette, celeba-gender, synthetic, digits")
+    r.add_argument("--data-dir", metavar="DIR", help="where torchvision-format dataset files are")
+    r.add_argument("--cycles", type=_positive_int)
+    r.add_argument("--candidates", type=_positive_int, help="candidates per cycle")
+    r.add_argument("--mode", choices=["delta", "full"])
+    r.add_argument("--baselines", metavar="A,B,..", help="zoo networks to start from")
+    r.add_argument("--sandbox", choices=["auto", "docker", "process"])
+    r.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="per-candidate wall-clock limit")
+    r.add_argument("--device", help="proxy-training device: cpu, cuda, cuda:N")
+    r.add_argument("--workers", type=_positive_int, help="candidates trained at once")
+    r.add_argument("--max-new-tokens", type=_positive_int)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--name", help="run name (default: run)")
+    r.add_argument("--run-dir", metavar="DIR", help="default: runs/<name>")
+    r.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    r.add_argument("--plain", action="store_true", help="line-by-line output instead of the live view")
+
+    s = sub.add_parser("status", help="summarise a run, finished or not")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("diff", help="diff tools")
+    dsub = d.add_subparsers(dest="diff_command", required=True, metavar="SUBCOMMAND")
+    da = dsub.add_parser("apply", help="apply a model-written diff to a file, exactly as the loop does")
+    da.add_argument("base", metavar="BASE")
+    da.add_argument("diff", metavar="DIFF", help="the diff or raw model text; - for stdin")
+    da.add_argument("--output", "-o", metavar="FILE")
+    da.add_argument("--json", action="store_true")
+    da.add_argument("--allow-train-changes", action="store_true")
+    da.add_argument("--full", action="store_true", help="DIFF is a whole new file (full-generation mode)")
+
+    e = sub.add_parser("eval", help="proxy-train one model file as the loop would")
+    e.add_argument("model", metavar="MODEL.py")
+    e.add_argument("--dataset", default="mnist")
+    e.add_argument("--data-dir", metavar="DIR")
+    e.add_argument("--timeout", type=_positive_float, default=300.0, metavar="SECONDS")
+    e.add_argument("--epochs", type=_positive_int, default=1)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--sandbox", choices=["auto", "docker", "process"], default="auto")
+    e.add_argument("--limit-train", type=_positive_int)
+    e.add_argument("--json", action="store_true")
+
+    z = sub.add_parser("zoo", help="the embedded baseline networks")
+    zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="SUBCOMMAND")
+    zl = zsub.add_parser("list", help="list the baselines with their parameter counts")
+    zl.add_argument("--json", action="store_true")
+    zs = zsub.add_parser("show", help="print a baseline's source")
+    zs.add_argument("name")
+    return p
+
+
+def _run_overrides(a: argparse.Namespace) -> dict:
+    return {
+        "name": a.name, "llm.spec": a.llm, "data.dataset": a.dataset, "data.data_dir": a.data_dir,
+        "search.cycles": a.cycles, "search.candidates": a.candidates, "search.mode": a.mode,
+        "search.seed": a.seed, "sandbox.type": a.sandbox, "sandbox.timeout_s": a.timeout,
+        "sandbox.device": a.device, "sandbox.workers": a.workers, "llm.max_new_tokens": a.max_new_tokens,
+        "baselines": [b.strip() for b in a.baselines.split(",") if b.strip()] if a.baselines else None,
+    }
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from deltanas.agent import rundir
+    from deltanas.agent.config import dump_toml, load_config
+
+    if a.resume:
+        if a.config or a.run_dir:
+            raise CLIError("--resume takes its config from the run directory; drop --config/--run-dir")
+        allowed = {"search.cycles": a.cycles}
+        other = {k: v for k, v in _run_overrides(a).items() if v is not None and k not in allowed}
+        if other:
+            raise CLIError(f"--resume can only extend --cycles; these would change the run: {', '.join(other)}")
+        run_dir = Path(a.resume)
+        cfg = rundir.open_run_dir(run_dir, allowed)
+    else:
+        cfg = load_config(a.config, _run_overrides(a))
+        run_dir = Path(a.run_dir) if a.run_dir else rundir.default_run_dir(cfg)
+    if a.print_config:
+        print(dump_toml(cfg), end="")
+        return EXIT_OK
+    if not a.resume:
+        rundir.create_run_dir(run_dir, cfg)
+    elif a.cycles:
+        (run_dir / rundir.CONFIG_FILE).write_text(dump_toml(cfg))
+    from deltanas.agent.session import run_session
+
+    return run_session(cfg, run_dir, plain=a.plain or not sys.stdout.isatty())
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from deltanas.agent.progress import print_status, summarise
+    from deltanas.agent.rundir import ARCHIVE_FILE
+    from deltanas.agent.store import Store
+
+    path = Path(a.dir)
+    if not (path / ARCHIVE_FILE).exists():
+        raise CLIError(f"{path}: no {ARCHIVE_FILE} here; is it a deltanas run directory?")
+    store = Store(path / ARCHIVE_FILE, readonly=True)
+    summary = summarise(store)
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_status(Console(), store, summary)
+    return EXIT_OK
+
+
+def _read_text(path: str, what: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{what} {p}: no such file")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def cmd_diff_apply(a: argparse.Namespace) -> int:
+    from deltanas.tools.diff_apply import apply_model_output
+    from deltanas.tools.full_extract import apply_full_output
+
+    base = _read_text(a.base, "base file")
+    text = _read_text(a.diff, "diff file")
+    if a.full:
+        res = apply_full_output(base, text, allow_train_changes=a.allow_train_changes)
+    else:
+        res = apply_model_output(base, text, target=Path(a.base).name, allow_train_changes=a.allow_train_changes)
+    if res.ok and a.output:
+        tmp = Path(a.output + ".tmp")
+        tmp.write_text(res.source)
+        tmp.replace(a.output)
+    if a.json:
+        print(json.dumps({**res.to_json(), "output": a.output if res.ok else None}, indent=2))
+    elif res.ok:
+        if not a.output:
+            sys.stdout.write(res.source)
+        else:
+            print(f"applied: +{res.added} -{res.removed} in {res.hunks} hunk(s) -> {a.output}", file=sys.stderr)
+    else:
+        print(f"deltanas: {res.error.code.value}: {res.error.message}", file=sys.stderr)
+        if res.error.hint:
+            print(res.error.hint, file=sys.stderr)
+    return EXIT_OK if res.ok else EXIT_FAIL
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import tempfile
+
+    from deltanas.agent.config import load_config
+    from deltanas.agent.runtime import load_run_dataset, make_sandbox
+    from deltanas.sandbox.base import Limits
+    from deltanas.tools.datasets import default_cache_dir, prepare_handle
+    from deltanas.tools.proxy import evaluate_source
+
+    source = _read_text(a.model, "model file")
+    cfg = load_config(None, {"data.dataset": a.dataset, "data.data_dir": a.data_dir, "sandbox.type": a.sandbox,
+                             "sandbox.timeout_s": a.timeout, "sandbox.device": a.device,
+                             "data.limit_train": a.limit_train, "train.epochs": a.epochs})
+    from deltanas.agent.runtime import check_device
+
+    check_device(cfg.sandbox.device)
+    ds = load_run_dataset(cfg)
+    handle = prepare_handle(ds, default_cache_dir() / "handles")
+    with tempfile.TemporaryDirectory(prefix="deltanas-eval-") as tmp:
+        sandbox = make_sandbox(cfg, Path(tmp))
+        try:
+            s = cfg.sandbox
+            out = evaluate_source(source, sandbox=sandbox, dataset=ds, handle_dir=handle,
+                                  candidate_id=Path(a.model).stem, hyperparameters=cfg.train.hyperparameters(),
+                                  epochs=a.epochs, device=s.device,
+                                  limits=Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb,
+                                                cpu_threads=s.cpu_threads, max_output_bytes=s.max_output_bytes))
+        finally:
+            sandbox.close()
+    if a.json:
+        print(json.dumps(out.to_json(), indent=2))
+    else:
+        acc = "" if out.accuracy is None else f"  accuracy {100 * out.accuracy:.2f}%"
+        params = "" if out.param_count is None else f"  params {out.param_count:,}"
+        print(f"{a.model}: {out.status}{acc}{params}  ({out.total_seconds:.1f}s on {ds.name})")
+        if out.status != "ok":
+            print(f"  {out.error}")
+            if out.log_tail:
+                print("  log tail:\n    " + "\n    ".join(out.log_tail.strip().splitlines()[-8:]))
+    return EXIT_OK if out.status == "ok" else EXIT_FAIL
+
+
+def cmd_zoo(a: argparse.Namespace) -> int:
+    from deltanas.tools.zoo import count_parameters, get_baseline, list_baselines
+
+    if a.zoo_command == "show":
+        try:
+            sys.stdout.write(get_baseline(a.name).source)
+        except KeyError as e:
+            raise CLIError(str(e.args[0])) from None
+        return EXIT_OK
+    rows = [{"name": b.name, "family": b.family, "description": b.description,
+             "params_mnist": count_parameters(b.source, (1, 28, 28), 10),
+             "params_cifar10": count_parameters(b.source, (3, 32, 32), 10),
+             "lines": b.source.count("\n")} for b in list_baselines()]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="baseline zoo")
+    for col in ("name", "family", "params (1×28×28)", "params (3×32×32)", "lines", "description"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["family"], f"{r['params_mnist']:,}", f"{r['params_cifar10']:,}", str(r["lines"]),
+                  r["description"])
+    Console().print(t)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from deltanas.agent.config import ConfigError
+    from deltanas.agent.store import StoreError
+
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "diff":
+            return cmd_diff_apply(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "zoo":
+            return cmd_zoo(args)
+    except (CLIError, ConfigError, StoreError) as e:
+        print(f"deltanas: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return EXIT_OK
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

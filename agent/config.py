@@ -1,0 +1,213 @@
+"""The run's configuration: one pydantic model, read from TOML plus CLI overrides.
+
+Everything is validated before anything starts; an unknown key or a bad value is
+one clear message. Checks that need the machine (a GPU index, a Docker daemon,
+the dataset) live in `agent/preflight.py` so that this module stays import-light.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_BASELINES = ("lenet", "resnet", "mobilenet")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LLMConfig(_Section):
+    spec: str = "hf:smollm2"
+    """Backend and model: `hf:smollm2`, `hf:PATH`, `openai:MODEL@URL`, `vllm:MODEL` or `mutate`."""
+    device: str = "auto"
+    """Where an in-process model runs: `auto`, `cpu`, `cuda`, `cuda:N`."""
+    batch_size: int = Field(8, gt=0)
+    """Prompts per batched generate call."""
+    temperature: float = Field(0.35, ge=0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(384, gt=0)
+    """The paper uses 1024; the CPU demo caps answers lower so it finishes in minutes."""
+    timeout_s: float = Field(600.0, gt=0)
+    """Per-request timeout for server backends."""
+
+    @field_validator("spec")
+    @classmethod
+    def _spec_parses(cls, v: str) -> str:
+        from deltanas.agent.llm.factory import parse_llm_spec
+
+        parse_llm_spec(v)  # raises ValueError with the accepted forms
+        return v
+
+
+class SearchConfig(_Section):
+    cycles: int = Field(2, gt=0)
+    """Cycles of propose → apply/repair → novelty → proxy-train. The paper runs 22."""
+    candidates: int = Field(4, gt=0)
+    """Candidates per cycle. The paper uses 50."""
+    mode: Literal["delta", "full"] = "delta"
+    """`delta`: the model writes a unified diff; `full`: it rewrites the whole file."""
+    max_repairs: int = Field(2, ge=0)
+    """Retries after a failed diff, each feeding the error back to the model."""
+    goal: str = "improve the first-epoch test accuracy"
+    allow_train_changes: bool = False
+    """Allow diffs to change train_setup, learn or supported_hyperparameters."""
+    tournament_size: int = Field(3, gt=0)
+    """Parent selection: best of this many random archive members..."""
+    explore: float = Field(0.2, ge=0, le=1)
+    """...except with this probability, when a uniformly random member is taken."""
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    """Where torchvision-format files are, for datasets that are not shipped offline."""
+    download: bool = False
+    """Let torchvision download missing datasets (needs a network)."""
+    limit_train: int | None = Field(None, gt=0)
+    limit_test: int | None = Field(None, gt=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from deltanas.tools.datasets import DATASET_NAMES
+
+        if v not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASET_NAMES)}")
+        return v
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": self.momentum, "dropout": self.dropout}
+
+
+class SandboxConfig(_Section):
+    type: Literal["auto", "docker", "process"] = "auto"
+    """`auto` uses Docker where a daemon answers and its image exists, else `process`."""
+    timeout_s: float = Field(300.0, gt=0)
+    """Hard wall-clock limit per candidate, start-up included."""
+    memory_mb: int = Field(8192, gt=0)
+    cpu_threads: int = Field(2, gt=0)
+    max_output_bytes: int = Field(1_000_000, gt=0)
+    workers: int = Field(1, gt=0)
+    """Candidates trained at the same time."""
+    device: str = "cpu"
+    """`cpu`, `cuda` or `cuda:N` for the proxy training."""
+
+
+class NoveltyConfig(_Section):
+    threshold: float = Field(0.9, gt=0, le=1)
+    """Jaccard similarity at or above which a candidate is not novel."""
+    num_perm: int = Field(128, gt=0)
+    shingle: int = Field(7, gt=0)
+
+
+class Config(_Section):
+    name: str = "run"
+    baselines: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
+    """Zoo networks the search starts from (`deltanas zoo list`)."""
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    novelty: NoveltyConfig = Field(default_factory=NoveltyConfig)
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines_exist(cls, v: list[str]) -> list[str]:
+        from deltanas.tools.zoo import list_baselines
+
+        known = {b.name for b in list_baselines()}
+        if not v:
+            raise ValueError("at least one baseline is needed")
+        unknown = [b for b in v if b not in known]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; available: {', '.join(sorted(known))}")
+        return v
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is meant for the user as is."""
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read TOML (optional), apply dotted-key overrides (`search.cycles`), validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e)) from None
+
+
+def dump_toml(cfg: Config) -> str:
+    """A frozen, complete copy of the config as TOML (None values are omitted)."""
+    out: list[str] = []
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{s}"'
+
+    data = cfg.model_dump()
+    for k, v in data.items():
+        if not isinstance(v, dict) and v is not None:
+            out.append(f"{k} = {val(v)}")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.append(f"\n[{k}]")
+            out.extend(f"{kk} = {val(vv)}" for kk, vv in v.items() if vv is not None)
+    return "\n".join(out) + "\n"

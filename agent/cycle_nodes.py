@@ -1,0 +1,165 @@
+"""The outer graph's nodes: one cycle is baselines → parents → batched proposals →
+(candidates) → gather. Each node is idempotent: run again after a crash or a resume,
+it finds its earlier work in the archive instead of doing it twice."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from deltanas.agent.deps import Deps
+from deltanas.agent.llm.base import Prompt
+from deltanas.agent.selection import select_parents as tournament
+from deltanas.agent.state import Proposal, RunState
+from deltanas.agent.store import CandidateRow
+from deltanas.tools import prompting
+from deltanas.tools.trajectory import TOOL_SCHEMAS, proposal_step
+from deltanas.tools.zoo import get_baseline
+
+
+def candidate_id(cycle: int, idx: int) -> str:
+    return f"c{cycle:03d}-{idx:03d}"
+
+
+def evaluate_baselines(state: RunState, deps: Deps) -> dict[str, Any]:
+    """Train every baseline once, so prompts carry real parent accuracies."""
+    todo = []
+    for i, name in enumerate(deps.config.baselines):
+        cid = f"base-{name}"
+        row = deps.store.get(cid)
+        if row is None or not row.final:
+            todo.append((i, name, cid))
+
+    def run(item: tuple[int, str, str]) -> None:
+        i, name, cid = item
+        deps.check_stop()
+        source = get_baseline(name).source
+        started = time.time()
+        outcome = deps.executor.evaluate(source, cid, deps.candidate_dir(cid))
+        deps.store.upsert(CandidateRow(
+            id=cid, cycle=-1, idx=i, kind="baseline", dataset=deps.dataset.name, status=outcome.status,
+            error_message=outcome.error or None, source=source, accuracy=outcome.accuracy,
+            param_count=outcome.param_count, train_seconds=outcome.train_seconds,
+            eval_seconds=outcome.total_seconds, novel=True, created_at=started, finished_at=time.time(),
+            minhash=deps.novelty.signature(source).hashvalues.tobytes()))
+
+    if todo:
+        with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+            list(pool.map(run, todo))
+    for name in deps.config.baselines:
+        row = deps.store.get(f"base-{name}")
+        deps.novelty.add(row.id, deps.novelty.from_hashvalues(row.minhash))
+    if not any(deps.store.get(f"base-{n}").status == "ok" for n in deps.config.baselines):
+        logs = ", ".join(str(deps.candidate_dir(f"base-{n}") / "log.txt") for n in deps.config.baselines)
+        raise RuntimeError(f"no baseline trained on {deps.dataset.name}; see {logs}")
+    return {"baselines_ready": True, "cycle": state.get("cycle", 0)}
+
+
+def select_parents(state: RunState, deps: Deps) -> dict[str, Any]:
+    cycle = state["cycle"]
+    deps.check_stop()
+    deps.store.start_cycle(cycle)
+    pool = [c for c in deps.store.candidates(status="ok") if c.cycle < cycle]
+    s = deps.config.search
+    parents = tournament(pool, s.candidates, tournament_size=s.tournament_size, explore=s.explore,
+                         seed=f"{s.seed}-{cycle}")
+    return {"parent_ids": parents}
+
+
+def _stored_proposals(deps: Deps, cycle: int, n: int) -> list[Proposal] | None:
+    rows = deps.store.candidates(cycle=cycle)
+    if len(rows) < n:
+        return None
+    out: list[Proposal] = []
+    for r in rows[:n]:
+        out.append(Proposal(candidate_id=r.id, cycle=cycle, idx=r.idx, parent_id=r.parent_id,
+                            messages=deps.store.get_trajectory(r.id) or [], completion=r.completion or "",
+                            prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens))
+    return out
+
+
+def propose(state: RunState, deps: Deps) -> dict[str, Any]:
+    """One batched backend call for the whole cycle; the answers are archived at once,
+    so a resume reuses them instead of asking the model again."""
+    cycle, parent_ids = state["cycle"], state["parent_ids"]
+    stored = _stored_proposals(deps, cycle, len(parent_ids))
+    if stored is not None:
+        return {"proposals": stored}
+    deps.check_stop()
+    s = deps.config.search
+    prompts, chats = [], []
+    for pid in parent_ids:
+        parent = deps.store.get(pid)
+        chat = prompting.propose_messages(
+            parent_source=parent.source, dataset=deps.dataset.name, in_shape=deps.dataset.in_shape,
+            num_classes=deps.dataset.num_classes, parent_accuracy=parent.accuracy, goal=s.goal, mode=s.mode,
+            allow_train_changes=s.allow_train_changes)
+        chats.append(chat)
+        prompts.append(Prompt(messages=chat, base_source=parent.source, mode=s.mode))
+    started = time.perf_counter()
+    completions = deps.llm.generate(prompts, deps.sampling)
+    per_candidate = (time.perf_counter() - started) / max(1, len(prompts))
+    proposals: list[Proposal] = []
+    for idx, (pid, chat, comp) in enumerate(zip(parent_ids, chats, completions)):
+        cid = candidate_id(cycle, idx)
+        messages = proposal_step(chat, comp.text)
+        deps.store.put_trajectory(cid, messages)
+        deps.store.upsert(CandidateRow(
+            id=cid, cycle=cycle, idx=idx, kind=s.mode, parent_id=pid, dataset=deps.dataset.name,
+            status="proposed", completion=comp.text, prompt_tokens=comp.prompt_tokens,
+            completion_tokens=comp.completion_tokens, gen_seconds=per_candidate))
+        proposals.append(Proposal(candidate_id=cid, cycle=cycle, idx=idx, parent_id=pid, messages=messages,
+                                  completion=comp.text, prompt_tokens=comp.prompt_tokens,
+                                  completion_tokens=comp.completion_tokens))
+    return {"proposals": proposals}
+
+
+def cycle_summary(rows: list[CandidateRow]) -> dict[str, Any]:
+    n = len(rows)
+    by_status: dict[str, int] = {}
+    for r in rows:
+        by_status[r.status] = by_status.get(r.status, 0) + 1
+    applied = [r for r in rows if r.status not in ("apply_failed", "proposed")]
+    ok = [r for r in rows if r.status == "ok"]
+    accs = [r.accuracy for r in ok if r.accuracy is not None]
+    repaired = [r for r in applied if r.attempts > 0]
+    return {
+        "candidates": n,
+        "by_status": by_status,
+        "applied_rate": len(applied) / n if n else 0.0,
+        "valid_novel_rate": len(ok) / n if n else 0.0,
+        "duplicates": by_status.get("duplicate", 0),
+        "repaired": len(repaired),
+        "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        "best_accuracy": max(accs) if accs else None,
+        "mean_diff_lines": (sum((r.added or 0) + (r.removed or 0) for r in applied) / len(applied)) if applied else None,
+        "mean_completion_tokens": sum(r.completion_tokens for r in rows) / n if n else None,
+    }
+
+
+def gather_trajectories(state: RunState, deps: Deps) -> dict[str, Any]:
+    """Close the cycle: summarise it and rewrite trajectories.jsonl from the archive
+    (atomically, so a crash never leaves half a file)."""
+    cycle = state["cycle"]
+    rows = deps.store.candidates(cycle=cycle)
+    deps.store.finish_cycle(cycle, cycle_summary(rows))
+    path = deps.run_dir / "trajectories.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for r in deps.store.candidates():
+            if r.kind == "baseline" or not r.final:
+                continue
+            messages = deps.store.get_trajectory(r.id)
+            if not messages:
+                continue
+            parent = deps.store.get(r.parent_id) if r.parent_id else None
+            f.write(json.dumps({
+                "candidate_id": r.id, "cycle": r.cycle, "parent_id": r.parent_id, "status": r.status,
+                "accuracy": r.accuracy, "parent_accuracy": parent.accuracy if parent else None,
+                "messages": messages, "tools": TOOL_SCHEMAS}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"cycle": cycle + 1, "proposals": [], "parent_ids": []}

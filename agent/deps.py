@@ -1,0 +1,48 @@
+"""What the graph's nodes are given: clients and handles, injected, never in state."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deltanas.agent.config import Config
+from deltanas.agent.executor import Executor
+from deltanas.agent.llm.base import LLMBackend, Sampling
+from deltanas.agent.store import Store
+from deltanas.tools.novelty import NoveltyIndex
+
+
+class RunStopped(Exception):
+    """Raised by a node that would start new work after a stop was requested."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    in_shape: tuple[int, int, int]
+    num_classes: int
+
+
+@dataclass
+class Deps:
+    config: Config
+    llm: LLMBackend
+    executor: Executor
+    store: Store
+    novelty: NoveltyIndex
+    dataset: DatasetInfo
+    run_dir: Path
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def sampling(self) -> Sampling:
+        c = self.config.llm
+        return Sampling(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                        max_new_tokens=c.max_new_tokens, seed=self.config.search.seed)
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise RunStopped("stop requested")
+
+    def candidate_dir(self, cand_id: str) -> Path:
+        return self.run_dir / "candidates" / cand_id

@@ -1,0 +1,45 @@
+"""The evaluation executor: a bounded pool of sandbox slots shared by the graph's threads.
+
+The graph runs a cycle's candidates concurrently; the executor decides how many
+train at once (`sandbox.workers`) and owns the sandbox's lifetime, so that a
+Ctrl-C or a crash of the driver kills every running candidate.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from deltanas.sandbox.base import Limits, Sandbox
+from deltanas.tools.proxy import EvalOutcome, evaluate_source
+
+
+class Executor(Protocol):
+    def evaluate(self, source: str, candidate_id: str, out_dir: Path) -> EvalOutcome: ...
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    def __init__(self, sandbox: Sandbox, dataset, handle_dir: Path, *, workers: int, hyperparameters: dict,
+                 epochs: int, batch_size: int, device: str, limits: Limits, seed: int = 0):
+        self.sandbox = sandbox
+        self.dataset = dataset
+        self.handle_dir = handle_dir
+        self.hyperparameters = hyperparameters
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.device = device
+        self.limits = limits
+        self.seed = seed
+        self._slots = threading.Semaphore(workers)
+
+    def evaluate(self, source: str, candidate_id: str, out_dir: Path) -> EvalOutcome:
+        with self._slots:
+            return evaluate_source(
+                source, sandbox=self.sandbox, dataset=self.dataset, handle_dir=self.handle_dir,
+                candidate_id=candidate_id, out_dir=out_dir, hyperparameters=self.hyperparameters,
+                epochs=self.epochs, seed=self.seed, batch_size=self.batch_size, device=self.device,
+                limits=self.limits)
+
+    def close(self) -> None:
+        self.sandbox.close()

@@ -1,0 +1,86 @@
+"""The search loop as a LangGraph state machine.
+
+    evaluate_baselines → select_parents → propose (one batched call)
+        → candidate × N (Send) → gather_trajectories → next cycle or END
+
+    candidate:  apply ──ok──► novelty ──novel──► proxy_train ─► record
+                  │ fail          └─dup───────────────────────► record
+                  ▼
+                repair (≤ max_repairs, the error fed back) ─► apply
+
+`build_graph(deps)` returns an uncompiled StateGraph; the CLI compiles it with a
+SQLite checkpointer, tests with an in-memory one.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Send
+
+from deltanas.agent import candidate_nodes as cn
+from deltanas.agent import cycle_nodes as cy
+from deltanas.agent.deps import Deps
+from deltanas.agent.state import CandidateOutput, CandidateState, RunState
+
+
+def route_after_apply(state: CandidateState, max_repairs: int) -> Literal["novelty", "repair", "record", "__end__"]:
+    if state.get("status"):  # already recorded before a resume
+        return "__end__"
+    if state.get("error") is None:
+        return "novelty"
+    return "repair" if state.get("attempts", 0) < max_repairs else "record"
+
+
+def route_after_novelty(state: CandidateState) -> Literal["proxy_train", "record"]:
+    return "proxy_train" if state["novelty"]["novel"] else "record"
+
+
+def route_after_baselines(state: RunState, cycles: int) -> Literal["select_parents", "__end__"]:
+    return "select_parents" if state["cycle"] < cycles else "__end__"
+
+
+def fan_out(state: RunState) -> list[Send]:
+    return [Send("candidate", CandidateState(
+        candidate_id=p["candidate_id"], cycle=p["cycle"], idx=p["idx"], parent_id=p["parent_id"],
+        messages=p["messages"], completion=p["completion"], attempts=0, prompt_tokens=p["prompt_tokens"],
+        completion_tokens=p["completion_tokens"], error=None, novelty=None, outcome=None))
+        for p in state["proposals"]]
+
+
+def route_after_gather(state: RunState, cycles: int) -> Literal["select_parents", "__end__"]:
+    return "select_parents" if state["cycle"] < cycles else "__end__"
+
+
+def build_candidate_graph(deps: Deps) -> StateGraph:
+    g = StateGraph(CandidateState, output_schema=CandidateOutput)
+    g.add_node("apply", partial(cn.apply, deps=deps))
+    g.add_node("repair", partial(cn.repair, deps=deps))
+    g.add_node("novelty", partial(cn.novelty, deps=deps))
+    g.add_node("proxy_train", partial(cn.proxy_train, deps=deps))
+    g.add_node("record", partial(cn.record, deps=deps))
+    g.add_edge(START, "apply")
+    g.add_conditional_edges("apply", partial(route_after_apply, max_repairs=deps.config.search.max_repairs))
+    g.add_edge("repair", "apply")
+    g.add_conditional_edges("novelty", route_after_novelty)
+    g.add_edge("proxy_train", "record")
+    g.add_edge("record", END)
+    return g
+
+
+def build_graph(deps: Deps) -> StateGraph:
+    cycles = deps.config.search.cycles
+    g = StateGraph(RunState)
+    g.add_node("evaluate_baselines", partial(cy.evaluate_baselines, deps=deps))
+    g.add_node("select_parents", partial(cy.select_parents, deps=deps))
+    g.add_node("propose", partial(cy.propose, deps=deps))
+    g.add_node("candidate", build_candidate_graph(deps).compile())
+    g.add_node("gather_trajectories", partial(cy.gather_trajectories, deps=deps))
+    g.add_edge(START, "evaluate_baselines")
+    g.add_conditional_edges("evaluate_baselines", partial(route_after_baselines, cycles=cycles))
+    g.add_edge("select_parents", "propose")
+    g.add_conditional_edges("propose", fan_out, ["candidate"])
+    g.add_edge("candidate", "gather_trajectories")
+    g.add_conditional_edges("gather_trajectories", partial(route_after_gather, cycles=cycles))
+    return g

@@ -1,0 +1,55 @@
+"""One batched interface for every language-model backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; the defaults are the paper's."""
+
+    temperature: float = 0.35
+    top_k: int = 50
+    top_p: float = 0.9
+    max_new_tokens: int = 1024
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A chat prompt plus the source the answer must be a diff against.
+
+    `base_source` lets the rule-based `mutate` backend work without parsing the
+    chat text; model backends ignore it.
+    """
+
+    messages: list[Message]
+    base_source: str = ""
+    mode: str = "delta"  # "delta" or "full"
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    name: str
+
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
+        """One completion per prompt, in order, as one batched call where the backend allows."""
+        ...
+
+    def load_adapter(self, path: str) -> None:
+        """Switch generation to the LoRA adapter saved at `path`."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,114 @@
+"""The terminal view of a run: progress bars, the latest candidates, the best so far.
+
+It reads the archive through its own read-only connection, so it shows exactly
+what is saved, and `deltanas status` renders the same summary for a stopped run.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from deltanas.agent.config import Config
+from deltanas.agent.store import CandidateRow, Store
+
+
+def summarise(store: Store) -> dict[str, Any]:
+    """The JSON summary of `deltanas status`: candidates per cycle and per status."""
+    rows = store.candidates()
+    per_cycle: dict[str, dict[str, int]] = {}
+    per_status: dict[str, int] = {}
+    for r in rows:
+        key = "baselines" if r.cycle < 0 else str(r.cycle)
+        per_cycle.setdefault(key, {})
+        per_cycle[key][r.status] = per_cycle[key].get(r.status, 0) + 1
+        if r.cycle >= 0:
+            per_status[r.status] = per_status.get(r.status, 0) + 1
+    searched = [r for r in rows if r.cycle >= 0 and r.final]
+    ok = [r for r in searched if r.status == "ok"]
+    applied = [r for r in searched if r.status != "apply_failed"]
+    best = max((r for r in rows if r.accuracy is not None), key=lambda r: r.accuracy, default=None)
+    return {
+        "candidates": len(searched),
+        "baselines": {r.id: r.accuracy for r in rows if r.cycle < 0},
+        "per_cycle": per_cycle,
+        "per_status": per_status,
+        "applied_rate": len(applied) / len(searched) if searched else None,
+        "valid_novel_rate": len(ok) / len(searched) if searched else None,
+        "best": {"id": best.id, "accuracy": best.accuracy, "parent_id": best.parent_id} if best else None,
+        "cycles_finished": sum(1 for c in store.cycles() if c["finished_at"]),
+    }
+
+
+def _fmt_acc(a: float | None) -> str:
+    return "—" if a is None else f"{100 * a:.2f}%"
+
+
+def candidates_table(rows: list[CandidateRow], title: str = "latest candidates") -> Table:
+    t = Table(title=title, expand=True, title_justify="left")
+    for col in ("id", "parent", "diff ±", "status", "novelty", "accuracy", "secs"):
+        t.add_column(col, no_wrap=True)
+    for r in rows:
+        status = r.status if r.status in ("ok", "proposed") else f"{r.status}" + (
+            f" ({r.error_code})" if r.error_code and r.error_code != r.status else "")
+        style = {"ok": "green", "proposed": "dim"}.get(r.status, "yellow")
+        diff = f"+{r.added}/-{r.removed}" if r.added is not None else "—"
+        nov = "—" if r.similarity is None else f"{r.similarity:.2f}"
+        secs = "—" if r.eval_seconds is None else f"{r.eval_seconds:.1f}"
+        t.add_row(r.id, r.parent_id or "", diff, f"[{style}]{status}[/]", nov, _fmt_acc(r.accuracy), secs)
+    return t
+
+
+class LiveView:
+    """Builds one frame of the live view from the archive."""
+
+    def __init__(self, cfg: Config, store: Store):
+        self.cfg = cfg
+        self.store = store
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), expand=True)
+        self._cycles = self.progress.add_task("cycles", total=cfg.search.cycles)
+        self._cands = self.progress.add_task("candidates", total=cfg.search.cycles * cfg.search.candidates)
+        self.message = ""
+
+    def frame(self) -> Group:
+        rows = self.store.candidates()
+        searched = [r for r in rows if r.cycle >= 0]
+        done = sum(1 for r in searched if r.final)
+        self.progress.update(self._cycles, completed=sum(1 for c in self.store.cycles() if c["finished_at"]))
+        self.progress.update(self._cands, completed=done)
+        recent = sorted((r for r in rows), key=lambda r: (r.finished_at or r.created_at))[-10:]
+        best = max((r for r in rows if r.accuracy is not None), key=lambda r: r.accuracy, default=None)
+        ok = sum(1 for r in searched if r.status == "ok")
+        head = (f"[b]{self.cfg.name}[/]  llm={self.cfg.llm.spec}  dataset={self.cfg.data.dataset}  "
+                f"mode={self.cfg.search.mode}   valid+novel {ok}/{done}")
+        best_line = (f"best so far: [b green]{best.id}[/] {_fmt_acc(best.accuracy)} (parent {best.parent_id or '—'})"
+                     if best else "best so far: —")
+        parts = [head, self.progress, candidates_table(recent), best_line]
+        if self.message:
+            parts.append(f"[yellow]{self.message}[/]")
+        return Group(*parts)
+
+
+def print_status(console: Console, store: Store, summary: dict[str, Any]) -> None:
+    t = Table(title="candidates per cycle", title_justify="left")
+    statuses = sorted({s for c in summary["per_cycle"].values() for s in c})
+    t.add_column("cycle")
+    for s in statuses:
+        t.add_column(s, justify="right")
+    for cyc, counts in summary["per_cycle"].items():
+        t.add_row(cyc, *(str(counts.get(s, 0)) for s in statuses))
+    console.print(t)
+    rows = sorted((r for r in store.candidates() if r.accuracy is not None), key=lambda r: -r.accuracy)[:10]
+    console.print(candidates_table(rows, title="top candidates"))
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{100 * v:.1f}%"
+
+    best = summary["best"]
+    console.print(Panel(
+        f"searched {summary['candidates']} candidates; applied {pct(summary['applied_rate'])}; "
+        f"valid and novel {pct(summary['valid_novel_rate'])}; cycles finished {summary['cycles_finished']}; "
+        f"best {best['id'] + ' ' + _fmt_acc(best['accuracy']) if best else '—'}"))

@@ -1,0 +1,89 @@
+"""Runs the compiled graph against the run directory's checkpointer.
+
+The graph works in a background thread; the calling thread keeps the terminal
+view and the signals. The first Ctrl-C (or SIGTERM) drains: no new candidate
+starts, those in flight finish and are archived. A second Ctrl-C kills the
+sandboxes at once; the archive already holds every finished candidate either way.
+"""
+from __future__ import annotations
+
+import signal
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from deltanas.agent.deps import Deps, RunStopped
+from deltanas.agent.graph import build_graph
+from deltanas.agent.rundir import CHECKPOINT_FILE
+
+THREAD = {"configurable": {"thread_id": "search"}}
+
+
+@dataclass
+class RunOutcome:
+    status: Literal["finished", "stopped", "failed"]
+    error: BaseException | None = None
+
+
+def sqlite_saver(deps: Deps) -> SqliteSaver:
+    conn = sqlite3.connect(deps.run_dir / CHECKPOINT_FILE, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    return SqliteSaver(conn)
+
+
+def run_graph(deps: Deps, checkpointer: BaseCheckpointSaver) -> RunOutcome:
+    """Start or continue the search; returns when it finishes, stops or fails."""
+    graph = build_graph(deps).compile(checkpointer=checkpointer)
+    cfg: dict[str, Any] = {**THREAD, "recursion_limit": 1_000_000,
+                           "max_concurrency": max(4, deps.config.search.candidates)}
+    snapshot = graph.get_state(cfg)
+    started = bool(snapshot.values) or bool(snapshot.next)
+    if started and not snapshot.next:
+        return RunOutcome("finished")
+    try:
+        graph.invoke(None if started else {"cycle": 0, "finished": []}, cfg)
+    except RunStopped:
+        return RunOutcome("stopped")
+    except Exception as e:  # the archive is intact; the run can be resumed
+        if deps.stop.is_set():
+            return RunOutcome("stopped")
+        return RunOutcome("failed", e)
+    return RunOutcome("stopped" if deps.stop.is_set() and graph.get_state(cfg).next else "finished")
+
+
+def run_with_signals(deps: Deps, checkpointer: BaseCheckpointSaver, *, tick: Callable[[], None] | None = None,
+                     on_drain: Callable[[], None] | None = None, period_s: float = 0.5) -> RunOutcome:
+    """`run_graph` in a worker thread, with Ctrl-C draining and `tick` called periodically."""
+    box: dict[str, RunOutcome] = {}
+    worker = threading.Thread(target=lambda: box.setdefault("out", run_graph(deps, checkpointer)),
+                              name="deltanas-graph", daemon=True)
+    interrupts = {"n": 0}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        interrupts["n"] += 1
+        deps.stop.set()
+        if interrupts["n"] == 1:
+            if on_drain:
+                on_drain()
+        else:
+            deps.executor.close()  # kill running candidates; they are redone on resume
+            raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(period_s)
+            if tick:
+                tick()
+    except KeyboardInterrupt:
+        return RunOutcome("stopped")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return box.get("out", RunOutcome("failed", RuntimeError("the graph thread ended without a result")))

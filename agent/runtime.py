@@ -1,0 +1,83 @@
+"""Builds the live parts of a run from its config: dataset, sandbox, executor, LLM,
+archive and novelty index. Only the CLI and tests call this; nodes get `Deps`."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from deltanas.agent.config import Config, ConfigError
+from deltanas.agent.deps import DatasetInfo, Deps
+from deltanas.agent.executor import LocalExecutor
+from deltanas.agent.llm.base import LLMBackend
+from deltanas.agent.llm.coalesce import CoalescingBackend
+from deltanas.agent.rundir import ARCHIVE_FILE
+from deltanas.agent.store import Store
+from deltanas.sandbox.base import Limits, Sandbox
+from deltanas.tools.datasets import DatasetUnavailable, default_cache_dir, load_dataset, prepare_handle
+from deltanas.tools.novelty import NoveltyIndex
+
+
+def make_sandbox(cfg: Config, work_root: Path) -> Sandbox:
+    kind = cfg.sandbox.type
+    if kind == "docker":
+        raise ConfigError("sandbox type 'docker' is not available in this version of deltanas; "
+                          "use --sandbox process (or auto)")
+    from deltanas.sandbox.process import ProcessSandbox
+
+    return ProcessSandbox(work_root)
+
+
+def check_device(device: str) -> None:
+    if device == "cpu" or device == "auto":
+        return
+    import torch
+
+    if not device.startswith("cuda"):
+        raise ConfigError(f"device {device!r}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    idx = int(device.split(":", 1)[1]) if ":" in device else 0
+    if idx >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def load_run_dataset(cfg: Config):
+    try:
+        return load_dataset(cfg.data.dataset, data_dir=cfg.data.data_dir, download=cfg.data.download,
+                            limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test, seed=cfg.search.seed)
+    except DatasetUnavailable as e:
+        raise ConfigError(str(e)) from None
+
+
+def make_llm(cfg: Config) -> LLMBackend:
+    from deltanas.agent.llm.factory import make_backend
+
+    backend = make_backend(cfg.llm.spec, device=cfg.llm.device, batch_size=cfg.llm.batch_size,
+                           seed=cfg.search.seed, timeout_s=cfg.llm.timeout_s)
+    return CoalescingBackend(backend)
+
+
+def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, sandbox: Sandbox | None = None,
+               dataset=None) -> Deps:
+    """Everything a run needs. `llm`, `sandbox` and `dataset` can be injected (tests)."""
+    check_device(cfg.sandbox.device)
+    ds = dataset if dataset is not None else load_run_dataset(cfg)
+    handle = prepare_handle(ds, default_cache_dir() / "handles")
+    work_root = run_dir / ".work"
+    shutil.rmtree(work_root, ignore_errors=True)  # leftovers of a killed driver
+    work_root.mkdir(parents=True)
+    sb = sandbox if sandbox is not None else make_sandbox(cfg, work_root)
+    s = cfg.sandbox
+    limits = Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb, cpu_threads=s.cpu_threads,
+                    max_output_bytes=s.max_output_bytes)
+    executor = LocalExecutor(sb, ds, handle, workers=s.workers, hyperparameters=cfg.train.hyperparameters(),
+                             epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=s.device,
+                             limits=limits, seed=cfg.search.seed)
+    store = Store(run_dir / ARCHIVE_FILE)
+    n = cfg.novelty
+    index = NoveltyIndex(threshold=n.threshold, num_perm=n.num_perm, shingle=n.shingle)
+    for row in store.candidates():
+        if row.minhash and (row.kind == "baseline" or row.novel):
+            index.add(row.id, index.from_hashvalues(row.minhash))
+    return Deps(config=cfg, llm=llm if llm is not None else make_llm(cfg), executor=executor, store=store,
+                novelty=index, dataset=DatasetInfo(ds.name, tuple(ds.in_shape), ds.num_classes), run_dir=run_dir)

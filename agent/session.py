@@ -1,0 +1,63 @@
+"""One `deltanas run` in the terminal: build the run's parts, show it live, handle Ctrl-C."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from deltanas.agent.config import Config
+from deltanas.agent.progress import LiveView, candidates_table, print_status, summarise
+from deltanas.agent.runner import run_with_signals, sqlite_saver
+from deltanas.agent.runtime import build_deps
+
+
+def run_session(cfg: Config, run_dir: Path, *, plain: bool) -> int:
+    console = Console()
+    console.print(f"[b]deltanas[/] run [b]{cfg.name}[/] in {run_dir}: {cfg.search.cycles} cycle(s) × "
+                  f"{cfg.search.candidates} candidate(s), llm {cfg.llm.spec}, dataset {cfg.data.dataset}, "
+                  f"mode {cfg.search.mode}")
+    t0 = time.perf_counter()
+    console.print("loading the dataset, the sandbox and the model …")
+    deps = build_deps(cfg, run_dir)
+    console.print(f"ready in {time.perf_counter() - t0:.1f}s; sandbox: {deps.executor.sandbox.isolation()}")
+    saver = sqlite_saver(deps)
+    view = LiveView(cfg, deps.store)
+    seen: set[str] = set()
+
+    def print_new() -> None:
+        new = [r for r in deps.store.candidates() if r.final and r.id not in seen]
+        if new:
+            seen.update(r.id for r in new)
+            console.print(candidates_table(new, title=""))
+
+    def drain_msg() -> None:
+        view.message = "stopping: finishing the candidates in flight (Ctrl-C again to kill them now)"
+        if plain:
+            console.print(view.message)
+
+    try:
+        if plain:
+            outcome = run_with_signals(deps, saver, tick=print_new, on_drain=drain_msg, period_s=1.0)
+            print_new()
+        else:
+            with Live(view.frame(), console=console, refresh_per_second=2, transient=False) as live:
+                outcome = run_with_signals(deps, saver, tick=lambda: live.update(view.frame()), on_drain=drain_msg)
+                live.update(view.frame())
+    finally:
+        deps.executor.close()
+        deps.llm.close()
+    print_status(console, deps.store, summarise(deps.store))
+    took = time.perf_counter() - t0
+    if outcome.status == "finished":
+        console.print(f"[green]finished[/] in {took:.0f}s. Archive: {run_dir / 'archive.sqlite'}; "
+                      f"trajectories: {run_dir / 'trajectories.jsonl'}")
+        return 0
+    if outcome.status == "stopped":
+        console.print(f"[yellow]stopped[/] after {took:.0f}s; everything finished is saved. "
+                      f"Continue with: deltanas run --resume {run_dir}")
+        return 130
+    console.print(f"[red]the run failed[/]: {type(outcome.error).__name__}: {outcome.error}\n"
+                  f"The archive is intact; after fixing the cause, continue with: deltanas run --resume {run_dir}")
+    return 1

@@ -1,0 +1,53 @@
+"""Graph state: small, JSON-serialisable, and free of clients or handles.
+
+Large artefacts (logs, predictions) live in the run directory and the archive;
+the state carries ids, code and diff strings, error codes and metrics.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Annotated, Any, TypedDict
+
+
+class Proposal(TypedDict):
+    candidate_id: str
+    cycle: int
+    idx: int
+    parent_id: str
+    messages: list[dict[str, Any]]  # the trajectory so far: system, user, the model's first answer
+    completion: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class RunState(TypedDict, total=False):
+    cycle: int  # the cycle in progress (0-based)
+    baselines_ready: bool
+    parent_ids: list[str]
+    proposals: list[Proposal]
+    finished: Annotated[list[str], operator.add]  # candidate ids recorded, across all cycles
+
+
+class CandidateState(TypedDict, total=False):
+    candidate_id: str
+    cycle: int
+    idx: int
+    parent_id: str
+    messages: list[dict[str, Any]]
+    completion: str  # the latest raw model answer
+    attempts: int  # repairs made so far
+    prompt_tokens: int
+    completion_tokens: int
+    source: str  # the patched source, once a diff applied
+    diff: str
+    added: int
+    removed: int
+    error: dict[str, str] | None  # {"code", "message", "hint"} of the last failed apply
+    novelty: dict[str, Any] | None
+    outcome: dict[str, Any] | None  # the proxy-train outcome
+    status: str  # set when the candidate is finished
+    finished: Annotated[list[str], operator.add]
+
+
+class CandidateOutput(TypedDict):
+    finished: Annotated[list[str], operator.add]

@@ -1,0 +1,222 @@
+"""The run's archive: candidates, their trajectories and cycles, in SQLite (WAL).
+
+Writes are keyed by candidate id (upserts), so a node that runs again after a
+crash or a resume overwrites its own row instead of adding one. One connection
+is shared by the graph's threads behind a lock; readers (the live view,
+`deltanas status`) open their own read-only connection.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    id TEXT PRIMARY KEY,
+    cycle INTEGER NOT NULL,            -- -1 for baselines
+    idx INTEGER NOT NULL,
+    kind TEXT NOT NULL,                -- baseline | delta | full
+    parent_id TEXT,
+    dataset TEXT NOT NULL,
+    status TEXT NOT NULL,              -- proposed | applied_failed | duplicate | ok | timeout | oom | crashed | invalid | diverged | output_limit
+    error_code TEXT,
+    error_message TEXT,
+    source TEXT,
+    diff TEXT,
+    completion TEXT,                   -- the model's first raw answer
+    added INTEGER, removed INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    novel INTEGER, similarity REAL, nearest_id TEXT,
+    minhash BLOB,
+    accuracy REAL, param_count INTEGER, train_seconds REAL, eval_seconds REAL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    gen_seconds REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS candidates_cycle ON candidates(cycle);
+CREATE TABLE IF NOT EXISTS trajectories (candidate_id TEXT PRIMARY KEY, messages TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cycles (
+    cycle INTEGER PRIMARY KEY, started_at REAL, finished_at REAL, summary TEXT
+);
+"""
+
+FINAL_STATUSES = ("apply_failed", "duplicate", "ok", "timeout", "oom", "crashed", "invalid", "diverged",
+                  "output_limit")
+
+
+class StoreError(RuntimeError):
+    """The archive cannot be used; the message names the file."""
+
+
+@dataclass
+class CandidateRow:
+    id: str
+    cycle: int
+    idx: int
+    kind: str
+    dataset: str
+    status: str
+    parent_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    source: str | None = None
+    diff: str | None = None
+    completion: str | None = None
+    added: int | None = None
+    removed: int | None = None
+    attempts: int = 0
+    novel: bool | None = None
+    similarity: float | None = None
+    nearest_id: str | None = None
+    minhash: bytes | None = None
+    accuracy: float | None = None
+    param_count: int | None = None
+    train_seconds: float | None = None
+    eval_seconds: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    gen_seconds: float = 0.0
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+_COLUMNS = tuple(CandidateRow.__dataclass_fields__)
+
+
+def _row_to_candidate(row: sqlite3.Row) -> CandidateRow:
+    d = dict(row)
+    if d.get("novel") is not None:
+        d["novel"] = bool(d["novel"])
+    return CandidateRow(**d)
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    try:
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout=30000")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path}: cannot open the archive database ({e}); "
+                         "it is corrupt or not a deltanas archive") from None
+
+
+class Store:
+    def __init__(self, path: str | Path, *, readonly: bool = False):
+        self.path = Path(path)
+        if readonly and not self.path.exists():
+            raise StoreError(f"{self.path}: no archive database here")
+        self._conn = _connect(self.path, readonly)
+        self._lock = threading.RLock()
+        if not readonly:
+            try:
+                with self._conn:
+                    self._conn.executescript(_SCHEMA)
+                    self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                       (str(SCHEMA_VERSION),))
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.path}: cannot initialise the archive ({e})") from None
+        self._check_integrity()
+
+    def _check_integrity(self) -> None:
+        try:
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: the archive is corrupt ({e})") from None
+        missing = {"meta", "candidates", "trajectories", "cycles"} - tables
+        if missing:
+            raise StoreError(f"{self.path}: not a deltanas archive (missing tables: {', '.join(sorted(missing))})")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._conn:
+            yield self._conn
+
+    # --- meta -------------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # --- candidates -----------------------------------------------------------------------
+    def upsert(self, cand: CandidateRow) -> None:
+        values = [getattr(cand, c) for c in _COLUMNS]
+        placeholders = ",".join("?" * len(_COLUMNS))
+        updates = ",".join(f"{c}=excluded.{c}" for c in _COLUMNS if c not in ("id", "created_at"))
+        with self._tx() as c:
+            c.execute(f"INSERT INTO candidates ({','.join(_COLUMNS)}) VALUES ({placeholders}) "
+                      f"ON CONFLICT(id) DO UPDATE SET {updates}", values)
+
+    def get(self, cand_id: str) -> CandidateRow | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM candidates WHERE id=?", (cand_id,)).fetchone()
+        return _row_to_candidate(row) if row else None
+
+    def candidates(self, *, cycle: int | None = None, status: str | None = None) -> list[CandidateRow]:
+        q, args = "SELECT * FROM candidates WHERE 1=1", []
+        if cycle is not None:
+            q += " AND cycle=?"
+            args.append(cycle)
+        if status is not None:
+            q += " AND status=?"
+            args.append(status)
+        q += " ORDER BY cycle, idx"
+        with self._lock:
+            return [_row_to_candidate(r) for r in self._conn.execute(q, args)]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT count(*) FROM candidates").fetchone()[0]
+
+    # --- trajectories ---------------------------------------------------------------------
+    def put_trajectory(self, cand_id: str, messages: list[dict]) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO trajectories VALUES (?, ?)", (cand_id, json.dumps(messages)))
+
+    def get_trajectory(self, cand_id: str) -> list[dict] | None:
+        with self._lock:
+            row = self._conn.execute("SELECT messages FROM trajectories WHERE candidate_id=?", (cand_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    # --- cycles -------------------------------------------------------------------------
+    def start_cycle(self, cycle: int) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO cycles (cycle, started_at) VALUES (?, ?)", (cycle, time.time()))
+
+    def finish_cycle(self, cycle: int, summary: dict) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO cycles (cycle, started_at, finished_at, summary) VALUES (?, ?, ?, ?) "
+                      "ON CONFLICT(cycle) DO UPDATE SET finished_at=excluded.finished_at, summary=excluded.summary",
+                      (cycle, time.time(), time.time(), json.dumps(summary)))
+
+    def cycles(self) -> list[dict]:
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM cycles ORDER BY cycle").fetchall()
+        return [{**dict(r), "summary": json.loads(r["summary"]) if r["summary"] else None} for r in rows]

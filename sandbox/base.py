@@ -1,0 +1,80 @@
+"""The contract between the search loop and wherever candidate code runs.
+
+A `Sandbox` takes a `Job` (candidate source, hyperparameters, a dataset handle,
+epochs, seed, limits) and returns a `Result`. Backends: `process` (this issue) and
+`docker`. Both run `deltanas.sandbox.worker` inside the isolation and read back
+only size-limited JSON and a `.npy` of test predictions; test labels never enter.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Status = Literal[
+    "ok",  # trained and predicted; accuracy is computed on the host
+    "timeout",  # hit the wall-clock limit and was killed
+    "oom",  # ran out of memory (host RAM limit or CUDA OOM)
+    "crashed",  # raised or died during build/train/predict
+    "invalid",  # does not meet the Net contract (no Net, bad output shape, no params)
+    "diverged",  # loss became NaN/inf
+    "output_limit",  # wrote more output than allowed
+]
+STATUSES: tuple[str, ...] = Status.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout_s: float = 600.0
+    memory_mb: int = 8192
+    cpu_threads: int = 2
+    max_output_bytes: int = 1_000_000
+    max_processes: int = 256
+
+
+@dataclass(frozen=True)
+class Job:
+    candidate_id: str
+    source: str
+    dataset_dir: str  # a prepared handle: train_x.npy, train_y.npy, test_x.npy, meta.json; no test labels
+    hyperparameters: dict[str, float] = field(default_factory=dict)
+    epochs: int = 1
+    seed: int = 0
+    batch_size: int = 128
+    device: str = "cpu"  # "cpu" or "cuda:<index>"
+    limits: Limits = field(default_factory=Limits)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Result:
+    status: Status
+    error: str = ""  # one-line reason for a non-ok status
+    param_count: int | None = None
+    train_seconds: float | None = None
+    total_seconds: float | None = None
+    final_loss: float | None = None
+    log_tail: str = ""
+    predictions_path: str | None = None  # host path of the predictions .npy (ok only)
+    accuracy: float | None = None  # filled by the host's trusted scoring, never by the worker
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class Sandbox(Protocol):
+    """Runs one candidate job in isolation. Implementations must hard-kill on timeout."""
+
+    name: str
+
+    def isolation(self) -> str:
+        """A plain sentence saying which isolation is in force and which is missing."""
+        ...
+
+    def run(self, job: Job) -> Result: ...
+
+    def close(self) -> None:
+        """Kill anything still running and clean up. Safe to call twice."""
+        ...

@@ -1,0 +1,58 @@
+import pytest
+
+from deltanas.agent.config import Config, ConfigError, dump_toml, load_config
+
+
+def test_defaults_are_the_offline_demo():
+    cfg = load_config()
+    assert cfg.llm.spec == "hf:smollm2"
+    assert cfg.data.dataset == "mnist"
+    assert (cfg.llm.temperature, cfg.llm.top_k, cfg.llm.top_p) == (0.35, 50, 0.9)
+    assert cfg.search.max_repairs == 2
+    assert cfg.novelty.threshold == 0.9 and cfg.novelty.num_perm == 128 and cfg.novelty.shingle == 7
+
+
+def test_toml_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('name = "x"\n[search]\ncycles = 7\n[llm]\nspec = "mutate"\n')
+    cfg = load_config(p, {"search.candidates": 3, "search.cycles": None})
+    assert (cfg.name, cfg.search.cycles, cfg.search.candidates, cfg.llm.spec) == ("x", 7, 3, "mutate")
+
+
+def test_roundtrip_dump(tmp_path):
+    cfg = load_config(None, {"llm.spec": "mutate", "data.limit_train": 100})
+    p = tmp_path / "frozen.toml"
+    p.write_text(dump_toml(cfg))
+    assert load_config(p) == cfg
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("bogus = 1\n", "bogus: unknown key"),
+    ("[search]\ncyclez = 3\n", "search.cyclez: unknown key"),
+    ("[sandbox]\ntimeout_s = 0\n", "sandbox.timeout_s"),
+    ("[sandbox]\ntimeout_s = -5\n", "greater than 0"),
+    ("[search]\ncandidates = 0\n", "search.candidates"),
+    ("[search]\ncycles = -1\n", "search.cycles"),
+    ("[data]\ndataset = \"imagenet21k\"\n", "unknown dataset 'imagenet21k'"),
+    ("[llm]\nspec = \"gpt5\"\n", "llm.spec"),
+    ("baselines = [\"nope\"]\n", "unknown baseline"),
+    ("[search]\nmode = \"half\"\n", "search.mode"),
+    ("[search\n", "not valid TOML"),
+])
+def test_bad_config_is_one_clear_message(tmp_path, text, needle):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/deltanas.toml")
+
+
+def test_model_forbids_extra_directly():
+    with pytest.raises(Exception):
+        Config.model_validate({"llm": {"spec": "mutate", "temperture": 0.2}})

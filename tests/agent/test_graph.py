@@ -1,0 +1,165 @@
+"""The graph's logic with a scripted LLM and an instant executor (routing, repair
+bound, duplicates, trajectories, drain and resume). The real sandbox and the real
+LLM are exercised in test_run_cli.py and their own suites."""
+from __future__ import annotations
+
+import difflib
+import json
+import threading
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+
+from deltanas.agent.config import load_config
+from deltanas.agent.deps import DatasetInfo, Deps
+from deltanas.agent.llm.coalesce import CoalescingBackend
+from deltanas.agent.llm.scripted import ScriptedBackend
+from deltanas.agent.runner import run_graph
+from deltanas.agent.store import Store
+from deltanas.tools.novelty import NoveltyIndex
+from deltanas.tools.proxy import EvalOutcome
+
+
+class InstantExecutor:
+    """Scores by source length; stands in for the sandbox in routing tests only."""
+
+    def __init__(self, on_eval=None):
+        self.calls: list[str] = []
+        self.on_eval = on_eval
+        self.lock = threading.Lock()
+
+    def evaluate(self, source, candidate_id, out_dir):
+        with self.lock:
+            self.calls.append(candidate_id)
+        if self.on_eval:
+            self.on_eval(candidate_id)
+        return EvalOutcome(status="ok", accuracy=0.5 + (len(source) % 97) / 1000, param_count=100,
+                           train_seconds=0.01, total_seconds=0.02, error="", log_tail="")
+
+    def close(self):
+        pass
+
+
+def block_diff(base: str, tag: str) -> str:
+    """A real unified diff inserting a distinctive block after super().__init__()."""
+    lines = base.splitlines(keepends=True)
+    at = next(i for i, l in enumerate(lines) if "super().__init__()" in l) + 1
+    indent = lines[at - 1][: len(lines[at - 1]) - len(lines[at - 1].lstrip())]
+    block = [f"{indent}self.aux_{tag} = nn.Sequential(\n",
+             f"{indent}    nn.Conv2d(in_shape[1], {8 + len(tag)}, kernel_size=3, padding=1),\n",
+             f"{indent}    nn.BatchNorm2d({8 + len(tag)}),\n",
+             f"{indent}    nn.GELU(),\n",
+             f"{indent}    nn.Conv2d({8 + len(tag)}, {16 + len(tag)}, kernel_size=1),\n",
+             f"{indent}    nn.SiLU(),\n",
+             f"{indent}    nn.Dropout(p=0.{len(tag)}),\n",
+             f"{indent}    nn.AdaptiveAvgPool2d(output_size=1),\n",
+             f"{indent})  # auxiliary branch {tag}, unused by forward\n"]
+    new = "".join(lines[:at] + block + lines[at:])
+    return "".join(difflib.unified_diff(base.splitlines(True), new.splitlines(True), "a/model.py", "b/model.py"))
+
+
+def make_deps(tmp_path, llm, executor, **over) -> Deps:
+    cfg = load_config(None, {"llm.spec": "mutate", "search.cycles": 2, "search.candidates": 3,
+                             "baselines": ["lenet"], **over})
+    run_dir = tmp_path / "run"
+    (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
+    return Deps(config=cfg, llm=CoalescingBackend(llm, window_s=0.01), executor=executor,
+                store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(),
+                dataset=DatasetInfo("synthetic", (1, 28, 28), 10), run_dir=run_dir)
+
+
+def good_answers(prompt):
+    tag = str(abs(hash(prompt.messages[-1]["content"])) % 10_000_000)
+    return f"Here is my change:\n```diff\n{block_diff(prompt.base_source, tag)}```\nThis adds capacity."
+
+
+def test_cycles_run_and_every_step_is_a_tool_call(tmp_path):
+    counter = iter(range(10_000))
+    llm = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, f'n{next(counter)}')}```")
+    ex = InstantExecutor()
+    deps = make_deps(tmp_path, llm, ex)
+    out = run_graph(deps, InMemorySaver())
+    assert out.status == "finished", out.error
+    rows = [r for r in deps.store.candidates() if r.cycle >= 0]
+    assert len(rows) == 6 and all(r.status == "ok" for r in rows)
+    assert sorted(ex.calls) == sorted(["base-lenet"] + [r.id for r in rows])
+    traj = deps.store.get_trajectory(rows[0].id)
+    calls = [m["tool_calls"][0]["function"]["name"] for m in traj if m.get("tool_calls")]
+    assert calls == ["propose_diff", "apply_diff", "check_novelty", "proxy_train"]
+    assert traj[0]["role"] == "system" and traj[1]["role"] == "user"
+    assert "synthetic" in traj[1]["content"]
+    # the parent's measured accuracy is in the prompt
+    base = deps.store.get("base-lenet")
+    assert f"{100 * base.accuracy:.2f}" in traj[1]["content"] or f"{base.accuracy:.4f}" in traj[1]["content"]
+    lines = (deps.run_dir / "trajectories.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[0])["tools"][0]["function"]["name"] == "propose_diff"
+    assert [c["summary"]["candidates"] for c in deps.store.cycles()] == [3, 3]
+    # one batched call per cycle for the proposals
+    assert deps.llm.batches[:1] == [3]
+
+
+def test_repairs_are_bounded_and_feed_the_error_back(tmp_path):
+    llm = ScriptedBackend(lambda p: "I think the network is fine as it is.")
+    deps = make_deps(tmp_path, llm, InstantExecutor(), **{"search.cycles": 1, "search.candidates": 2})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    rows = deps.store.candidates(cycle=0)
+    assert all(r.status == "apply_failed" and r.error_code == "no_diff" and r.attempts == 2 for r in rows)
+    traj = deps.store.get_trajectory(rows[0].id)
+    repairs = [m for m in traj if m["role"] == "user"][1:]
+    assert len(repairs) == 2 and all("no_diff" in m["content"] for m in repairs)
+    # the model saw its own earlier answer before each repair turn
+    last_prompt = llm.calls[-1][-1].messages
+    assert [m["role"] for m in last_prompt][-2:] == ["assistant", "user"]
+
+
+def test_repair_that_succeeds(tmp_path):
+    state = {"n": 0}
+
+    def answers(p):
+        state["n"] += 1
+        if p.messages[-1]["role"] == "user" and "no_diff" in p.messages[-1]["content"]:
+            return good_answers(p)
+        return "no idea"
+
+    deps = make_deps(tmp_path, ScriptedBackend(answers), InstantExecutor(),
+                     **{"search.cycles": 1, "search.candidates": 2})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    rows = deps.store.candidates(cycle=0)
+    assert all(r.status == "ok" and r.attempts == 1 for r in rows)
+
+
+def test_copies_are_duplicates_and_not_trained(tmp_path):
+    ex = InstantExecutor()
+    llm = ScriptedBackend(lambda p: "```diff\n" + "".join(difflib.unified_diff(
+        p.base_source.splitlines(True), (p.base_source + "# just a comment\n").splitlines(True),
+        "a/model.py", "b/model.py")) + "```")
+    deps = make_deps(tmp_path, llm, ex, **{"search.cycles": 1, "search.candidates": 2})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    rows = deps.store.candidates(cycle=0)
+    assert [r.status for r in rows] == ["duplicate", "duplicate"]
+    assert ex.calls == ["base-lenet"]
+
+
+def test_stop_drains_then_resume_finishes_without_duplicates(tmp_path):
+    counter = iter(range(10_000))
+    llm = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, f'r{next(counter)}')}```")
+    holder = {}
+
+    def stop_after_first_candidate(cid):
+        if cid.startswith("c000"):
+            holder["deps"].stop.set()
+
+    ex = InstantExecutor(on_eval=stop_after_first_candidate)
+    deps = make_deps(tmp_path, llm, ex, **{"search.cycles": 2, "search.candidates": 4})
+    holder["deps"] = deps
+    saver = InMemorySaver()
+    assert run_graph(deps, saver).status == "stopped"
+    done_before = [r.id for r in deps.store.candidates() if r.final]
+    assert len(done_before) < 9
+    deps.stop.clear()
+    ex.on_eval = None
+    assert run_graph(deps, saver).status == "finished"
+    rows = [r for r in deps.store.candidates() if r.cycle >= 0]
+    assert len(rows) == 8 and all(r.final for r in rows)
+    trained = [c for c in ex.calls if c != "base-lenet"]
+    assert len(trained) == len(set(trained)) == 8  # no candidate trained twice

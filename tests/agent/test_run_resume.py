@@ -1,0 +1,92 @@
+"""Whole runs through the CLI with the real process sandbox and real training:
+a finished run, and a run killed with SIGKILL at random moments then resumed."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+PY = sys.executable
+ARGS = ["--llm", "mutate", "--dataset", "digits", "--baselines", "lenet,mobilenet", "--sandbox", "process",
+        "--timeout", "120", "--plain"]
+
+
+def cli(*args, **kw):
+    return subprocess.run([PY, "-m", "deltanas.agent.cli", *args], capture_output=True, text=True, **kw)
+
+
+def status(run_dir):
+    r = cli("status", str(run_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_full_run_then_status(tmp_path):
+    d = tmp_path / "run"
+    r = cli("run", *ARGS, "--cycles", "2", "--candidates", "2", "--run-dir", str(d))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = status(d)
+    assert s["candidates"] == 4 and s["per_cycle"].keys() == {"baselines", "0", "1"}
+    assert all(0.1 < acc <= 1.0 for acc in s["baselines"].values())  # real accuracies, above chance
+    for f in ("config.toml", "archive.sqlite", "checkpoints.sqlite", "trajectories.jsonl"):
+        assert (d / f).exists()
+    ok = [c for c in os.listdir(d / "candidates") if (d / "candidates" / c / "model.py").exists()]
+    assert "base-lenet" in ok
+    # resuming a finished run does nothing and says so
+    r = cli("run", "--resume", str(d), "--plain")
+    assert r.returncode == 0 and status(d)["candidates"] == 4
+    # extending it with more cycles continues from the archive
+    r = cli("run", "--resume", str(d), "--cycles", "3", "--plain")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert status(d)["candidates"] == 6
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume(tmp_path):
+    d = tmp_path / "run"
+    cycles, cands = 2, 3
+    rng = random.Random(7)
+    first = True
+    for _ in range(3):
+        args = ["run", *ARGS, "--cycles", str(cycles), "--candidates", str(cands), "--run-dir", str(d)] if first \
+            else ["run", "--resume", str(d), "--plain"]
+        first = False
+        p = subprocess.Popen([PY, "-m", "deltanas.agent.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(4, 12))
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    r = cli("run", "--resume", str(d), "--plain")
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = status(d)
+    assert s["candidates"] == cycles * cands
+    assert sum(sum(c.values()) for k, c in s["per_cycle"].items() if k != "baselines") == cycles * cands
+    assert "proposed" not in s["per_status"]
+    lines = (d / "trajectories.jsonl").read_text().splitlines()
+    ids = [json.loads(line)["candidate_id"] for line in lines]
+    assert len(ids) == len(set(ids)) == cycles * cands
+    # no sandbox process survives its driver
+    out = subprocess.run(["pgrep", "-f", "deltanas.sandbox.worker"], capture_output=True, text=True).stdout
+    assert out.strip() == ""
+
+
+@pytest.mark.slow
+def test_sigint_drains_and_exits_cleanly(tmp_path):
+    d = tmp_path / "run"
+    p = subprocess.Popen([PY, "-m", "deltanas.agent.cli", "run", *ARGS, "--cycles", "3", "--candidates", "2",
+                          "--run-dir", str(d)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(10)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=180)
+    assert p.returncode == 130, out
+    assert "--resume" in out
+    r = cli("run", "--resume", str(d), "--plain")
+    assert r.returncode == 0
+    assert status(d)["candidates"] == 6
