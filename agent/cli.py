@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--llm", metavar="SPEC", help="hf:smollm2 | hf:PATH | openai:MODEL@URL | vllm:MODEL | mutate")
     r.add_argument("--dataset", help="mnist, cifar10, cifar100, svhn, imagenette, celeba-gender, synthetic, digits")
     r.add_argument("--data-dir", metavar="DIR", help="where torchvision-format dataset files are")
+    r.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a fixed subset of N images")
+    r.add_argument("--limit-test", type=_positive_int, metavar="N", help="score on a fixed subset of N images")
     r.add_argument("--cycles", type=_positive_int)
     r.add_argument("--candidates", type=_positive_int, help="candidates per cycle")
     r.add_argument("--mode", choices=["delta", "full"])
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_overrides(a: argparse.Namespace) -> dict:
     return {
         "name": a.name, "llm.spec": a.llm, "data.dataset": a.dataset, "data.data_dir": a.data_dir,
-        "search.cycles": a.cycles, "search.candidates": a.candidates, "search.mode": a.mode,
+        "data.limit_train": a.limit_train, "data.limit_test": a.limit_test, "search.cycles": a.cycles, "search.candidates": a.candidates, "search.mode": a.mode,
         "search.seed": a.seed, "sandbox.type": a.sandbox, "sandbox.timeout_s": a.timeout,
         "sandbox.device": a.device, "sandbox.workers": a.workers, "llm.max_new_tokens": a.max_new_tokens,
         "baselines": [b.strip() for b in a.baselines.split(",") if b.strip()] if a.baselines else None,

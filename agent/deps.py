@@ -8,12 +8,9 @@ from pathlib import Path
 from deltanas.agent.config import Config
 from deltanas.agent.executor import Executor
 from deltanas.agent.llm.base import LLMBackend, Sampling
+from deltanas.agent.stopping import RunStopped
 from deltanas.agent.store import Store
 from deltanas.tools.novelty import NoveltyIndex
-
-
-class RunStopped(Exception):
-    """Raised by a node that would start new work after a stop was requested."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
+from deltanas.agent.stopping import RunStopped
 from deltanas.sandbox.base import Limits, Sandbox
 from deltanas.tools.proxy import EvalOutcome, evaluate_source
 
@@ -21,7 +22,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     def __init__(self, sandbox: Sandbox, dataset, handle_dir: Path, *, workers: int, hyperparameters: dict,
-                 epochs: int, batch_size: int, device: str, limits: Limits, seed: int = 0):
+                 epochs: int, batch_size: int, device: str, limits: Limits, seed: int = 0,
+                 stop: threading.Event | None = None):
         self.sandbox = sandbox
         self.dataset = dataset
         self.handle_dir = handle_dir
@@ -32,9 +34,13 @@ class LocalExecutor:
         self.limits = limits
         self.seed = seed
         self._slots = threading.Semaphore(workers)
+        self.stop = stop if stop is not None else threading.Event()
 
     def evaluate(self, source: str, candidate_id: str, out_dir: Path) -> EvalOutcome:
         with self._slots:
+            # Callers queue on the slots; one that gets a slot after a stop must not start a job.
+            if self.stop.is_set():
+                raise RunStopped(f"stop requested before {candidate_id} started")
             return evaluate_source(
                 source, sandbox=self.sandbox, dataset=self.dataset, handle_dir=self.handle_dir,
                 candidate_id=candidate_id, out_dir=out_dir, hyperparameters=self.hyperparameters,
@@ -42,4 +48,5 @@ class LocalExecutor:
                 limits=self.limits)
 
     def close(self) -> None:
+        self.stop.set()
         self.sandbox.close()

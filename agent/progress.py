@@ -43,6 +43,10 @@ def summarise(store: Store) -> dict[str, Any]:
     }
 
 
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
 def _fmt_acc(a: float | None) -> str:
     return "—" if a is None else f"{100 * a:.2f}%"
 
@@ -104,11 +108,8 @@ def print_status(console: Console, store: Store, summary: dict[str, Any]) -> Non
     console.print(t)
     rows = sorted((r for r in store.candidates() if r.accuracy is not None), key=lambda r: -r.accuracy)[:10]
     console.print(candidates_table(rows, title="top candidates"))
-    def pct(v: float | None) -> str:
-        return "—" if v is None else f"{100 * v:.1f}%"
-
     best = summary["best"]
     console.print(Panel(
-        f"searched {summary['candidates']} candidates; applied {pct(summary['applied_rate'])}; "
-        f"valid and novel {pct(summary['valid_novel_rate'])}; cycles finished {summary['cycles_finished']}; "
+        f"searched {summary['candidates']} candidates; applied {_pct(summary['applied_rate'])}; "
+        f"valid and novel {_pct(summary['valid_novel_rate'])}; cycles finished {summary['cycles_finished']}; "
         f"best {best['id'] + ' ' + _fmt_acc(best['accuracy']) if best else '—'}"))

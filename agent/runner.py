@@ -42,11 +42,16 @@ def run_graph(deps: Deps, checkpointer: BaseCheckpointSaver) -> RunOutcome:
     cfg: dict[str, Any] = {**THREAD, "recursion_limit": 1_000_000,
                            "max_concurrency": max(4, deps.config.search.candidates)}
     snapshot = graph.get_state(cfg)
-    started = bool(snapshot.values) or bool(snapshot.next)
-    if started and not snapshot.next:
-        return RunOutcome("finished")
+    if snapshot.next:  # interrupted: continue the pending tasks
+        start: dict[str, Any] | None = None
+    elif snapshot.values:  # finished; a resume with more --cycles extends it from where it ended
+        if snapshot.values.get("cycle", 0) >= deps.config.search.cycles:
+            return RunOutcome("finished")
+        start = {"cycle": snapshot.values["cycle"]}
+    else:
+        start = {"cycle": 0, "finished": []}
     try:
-        graph.invoke(None if started else {"cycle": 0, "finished": []}, cfg)
+        graph.invoke(start, cfg)
     except RunStopped:
         return RunOutcome("stopped")
     except Exception as e:  # the archive is intact; the run can be resumed

@@ -3,6 +3,7 @@ archive and novelty index. Only the CLI and tests call this; nodes get `Deps`.""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 from deltanas.agent.config import Config, ConfigError
@@ -66,13 +67,14 @@ def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, san
     work_root = run_dir / ".work"
     shutil.rmtree(work_root, ignore_errors=True)  # leftovers of a killed driver
     work_root.mkdir(parents=True)
+    stop = threading.Event()
     sb = sandbox if sandbox is not None else make_sandbox(cfg, work_root)
     s = cfg.sandbox
     limits = Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb, cpu_threads=s.cpu_threads,
                     max_output_bytes=s.max_output_bytes)
     executor = LocalExecutor(sb, ds, handle, workers=s.workers, hyperparameters=cfg.train.hyperparameters(),
                              epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=s.device,
-                             limits=limits, seed=cfg.search.seed)
+                             limits=limits, seed=cfg.search.seed, stop=stop)
     store = Store(run_dir / ARCHIVE_FILE)
     n = cfg.novelty
     index = NoveltyIndex(threshold=n.threshold, num_perm=n.num_perm, shingle=n.shingle)
@@ -80,4 +82,4 @@ def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, san
         if row.minhash and (row.kind == "baseline" or row.novel):
             index.add(row.id, index.from_hashvalues(row.minhash))
     return Deps(config=cfg, llm=llm if llm is not None else make_llm(cfg), executor=executor, store=store,
-                novelty=index, dataset=DatasetInfo(ds.name, tuple(ds.in_shape), ds.num_classes), run_dir=run_dir)
+                novelty=index, dataset=DatasetInfo(ds.name, tuple(ds.in_shape), ds.num_classes), run_dir=run_dir, stop=stop)

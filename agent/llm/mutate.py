@@ -16,8 +16,11 @@ from deltanas.tools.mutator import NoMutation, make_diff, mutate_source
 class MutateBackend:
     name = "mutate"
 
-    def __init__(self, *, seed: int = 0):
+    def __init__(self, *, seed: int = 0, min_steps: int = 2, max_steps: int = 4):
         self.seed = seed
+        # One small edit of a 60-line network keeps MinHash-Jaccard near 0.95, above the paper's
+        # 0.90 novelty threshold; stacking a few edits makes most answers novel.
+        self.min_steps, self.max_steps = min_steps, max_steps
         self._counter = 0  # one random stream per answer, so a run is reproducible
         self.adapters: list[str] = []
 
@@ -35,11 +38,18 @@ class MutateBackend:
         if not prompt.base_source.strip():
             text, meta = "I cannot propose a change: the prompt carries no source to mutate.", {"error": "no_source"}
         else:
-            try:
-                mutation, new = mutate_source(prompt.base_source, rng)
-            except NoMutation as e:
-                text, meta = f"I cannot propose a change: {e}.", {"error": "no_mutation"}
+            applied, new = [], prompt.base_source
+            for _ in range(rng.randint(self.min_steps, self.max_steps)):
+                try:
+                    name, new = mutate_source(new, rng)
+                except NoMutation as e:
+                    reason = str(e)
+                    break
+                applied.append(name)
+            if not applied:
+                text, meta = f"I cannot propose a change: {reason}.", {"error": "no_mutation"}
             else:
+                mutation = " + ".join(applied)
                 meta = {"mutation": mutation}
                 if prompt.mode == "full":
                     body = new if new.endswith("\n") else new + "\n"

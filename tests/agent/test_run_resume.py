@@ -13,7 +13,7 @@ import time
 import pytest
 
 PY = sys.executable
-ARGS = ["--llm", "mutate", "--dataset", "digits", "--baselines", "lenet,mobilenet", "--sandbox", "process",
+ARGS = ["--llm", "mutate", "--dataset", "mnist", "--limit-train", "4000", "--limit-test", "1000", "--baselines", "lenet,mobilenet", "--sandbox", "process",
         "--timeout", "120", "--plain"]
 
 

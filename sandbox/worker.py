@@ -1,0 +1,377 @@
+"""The in-sandbox worker: trains one candidate and writes its test predictions.
+
+    python -m deltanas.sandbox.worker WORKDIR DATASET_DIR
+
+WORKDIR holds `job.json` (the Job's fields without `source`) and `model.py`.
+DATASET_DIR is a prepared handle: train_x.npy (uint8 N,C,H,W), train_y.npy,
+test_x.npy and meta.json; the test labels are not there. The worker writes
+WORKDIR/out/predictions.npy (int16 class per test image) and, last,
+WORKDIR/out/result.json (status, error, param_count, train_seconds, final_loss).
+
+The candidate runs in this process and may patch json, numpy or torch, so the
+result files are written with os-level functions captured before it is
+imported, by a serializer that lives here. The host trusts none of it except the
+predictions array, which it validates and scores against labels it alone holds.
+Nothing here knows which backend started it: a process group or a container
+both just give it the two directories.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+_STARTED = time.monotonic()
+
+# Captured before candidate code can rebind them.
+_open, _write, _close, _exit, _replace = os.open, os.write, os.close, os._exit, os.replace
+_clock = time.perf_counter
+_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+class Outcome(Exception):
+    """Ends the job early with a typed status."""
+
+    def __init__(self, status: str, error: str):
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def _json_str(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        if ch == '"' or ch == "\\":
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20:
+            out.append("\\u%04x" % ord(ch))
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _json_value(v: object) -> str:
+    if v is None or v is True or v is False:
+        return {None: "null", True: "true", False: "false"}[v]
+    if type(v) is int:
+        return int.__repr__(v)
+    if type(v) is float:
+        return float.__repr__(v) if math.isfinite(v) else "null"
+    return _json_str(str.__str__(v) if type(v) is str else repr(v))
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    tmp = path + ".part"
+    fd = _open(tmp, _O_NEW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[_write(fd, view):]
+    finally:
+        _close(fd)
+    _replace(tmp, path)
+
+
+def write_result(out_dir: str, fields: dict) -> None:
+    body = ", ".join(_json_str(k) + ": " + _json_value(v) for k, v in fields.items())
+    _write_bytes(out_dir + "/result.json", ("{" + body + "}\n").encode("utf-8"))
+
+
+def write_predictions(out_dir: str, labels) -> None:
+    """An .npy (format 1.0) of int16, built here rather than with np.save."""
+    raw = labels.astype("<i2").tobytes()
+    header = "{'descr': '<i2', 'fortran_order': False, 'shape': (%d,), }" % (len(raw) // 2)
+    pad = 64 - (10 + len(header) + 1) % 64
+    header = header + " " * pad + "\n"
+    prefix = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
+    _write_bytes(out_dir + "/predictions.npy", prefix + raw)
+
+
+def log(msg: str) -> None:
+    print(f"[worker +{time.monotonic() - _STARTED:.2f}s] {msg}", flush=True)
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+    return text[:500]
+
+
+def classify(exc: BaseException, phase: str) -> Outcome:
+    """Maps an exception from candidate code to a status."""
+    import errno
+
+    if isinstance(exc, Outcome):
+        return exc
+    if isinstance(exc, SyntaxError):
+        return Outcome("invalid", f"{phase}: SyntaxError: {exc.msg} (line {exc.lineno})")
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return Outcome("output_limit", f"{phase}: output file size limit reached")
+    text = _describe(exc)
+    oom_type = type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError)
+    oom_text = isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+    if oom_type or oom_text:
+        return Outcome("oom", f"{phase}: {text}")
+    return Outcome("crashed", f"{phase}: {text}")
+
+
+@dataclass
+class Settings:
+    epochs: int
+    seed: int
+    batch_size: int
+    device: str
+    cpu_threads: int
+    hyperparameters: dict
+
+    @classmethod
+    def from_job(cls, job: dict) -> "Settings":
+        limits = job.get("limits") or {}
+        return cls(epochs=int(job.get("epochs", 1)), seed=int(job.get("seed", 0)),
+                   batch_size=int(job.get("batch_size", 128)), device=str(job.get("device", "cpu")),
+                   cpu_threads=int(limits.get("cpu_threads", 2)),
+                   hyperparameters=dict(job.get("hyperparameters") or {}))
+
+
+class TrainBatches:
+    """Re-iterable (x, y) batches; each pass is a fresh shuffle drawn from the seed.
+
+    Images stay uint8 on the device and are normalised batch by batch, so a whole
+    dataset can sit on a GPU without a float copy.
+    """
+
+    def __init__(self, x_u8, y, mean, std, batch_size: int, seed: int):
+        import torch
+
+        self.x, self.y, self.mean, self.std = x_u8, y, mean, std
+        self.batch_size = batch_size
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __len__(self) -> int:
+        n, b = len(self.y), self.batch_size
+        return n // b + (1 if n % b > 1 else 0)
+
+    def __iter__(self):
+        import torch
+
+        order = torch.randperm(len(self.y), generator=self.gen).to(self.x.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            if len(idx) < 2:  # a batch of one breaks BatchNorm in training mode
+                break
+            yield normalise(self.x[idx], self.mean, self.std), self.y[idx]
+
+
+def normalise(x_u8, mean, std):
+    return (x_u8.float() / 255.0 - mean) / std
+
+
+def warm_up(device) -> None:
+    """Pays torch's lazy start-up (the optimizer's first use imports torch._dynamo: ~0.9 s
+    here; on a GPU the context and cuDNN) before the clock starts, so train_seconds
+    measures the candidate's training alone."""
+    import torch
+
+    conv = torch.nn.Conv2d(1, 2, 3).to(device)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.0, momentum=0.9)
+    loss = torch.nn.functional.cross_entropy(conv(torch.zeros(2, 1, 4, 4, device=device)).flatten(1),
+                                             torch.zeros(2, dtype=torch.int64, device=device))
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_candidate(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("candidate", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["candidate"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def default_train(model, data: TrainBatches, prm: dict) -> float | None:
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=float(prm.get("lr", 0.01)),
+                          momentum=float(prm.get("momentum", 0.9)))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    last = None
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        last = loss.detach()
+    if last is None:
+        return None
+    value = float(last)
+    if not math.isfinite(value):
+        raise Outcome("diverged", f"train: loss became {value}")
+    return value
+
+
+def predict(model, x_u8, mean, std, batch_size: int, num_classes: int):
+    import numpy as np
+    import torch
+
+    model.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(x_u8), batch_size):
+            xb = normalise(x_u8[start:start + batch_size], mean, std)
+            logits = model(xb)
+            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(xb), num_classes):
+                shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise Outcome("invalid", f"predict: logits must have shape {(len(xb), num_classes)}, got {shape}")
+            if not bool(torch.isfinite(logits).all()):
+                raise Outcome("diverged", "predict: logits are NaN or infinite")
+            chunks.append(logits.argmax(dim=1).to("cpu").numpy().astype(np.int16))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+
+
+def run(workdir: str, dataset_dir: str, fields: dict) -> None:
+    """Fills `fields` as it goes, so a failure still reports what was learnt."""
+    import json
+    import random
+
+    import numpy as np
+    import torch
+
+    log(f"torch {torch.__version__} imported")
+
+    with open(os.path.join(workdir, "job.json"), encoding="utf-8") as f:
+        s = Settings.from_job(json.load(f))
+    with open(os.path.join(dataset_dir, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    random.seed(s.seed)
+    np.random.seed(s.seed)
+    torch.manual_seed(s.seed)
+    torch.set_num_threads(max(1, s.cpu_threads))
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise Outcome("crashed", f"setup: cuda requested but not available (device {s.device!r})")
+    device = torch.device(s.device)
+
+    num_classes = int(meta["num_classes"])
+    c, h, w = (int(v) for v in meta["shape"])
+    mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    load = lambda name: np.load(os.path.join(dataset_dir, name), allow_pickle=False)  # noqa: E731
+    x_train = torch.from_numpy(np.ascontiguousarray(load("train_x.npy"))).to(device)
+    y_train = torch.from_numpy(np.ascontiguousarray(load("train_y.npy")).astype(np.int64)).to(device)
+    x_test = torch.from_numpy(np.ascontiguousarray(load("test_x.npy"))).to(device)
+    log(f"dataset loaded: {len(y_train)} train, {len(x_test)} test images on {device}")
+    warm_up(device)
+    log("warmed up")
+
+    phase = "import"
+    try:
+        module = load_candidate(os.path.join(workdir, "model.py"))
+        net_cls = getattr(module, "Net", None)
+        if not isinstance(net_cls, type):
+            raise Outcome("invalid", "import: the module defines no class `Net`")
+        prm = dict(s.hyperparameters)
+        phase = "build"
+        model = net_cls((s.batch_size, c, h, w), (num_classes,), prm, device)
+        if not isinstance(model, torch.nn.Module):
+            raise Outcome("invalid", "build: Net is not a torch.nn.Module")
+        model = model.to(device)
+        fields["param_count"] = int(sum(p.numel() for p in model.parameters()))
+        if fields["param_count"] <= 0:
+            raise Outcome("invalid", "build: Net has no parameters")
+        log(f"built Net with {fields['param_count']} parameters on {device}")
+
+        phase = "train"
+        data = TrainBatches(x_train, y_train, mean, std, s.batch_size, s.seed)
+        lemur = callable(getattr(model, "train_setup", None)) and callable(getattr(model, "learn", None))
+        log("training with the module's train_setup/learn" if lemur else "training with the default SGD loop")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = _clock()
+        if lemur:
+            model.train_setup(prm)
+        for _ in range(s.epochs):
+            if lemur:
+                model.train()
+                ret = model.learn(data)
+                loss = float(ret) if isinstance(ret, (int, float)) else None
+            else:
+                loss = default_train(model, data, prm)
+            fields["final_loss"] = loss
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        fields["train_seconds"] = _clock() - t0
+        log(f"trained {s.epochs} epoch(s) in {fields['train_seconds']:.3f}s")
+        if fields.get("final_loss") is not None and not math.isfinite(fields["final_loss"]):
+            raise Outcome("diverged", f"train: loss became {fields['final_loss']}")
+        for name, p in model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise Outcome("diverged", f"train: parameter {name} is NaN or infinite")
+
+        phase = "predict"
+        labels = predict(model, x_test, mean, std, s.batch_size, num_classes)
+        log(f"predicted {len(labels)} test images")
+    except BaseException as exc:  # noqa: BLE001 - candidate code may raise anything, SystemExit included
+        raise classify(exc, phase) from None
+    write_predictions(os.path.join(workdir, "out"), labels)
+
+
+def die_with_driver() -> None:
+    """Ask the kernel to kill this worker when the driver that started it dies
+    (a `kill -9` of `deltanas run` must not leave workers training on)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    # Set here rather than before exec: entering the user namespace changes credentials,
+    # which clears the setting. If the driver died before this point, stop now.
+    if os.getppid() == 1:
+        os._exit(3)
+
+
+def main(argv: list[str]) -> None:
+    import signal
+
+    die_with_driver()
+    # Python ignores SIGXFSZ; restored, a write past RLIMIT_FSIZE kills the process
+    # with a signal the host reads as output_limit, whatever the candidate catches.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    workdir, dataset_dir = argv
+    out_dir = os.path.join(workdir, "out")
+    os.makedirs(out_dir, exist_ok=True)
+    fields: dict = {"status": "ok", "error": "", "param_count": None, "train_seconds": None, "final_loss": None}
+    try:
+        run(workdir, dataset_dir, fields)
+    except Outcome as o:
+        fields["status"], fields["error"] = o.status, o.error
+    except BaseException as exc:  # noqa: BLE001 - the worker's own setup failed
+        o = classify(exc, "setup")
+        fields["status"], fields["error"] = o.status, o.error
+    if fields["status"] != "ok":
+        log(f"{fields['status']}: {fields['error']}")
+    try:
+        sys.stdout.flush()
+    except BaseException:  # noqa: BLE001 - a broken stdout must not lose the result
+        pass
+    write_result(out_dir, fields)
+    # Skips atexit hooks and non-daemon threads the candidate may have left behind.
+    _exit(0)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.stderr.write("usage: python -m deltanas.sandbox.worker WORKDIR DATASET_DIR\n")
+        sys.exit(2)
+    main(sys.argv[1:])

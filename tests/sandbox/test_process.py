@@ -1,0 +1,212 @@
+"""The process sandbox and the proxy client on well-behaved candidates (real worker subprocesses)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deltanas.sandbox.base import Job, Limits, Sandbox
+from deltanas.sandbox.process import ProcessSandbox
+from deltanas.tools.proxy import declared_hyperparameters, evaluate_source, select_hyperparameters
+
+SMALL_CNN = '''
+import torch
+import torch.nn as nn
+
+
+def supported_hyperparameters():
+    return {"lr", "momentum"}
+
+
+class Net(nn.Module):
+    def __init__(self, in_shape, out_shape, prm, device):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_shape[1], 4, 4, stride=4), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(4 * 7 * 7, out_shape[0])
+
+    def forward(self, x):
+        return self.head(self.features(x))
+'''
+
+LEMUR_CNN = SMALL_CNN + '''
+    def train_setup(self, prm):
+        print("LEMUR-MARK train_setup", sorted(prm))
+        self.criteria = nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
+
+    def learn(self, train_data):
+        n = 0
+        for x, y in train_data:
+            self.optimizer.zero_grad()
+            self.criteria(self(x), y).backward()
+            self.optimizer.step()
+            n += 1
+        print("LEMUR-MARK learn batches", n)
+'''
+
+
+@dataclass
+class Arrays:
+    """Stands in for deltanas.tools.datasets.DatasetArrays."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    mean: list
+    std: list
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def synthetic(n_train: int = 512, n_test: int = 128, seed: int = 0) -> Arrays:
+    """A bright block whose position is the class, over noise: learnable in one epoch."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n):
+        y = rng.integers(0, 10, n)
+        x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(y):
+            r, c = divmod(int(k), 4)
+            x[i, 0, 2 + 8 * r:8 + 8 * r, 2 + 7 * c:7 + 7 * c] = 230
+        return x, y.astype(np.int64)
+
+    xtr, ytr = draw(n_train)
+    xte, yte = draw(n_test)
+    return Arrays("synthetic", xtr, ytr, xte, yte, 10, [0.2], [0.3])
+
+
+def write_handle(ds: Arrays, root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "train_x.npy", ds.x_train)
+    np.save(root / "train_y.npy", ds.y_train)
+    np.save(root / "test_x.npy", ds.x_test)
+    meta = {"name": ds.name, "num_classes": ds.num_classes, "shape": list(ds.in_shape), "mean": ds.mean,
+            "std": ds.std, "n_train": len(ds.y_train), "n_test": len(ds.y_test)}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Arrays, Path]:
+    ds = synthetic()
+    return ds, write_handle(ds, tmp_path_factory.mktemp("handle"))
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    sb = ProcessSandbox(tmp_path / "work")
+    yield sb
+    sb.close()
+
+
+LIMITS = Limits(timeout_s=60, memory_mb=4096, cpu_threads=1)
+
+
+def evaluate(source, sandbox, data, **kw):
+    ds, handle = data
+    kw.setdefault("limits", LIMITS)
+    return evaluate_source(source, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="c-1",
+                           batch_size=32, **kw)
+
+
+def test_process_sandbox_satisfies_the_protocol(sandbox):
+    assert isinstance(sandbox, Sandbox)
+    assert sandbox.name == "process"
+    sentence = sandbox.isolation()
+    assert "network" in sentence and "filesystem" in sentence
+    sandbox.close()
+    sandbox.close()  # twice is safe
+
+
+@pytest.mark.slow
+def test_default_loop_trains_and_host_scores(sandbox, data, tmp_path):
+    out = tmp_path / "cand"
+    outcome = evaluate(SMALL_CNN, sandbox, data, out_dir=out)
+    assert outcome.status == "ok", outcome.error + outcome.log_tail
+    assert outcome.accuracy is not None and outcome.accuracy > 0.3
+    assert outcome.param_count == 4 * 16 + 4 + 196 * 10 + 10
+    assert outcome.train_seconds is not None and 0 < outcome.train_seconds < outcome.total_seconds
+    assert "default SGD loop" in outcome.log_tail
+    # The score is the host's own: recompute it from the saved predictions.
+    preds = np.load(out / "predictions.npy", allow_pickle=False)
+    assert float(np.mean(preds == data[0].y_test)) == pytest.approx(outcome.accuracy)
+    assert (out / "model.py").read_text() == SMALL_CNN
+    assert json.loads((out / "result.json").read_text())["accuracy"] == outcome.accuracy
+    assert "default SGD loop" in (out / "log.txt").read_text()
+    # Work dirs and the sandbox's copy of the predictions are gone.
+    assert [p for p in (tmp_path / "work").rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.slow
+def test_lemur_train_setup_and_learn_are_used(sandbox, data):
+    outcome = evaluate(LEMUR_CNN, sandbox, data, hyperparameters={"lr": 0.02, "dropout": 0.5})
+    assert outcome.status == "ok", outcome.error + outcome.log_tail
+    assert outcome.accuracy > 0.3
+    # dropout is not declared by the module, so it was not passed; momentum came from the defaults.
+    assert "LEMUR-MARK train_setup ['lr', 'momentum']" in outcome.log_tail
+    assert "LEMUR-MARK learn batches 16" in outcome.log_tail  # 512 / 32
+    assert "train_setup/learn" in outcome.log_tail
+
+
+@pytest.mark.slow
+def test_keep_leaves_the_work_dir_and_concurrent_runs_work(data, tmp_path):
+    ds, handle = data
+    sb = ProcessSandbox(tmp_path / "work", keep=True)
+    jobs = [Job(candidate_id=f"k{i}", source=SMALL_CNN, dataset_dir=str(handle), batch_size=64, limits=LIMITS)
+            for i in range(2)]
+    results = [None, None]
+
+    def go(i):
+        results[i] = sb.run(jobs[i])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert all(Path(r.predictions_path).is_file() for r in results)
+    kept = sorted(p.name for p in (tmp_path / "work").iterdir() if p.name != "predictions")
+    assert len(kept) == 2 and all(k.startswith(("k0-", "k1-")) for k in kept)
+    assert all((tmp_path / "work" / k / "log.txt").is_file() for k in kept)
+
+
+@pytest.mark.slow
+def test_close_from_another_thread_kills_a_running_job(sandbox, data):
+    _, handle = data
+    job = Job(candidate_id="hang", source="while True:\n    pass\n", dataset_dir=str(handle),
+              limits=Limits(timeout_s=60, memory_mb=4096, cpu_threads=1))
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", sandbox.run(job)))
+    t0 = time.monotonic()
+    t.start()
+    time.sleep(3)
+    sandbox.close()
+    t.join(timeout=20)
+    assert not t.is_alive()
+    assert time.monotonic() - t0 < 20
+    assert box["r"].status == "crashed" and "closed" in box["r"].error
+    assert sandbox._running == {}
+
+
+def test_declared_hyperparameters_reads_literals_only():
+    assert declared_hyperparameters(SMALL_CNN) == {"lr", "momentum"}
+    assert declared_hyperparameters("def supported_hyperparameters():\n    return ['lr']\n") == {"lr"}
+    assert declared_hyperparameters("def supported_hyperparameters():\n    return set(X)\n") is None
+    assert declared_hyperparameters("x = 1\n") is None
+    assert declared_hyperparameters("def (:\n") is None
+
+
+def test_select_hyperparameters_defaults_and_filtering():
+    assert select_hyperparameters("x = 1\n", None) == {"lr": 0.01, "momentum": 0.9, "dropout": 0.2}
+    assert select_hyperparameters(SMALL_CNN, {"lr": 0.5, "dropout": 0.1}) == {"lr": 0.5, "momentum": 0.9}
