@@ -60,7 +60,7 @@ def candidates_table(rows: list[CandidateRow], title: str = "latest candidates")
             f" ({r.error_code})" if r.error_code and r.error_code != r.status else "")
         style = {"ok": "green", "proposed": "dim"}.get(r.status, "yellow")
         diff = f"+{r.added}/-{r.removed}" if r.added is not None else "—"
-        nov = "—" if r.similarity is None else f"{r.similarity:.2f}"
+        nov = "—" if r.similarity is None else f"{r.similarity:.3f}"
         secs = "—" if r.eval_seconds is None else f"{r.eval_seconds:.1f}"
         t.add_row(r.id, r.parent_id or "", diff, f"[{style}]{status}[/]", nov, _fmt_acc(r.accuracy), secs)
     return t

@@ -94,6 +94,9 @@ class HFBackend:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: never reach for the hub
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the run's own view shows progress; tqdm bars would garble it
 
         self.model_name = model
         self.location = resolve_model(model)

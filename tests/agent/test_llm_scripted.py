@@ -13,6 +13,8 @@ from deltanas.agent.llm.mutate import MutateBackend
 from deltanas.agent.llm.scripted import ScriptedBackend, ScriptExhausted
 from deltanas.tools import prompting
 
+from support import LEARN_COMPACT, TRAIN_SETUP_SINGLE_QUOTED
+
 SOURCE = '''import torch
 import torch.nn as nn
 
@@ -38,18 +40,7 @@ class Net(nn.Module):
     def forward(self, x):
         return self.fc(torch.flatten(self.features(x), 1))
 
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criteria = (nn.CrossEntropyLoss().to(self.device),)
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm['lr'], momentum=prm['momentum'])
-
-    def learn(self, train_data):
-        for inputs, labels in train_data:
-            self.optimizer.zero_grad()
-            loss = self.criteria[0](self(inputs.to(self.device)), labels.to(self.device))
-            loss.backward()
-            self.optimizer.step()
-'''
+''' + TRAIN_SETUP_SINGLE_QUOTED + "\n" + LEARN_COMPACT
 
 
 def prompt(mode: str = "delta", source: str = SOURCE) -> Prompt:

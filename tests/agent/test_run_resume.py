@@ -72,8 +72,8 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
     lines = (d / "trajectories.jsonl").read_text().splitlines()
     ids = [json.loads(line)["candidate_id"] for line in lines]
     assert len(ids) == len(set(ids)) == cycles * cands
-    # no sandbox process survives its driver
-    out = subprocess.run(["pgrep", "-f", "deltanas.sandbox.worker"], capture_output=True, text=True).stdout
+    # no sandbox worker of this run survives its driver (their command lines name the run dir)
+    out = subprocess.run(["pgrep", "-f", f"deltanas.sandbox.worker {d}"], capture_output=True, text=True).stdout
     assert out.strip() == ""
 
 

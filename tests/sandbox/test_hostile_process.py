@@ -2,7 +2,6 @@
 leaves no process behind, cannot raise its own score, and the sandbox stays usable."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -14,6 +13,8 @@ import pytest
 from deltanas.sandbox.base import Job, Limits
 from deltanas.sandbox.process import ProcessSandbox, namespaces_available
 from deltanas.tools.proxy import evaluate_source
+
+from support import Arrays, write_handle
 
 pytestmark = pytest.mark.slow
 
@@ -37,33 +38,19 @@ GOOD = NET_HEADER + '''
 '''
 
 
-class Arrays:
-    """Stands in for deltanas.tools.datasets.DatasetArrays."""
-
-    def __init__(self, seed: int = 1):
-        rng = np.random.default_rng(seed)
-        self.name, self.num_classes, self.mean, self.std = "noise", 10, [0.5], [0.25]
-        self.x_train = rng.integers(0, 256, (N_TRAIN, 1, 28, 28)).astype(np.uint8)
-        self.y_train = rng.integers(0, 10, N_TRAIN).astype(np.int64)
-        self.x_test = rng.integers(0, 256, (N_TEST, 1, 28, 28)).astype(np.uint8)
-        self.y_test = rng.integers(0, 10, N_TEST).astype(np.int64)
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+def noise(seed: int = 1) -> Arrays:
+    rng = np.random.default_rng(seed)
+    x_train = rng.integers(0, 256, (N_TRAIN, 1, 28, 28)).astype(np.uint8)
+    y_train = rng.integers(0, 10, N_TRAIN).astype(np.int64)
+    x_test = rng.integers(0, 256, (N_TEST, 1, 28, 28)).astype(np.uint8)
+    y_test = rng.integers(0, 10, N_TEST).astype(np.int64)
+    return Arrays("noise", x_train, y_train, x_test, y_test, 10, [0.5], [0.25])
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    ds = Arrays()
-    root = tmp_path_factory.mktemp("handle")
-    np.save(root / "train_x.npy", ds.x_train)
-    np.save(root / "train_y.npy", ds.y_train)
-    np.save(root / "test_x.npy", ds.x_test)
-    (root / "meta.json").write_text(json.dumps({
-        "name": ds.name, "num_classes": 10, "shape": [1, 28, 28], "mean": ds.mean, "std": ds.std,
-        "n_train": N_TRAIN, "n_test": N_TEST}))
-    return ds, root
+    ds = noise()
+    return ds, write_handle(ds, tmp_path_factory.mktemp("handle"))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,8 @@ import pytest
 from deltanas.sandbox.base import Job, Limits, Sandbox
 from deltanas.sandbox.process import ProcessSandbox
 from deltanas.tools.proxy import declared_hyperparameters, evaluate_source, select_hyperparameters
+
+from support import Arrays, write_handle
 
 SMALL_CNN = '''
 import torch
@@ -50,24 +51,6 @@ LEMUR_CNN = SMALL_CNN + '''
 '''
 
 
-@dataclass
-class Arrays:
-    """Stands in for deltanas.tools.datasets.DatasetArrays."""
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    mean: list
-    std: list
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-
 def synthetic(n_train: int = 512, n_test: int = 128, seed: int = 0) -> Arrays:
     """A bright block whose position is the class, over noise: learnable in one epoch."""
     rng = np.random.default_rng(seed)
@@ -83,17 +66,6 @@ def synthetic(n_train: int = 512, n_test: int = 128, seed: int = 0) -> Arrays:
     xtr, ytr = draw(n_train)
     xte, yte = draw(n_test)
     return Arrays("synthetic", xtr, ytr, xte, yte, 10, [0.2], [0.3])
-
-
-def write_handle(ds: Arrays, root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    np.save(root / "train_x.npy", ds.x_train)
-    np.save(root / "train_y.npy", ds.y_train)
-    np.save(root / "test_x.npy", ds.x_test)
-    meta = {"name": ds.name, "num_classes": ds.num_classes, "shape": list(ds.in_shape), "mean": ds.mean,
-            "std": ds.std, "n_train": len(ds.y_train), "n_test": len(ds.y_test)}
-    (root / "meta.json").write_text(json.dumps(meta))
-    return root
 
 
 @pytest.fixture(scope="module")

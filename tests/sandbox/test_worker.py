@@ -13,6 +13,8 @@ import torch
 
 from deltanas.sandbox import worker
 
+from support import Arrays, write_handle
+
 LEMUR_NET = '''
 import torch
 import torch.nn as nn
@@ -95,13 +97,11 @@ def test_train_batches_reshuffle_per_pass_and_are_seeded():
 
 def _handle(root: Path) -> Path:
     rng = np.random.default_rng(0)
-    root.mkdir()
-    np.save(root / "train_x.npy", rng.integers(0, 256, (200, 1, 8, 8)).astype(np.uint8))
-    np.save(root / "train_y.npy", rng.integers(0, 3, 200).astype(np.int64))
-    np.save(root / "test_x.npy", rng.integers(0, 256, (50, 1, 8, 8)).astype(np.uint8))
-    (root / "meta.json").write_text(json.dumps({"name": "t", "num_classes": 3, "shape": [1, 8, 8], "mean": [0.5],
-                                                "std": [0.3], "n_train": 200, "n_test": 50}))
-    return root
+    x_train = rng.integers(0, 256, (200, 1, 8, 8)).astype(np.uint8)
+    y_train = rng.integers(0, 3, 200).astype(np.int64)
+    x_test = rng.integers(0, 256, (50, 1, 8, 8)).astype(np.uint8)
+    y_test = rng.integers(0, 3, 50).astype(np.int64)
+    return write_handle(Arrays("t", x_train, y_train, x_test, y_test, 3, [0.5], [0.3]), root)
 
 
 def _run_worker(workdir: Path, handle: Path, source: str) -> dict:

@@ -15,6 +15,9 @@ from deltanas.tools.diff_apply import ApplyResult, apply_diff, apply_model_outpu
 from deltanas.tools.diff_errors import DiffCode
 from deltanas.tools.full_extract import apply_full_output
 
+from support import TRAIN_SETUP
+
+# Hunk line numbers below count TRAIN_SETUP's four lines.
 BASE = '''\
 import torch
 import torch.nn as nn
@@ -36,11 +39,7 @@ class Net(nn.Module):
         self.dropout = nn.Dropout(prm["dropout"])
         self.fc = nn.Linear(64 * (in_shape[2] // 4) * (in_shape[3] // 4), out_shape[0])
 
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criteria = (nn.CrossEntropyLoss().to(self.device),)
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
-
+''' + TRAIN_SETUP + '''
     def learn(self, train_data):
         self.train()
         for inputs, labels in train_data:
@@ -60,10 +59,8 @@ class Net(nn.Module):
 '''
 
 # The change most tests make: a BatchNorm after conv1, used in forward.
-WANT = BASE.replace(
-    "        self.relu = nn.ReLU()\n",
-    "        self.bn1 = nn.BatchNorm2d(32)\n        self.relu = nn.ReLU()\n",
-).replace("self.relu(self.conv1(x))", "self.relu(self.bn1(self.conv1(x)))")
+WITH_BN1 = BASE.replace("        self.relu = nn.ReLU()\n", "        self.bn1 = nn.BatchNorm2d(32)\n        self.relu = nn.ReLU()\n")
+WANT = WITH_BN1.replace("self.relu(self.conv1(x))", "self.relu(self.bn1(self.conv1(x)))")
 
 GOOD = """\
 --- a/model.py
@@ -135,7 +132,7 @@ def test_missing_hunk_headers_after_file_header():
 """
     r = apply_diff(BASE, d)
     assert r.ok
-    assert r.source == BASE.replace("        self.relu = nn.ReLU()\n", "        self.bn1 = nn.BatchNorm2d(32)\n        self.relu = nn.ReLU()\n")
+    assert r.source == WITH_BN1
 
 
 def test_bare_at_at_headers():

@@ -11,6 +11,8 @@ import pytest
 from deltanas.tools.diff_apply import ApplyResult, apply_diff, apply_model_output
 from deltanas.tools.diff_errors import DiffCode
 
+from support import LEARN, TRAIN_SETUP
+
 BASE = '''\
 import torch
 import torch.nn as nn
@@ -39,20 +41,7 @@ class Net(nn.Module):
         self.dropout = nn.Dropout(prm["dropout"])
         self.fc = nn.Linear(32, out_shape[0])
 
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criteria = (nn.CrossEntropyLoss().to(self.device),)
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
-
-    def learn(self, train_data):
-        self.train()
-        for inputs, labels in train_data:
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
-            self.optimizer.zero_grad()
-            loss = self.criteria[0](self(inputs), labels)
-            loss.backward()
-            self.optimizer.step()
-
+''' + TRAIN_SETUP + "\n" + LEARN + '''
     def forward(self, x):
         x = self.stem(x)
         x = self.block1(x)

@@ -12,6 +12,8 @@ import torch
 
 from deltanas.tools.mutator import MUTATIONS, NoMutation, make_diff, mutate_source
 
+from support import LEARN_COMPACT, TRAIN_SETUP_SINGLE_QUOTED
+
 PRM = {"lr": 0.01, "momentum": 0.9, "dropout": 0.5}
 
 ALEXNET = '''import torch
@@ -23,11 +25,7 @@ def supported_hyperparameters():
 
 
 class Net(nn.Module):
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criteria = (nn.CrossEntropyLoss().to(self.device),)
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm['lr'], momentum=prm['momentum'])
-
+''' + TRAIN_SETUP_SINGLE_QUOTED + '''
     def learn(self, train_data):
         for inputs, labels in train_data:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
@@ -101,11 +99,7 @@ class Net(nn.Module):
         x = F.relu(self.fc2(x))
         return self.fc3(x)
 
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criteria = (nn.CrossEntropyLoss().to(self.device),)
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm['lr'], momentum=prm['momentum'])
-
+''' + TRAIN_SETUP_SINGLE_QUOTED + '''
     def learn(self, train_data):
         for inputs, labels in train_data:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
@@ -157,18 +151,7 @@ class Net(nn.Module):
         x = self.layer2(self.down(self.layer1(self.stem(x))))
         return self.head(torch.flatten(self.pool(x), 1))
 
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criteria = (nn.CrossEntropyLoss().to(self.device),)
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm['lr'], momentum=prm['momentum'])
-
-    def learn(self, train_data):
-        for inputs, labels in train_data:
-            self.optimizer.zero_grad()
-            loss = self.criteria[0](self(inputs.to(self.device)), labels.to(self.device))
-            loss.backward()
-            self.optimizer.step()
-'''
+''' + TRAIN_SETUP_SINGLE_QUOTED + "\n" + LEARN_COMPACT
 
 # Non-ASCII before a layer on the same line: AST columns are UTF-8 bytes, edits are characters.
 # The last Sequential element has no trailing comma, and the file has no final newline.

@@ -7,6 +7,8 @@ import pytest
 from deltanas.tools.diff_errors import DiffCode
 from deltanas.tools.protected import PROTECTED_NAMES, check_source
 
+from support import LEARN, TRAIN_SETUP
+
 BASE = '''\
 import torch
 import torch.nn as nn
@@ -23,20 +25,7 @@ class Net(nn.Module):
         self.conv = nn.Conv2d(in_shape[1], 16, 3, padding=1)
         self.fc = nn.Linear(16 * in_shape[2] * in_shape[3], out_shape[0])
 
-    def train_setup(self, prm):
-        self.to(self.device)
-        self.criteria = (nn.CrossEntropyLoss().to(self.device),)
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=prm["lr"], momentum=prm["momentum"])
-
-    def learn(self, train_data):
-        self.train()
-        for inputs, labels in train_data:
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
-            self.optimizer.zero_grad()
-            loss = self.criteria[0](self(inputs), labels)
-            loss.backward()
-            self.optimizer.step()
-
+''' + TRAIN_SETUP + "\n" + LEARN + '''
     def forward(self, x):
         return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
 '''

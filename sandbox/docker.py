@@ -1,0 +1,435 @@
+"""The `docker` sandbox: one container per job, every limit set here, a hard kill on the clock.
+
+Each job gets a fresh work dir under `work_root` (as the process backend does),
+bind-mounted read-write at /deltanas/work; the dataset handle is mounted
+read-only at /deltanas/data. The container runs the same worker as the process
+backend, `python -m deltanas.sandbox.worker /deltanas/work /deltanas/data`, with:
+
+- no network (`network_mode="none"`), a read-only root filesystem and a
+  size-capped, noexec tmpfs at /tmp;
+- all capabilities dropped, no-new-privileges, a non-root user;
+- pids, memory (swap included) and CPU limits, and RLIMIT_FSIZE at the output
+  cap, which the worker turns into a SIGXFSZ death the host reads as
+  output_limit; the work dir's total size is also watched while the job runs;
+- a hard wall-clock kill: the host polls the container and kills it at the
+  limit (a timeout on the HTTP wait is not a kill), and `timeout -s KILL`
+  inside the container ends the job a little later even if the driver died.
+
+Where Python comes from depends on the image's `deltanas.python` label:
+`image` (built from sandbox/Dockerfile, deltanas installed inside) or `host`
+(the offline image of sandbox/image.py: a bare Debian rootfs into which the
+host's interpreter prefix, virtualenv and the `deltanas.sandbox` package folder
+are mounted read-only at their own paths). Nothing else of the host is mounted:
+not the run directory, not the archive, not the test labels.
+
+Every container carries the label `deltanas=1`, its sandbox's run id and its
+owner (host, pid, process start time). Containers of this sandbox are removed
+after each job, on close() and at interpreter exit; containers whose owner died
+(a crashed or killed driver) are swept when the next sandbox starts.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from deltanas.sandbox.base import Job, Result
+from deltanas.sandbox.process import ProcessSandbox, _file_size_cap, _safe_prefix
+
+DEFAULT_IMAGE = "deltanas-sandbox:base"
+LABEL = "deltanas"
+RUN_LABEL = "deltanas.run"
+OWNER_LABEL = "deltanas.owner"
+PYTHON_LABEL = "deltanas.python"  # "host": mount the host's Python; "image": the image has it
+WORK_MOUNT = "/deltanas/work"
+DATA_MOUNT = "/deltanas/data"
+PACKAGE_VIEW = "/deltanas/pkg"  # PYTHONPATH root holding deltanas/sandbox (a namespace package)
+SANDBOX_USER = "65534:65534"  # nobody:nogroup
+TMPFS_MB = 64
+POLL_S = 0.5
+IN_CONTAINER_GRACE_S = 30  # the in-container kill lands this long after the host's
+API_TIMEOUT_S = 60
+WORKDIR_SLACK_BYTES = 1 << 20
+
+
+class DockerUnavailable(RuntimeError):
+    """No Docker daemon answers, or the sandbox image is missing."""
+
+
+def _client(client=None):
+    if client is not None:
+        return client
+    try:
+        import docker
+    except ImportError as e:
+        raise DockerUnavailable("the `docker` Python package is not installed (pip install docker)") from e
+    try:
+        c = docker.from_env(timeout=API_TIMEOUT_S)
+        c.ping()
+    except Exception as e:  # noqa: BLE001 - the SDK raises several unrelated types for "no daemon"
+        raise DockerUnavailable(f"no Docker daemon answers: {_one_line(e)}") from None
+    return c
+
+
+def docker_available() -> tuple[bool, str]:
+    """(True, "Docker <version> answers at <url>") or (False, why not)."""
+    try:
+        c = _client()
+        version = c.version().get("Version", "?")
+        return True, f"Docker {version} answers at {c.api.base_url}"
+    except DockerUnavailable as e:
+        return False, str(e)
+    except Exception as e:  # noqa: BLE001
+        return False, f"the Docker daemon did not answer: {_one_line(e)}"
+
+
+def image_available(image: str = DEFAULT_IMAGE, client=None) -> bool:
+    try:
+        _client(client).images.get(image)
+    except Exception:  # noqa: BLE001 - ImageNotFound, or no daemon at all
+        return False
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+# -- owners: which containers belong to a live driver --------------------------------------------------------------
+
+def _start_ticks(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid()) or '?'}"
+
+
+def _owner_alive(tag: str) -> bool:
+    """False only when the owner ran on this host and its process is gone (pid reuse
+    is told apart by the start time); containers of other hosts are never touched."""
+    try:
+        host, pid, ticks = tag.rsplit(":", 2)
+        pid_n = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return True
+    return _start_ticks(pid_n) == ticks
+
+
+def sweep(client=None, run_id: str | None = None) -> int:
+    """Removes deltanas containers: those of `run_id`, or else those whose owner is dead.
+    Returns how many were removed."""
+    c = _client(client)
+    filters = {"label": [f"{LABEL}=1"] + ([f"{RUN_LABEL}={run_id}"] if run_id else [])}
+    removed = 0
+    for container in c.containers.list(all=True, filters=filters):
+        if run_id is None and _owner_alive(container.labels.get(OWNER_LABEL, "")):
+            continue
+        if _remove(container):
+            removed += 1
+    return removed
+
+
+def _remove(container) -> bool:
+    try:
+        container.remove(force=True)
+        return True
+    except Exception as e:  # noqa: BLE001
+        # Already gone (a 404, or a removal already in progress) is the outcome we want.
+        return "No such container" in str(e) or "already in progress" in str(e)
+
+
+# -- the sandbox ---------------------------------------------------------------------------------------------------
+
+class DockerSandbox:
+    """Runs each job in its own container. Thread-safe: jobs share only the client."""
+
+    name = "docker"
+
+    # The work-dir layout and the read-back of results are the process backend's own:
+    # borrowed, so both backends map a worker's outcome to a status identically.
+    _prepare = ProcessSandbox._prepare
+    _read_back = ProcessSandbox._read_back
+    _reported = ProcessSandbox._reported
+    _dataset_meta = ProcessSandbox._dataset_meta
+
+    def __init__(self, work_root: Path, image: str = DEFAULT_IMAGE, client=None, keep: bool = False):
+        self.work_root = Path(work_root)
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        self.image = image
+        self.keep = keep
+        self.client = _client(client)
+        try:
+            img = self.client.images.get(image)
+        except Exception as e:  # noqa: BLE001
+            raise DockerUnavailable(f"sandbox image {image!r} is not available ({_one_line(e)}); "
+                                    f"build it with `deltanas sandbox build`") from None
+        self.python_from = (img.labels or {}).get(PYTHON_LABEL, "image")
+        self.run_id = uuid.uuid4().hex[:12]
+        self.owner = _owner_tag()
+        self._meta_cache: dict[str, dict] = {}
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.swept_at_start = sweep(self.client)
+        self._mounts_base = self._python_mounts()
+        atexit.register(self.close)
+
+    def isolation(self) -> str:
+        python = ("the host's Python, virtualenv and deltanas.sandbox folder mounted read-only"
+                  if self.python_from == "host" else "Python and deltanas from the image")
+        return (f"docker backend (image {self.image}, {python}): each job runs in its own container with no "
+                f"network, a read-only root filesystem, a {TMPFS_MB} MB tmpfs /tmp, all capabilities dropped, "
+                f"no-new-privileges, user {SANDBOX_USER}, pids/memory/CPU limits, a per-file output cap and a "
+                f"hard kill on the wall-clock limit; only the job's work dir (read-write) and the dataset handle "
+                f"(read-only, no test labels) are mounted from the host.")
+
+    # -- running -------------------------------------------------------------------------------------------------
+
+    def run(self, job: Job) -> Result:
+        if self._closed:
+            raise RuntimeError("this DockerSandbox is closed")
+        t0 = time.perf_counter()
+        meta = self._dataset_meta(job.dataset_dir)
+        workdir = Path(tempfile.mkdtemp(prefix=_safe_prefix(job.candidate_id), dir=self.work_root))
+        try:
+            # Inside, the one GPU handed over is always cuda:0.
+            inner = dataclasses.replace(job, device="cuda:0") if job.device.startswith("cuda") else job
+            self._prepare(workdir, inner)
+            self._open_to_sandbox_user(workdir)
+            rc, killed, oom = self._execute(workdir, job, meta)
+            if oom:
+                result = self._read_back(workdir, job, meta, -9, "")
+                result.status, result.error = "oom", f"killed by the {job.limits.memory_mb} MB memory limit"
+                result.predictions_path = result.final_loss = None
+            elif killed == "output":
+                result = self._read_back(workdir, job, meta, 0, "")
+                result.status = "output_limit"
+                result.error = f"the work dir grew past {self._workdir_cap(job, meta)} bytes"
+                result.predictions_path = result.final_loss = None
+            else:
+                result = self._read_back(workdir, job, meta, rc, killed)
+        finally:
+            if not self.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+        result.total_seconds = time.perf_counter() - t0
+        return result
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        with self._lock:
+            running = list(self._running)
+        for cid in running:  # their run() calls see _closed and report "closed"
+            try:
+                _remove(self.client.containers.get(cid))
+            except Exception:  # noqa: BLE001 - already removed by its own run()
+                pass
+        try:
+            sweep(self.client, run_id=self.run_id)
+        except Exception:  # noqa: BLE001 - a daemon gone at exit leaves nothing we can reach
+            pass
+
+    def _execute(self, workdir: Path, job: Job, meta: dict) -> tuple[int, str, bool]:
+        """Runs the container to its end; returns (rc, who killed it: "" / "timeout" / "output" /
+        "closed", whether the kernel's OOM killer fired in it). rc < 0 is death by signal."""
+        container = self.client.containers.create(**self._container_args(job, meta, workdir))
+        with self._lock:
+            self._running.add(container.id)
+        killed = ""
+        try:
+            container.start()
+            deadline = time.monotonic() + job.limits.timeout_s
+            cap = self._workdir_cap(job, meta)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    killed = "timeout"
+                    break
+                try:
+                    container.wait(timeout=min(POLL_S, left))
+                    break
+                except Exception as e:  # noqa: BLE001 - the HTTP wait timed out; the job runs on
+                    if not _is_timeout(e):
+                        raise
+                if _tree_size(workdir, cap) > cap:
+                    killed = "output"
+                    break
+                if self._closed:
+                    killed = "closed"
+                    break
+            if not killed and self._closed:  # close() took the container down under us
+                killed = "closed"
+            if killed:
+                _kill(container)
+            state = self._final_state(container)
+        except BaseException:  # Ctrl-C or a daemon error: the container must not outlive this call
+            _remove(container)
+            raise
+        finally:
+            with self._lock:
+                self._running.discard(container.id)
+        if not self.keep:
+            _remove(container)
+        code = int(state.get("ExitCode") or 0)
+        # tini and `timeout` report a child killed by signal N as 128 + N.
+        rc = -(code - 128) if 128 < code < 128 + 65 else code
+        return rc, killed, bool(state.get("OOMKilled")) and not killed
+
+    def _final_state(self, container) -> dict:
+        for _ in range(20):
+            try:
+                container.reload()
+            except Exception:  # noqa: BLE001 - removed by close() meanwhile: nothing more to learn
+                return {}
+            state = container.attrs.get("State") or {}
+            if not state.get("Running"):
+                return state
+            time.sleep(0.1)
+        return container.attrs.get("State") or {}
+
+    def _container_args(self, job: Job, meta: dict, workdir: Path) -> dict[str, Any]:
+        from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
+
+        lim = job.limits
+        fsize = _file_size_cap(lim, meta)
+        data = str(Path(job.dataset_dir).resolve())
+        _open_handle(data)
+        python = sys.executable if self.python_from == "host" else "python"
+        hard_stop = int(lim.timeout_s) + IN_CONTAINER_GRACE_S
+        script = (f'exec timeout -s KILL {hard_stop} "$0" -m deltanas.sandbox.worker {WORK_MOUNT} {DATA_MOUNT} '
+                  f'>{WORK_MOUNT}/log.txt 2>&1')
+        threads = str(max(1, lim.cpu_threads))
+        env = {"HOME": "/tmp", "TMPDIR": "/tmp", "PATH": "/usr/local/bin:/usr/bin:/bin",
+               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONHASHSEED": str(job.seed),
+               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+        mounts = list(self._mounts_base)
+        if self.python_from == "host":
+            env["PYTHONPATH"] = PACKAGE_VIEW
+        mounts += [Mount(WORK_MOUNT, str(workdir), type="bind", read_only=False),
+                   Mount(DATA_MOUNT, data, type="bind", read_only=True)]
+        args: dict[str, Any] = dict(
+            image=self.image, command=["/bin/sh", "-c", script, python], entrypoint=[], working_dir=WORK_MOUNT,
+            user=self._user(), environment=env, mounts=mounts, init=True,
+            network_mode="none", read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={TMPFS_MB}m,mode=1777"},
+            cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            pids_limit=int(lim.max_processes), mem_limit=f"{int(lim.memory_mb)}m",
+            memswap_limit=f"{int(lim.memory_mb)}m", nano_cpus=int(max(1, lim.cpu_threads) * 1e9),
+            ulimits=[Ulimit(name="fsize", soft=fsize, hard=fsize), Ulimit(name="core", soft=0, hard=0)],
+            log_config=LogConfig(type="none"), stdin_open=False, tty=False,
+            labels={LABEL: "1", RUN_LABEL: self.run_id, OWNER_LABEL: self.owner,
+                    "deltanas.candidate": job.candidate_id[:60]},
+        )
+        if job.device.startswith("cuda"):
+            index = job.device.split(":", 1)[1] if ":" in job.device else "0"
+            args["device_requests"] = [DeviceRequest(device_ids=[index], capabilities=[["gpu"]])]
+        return args
+
+    def _open_to_sandbox_user(self, workdir: Path) -> None:
+        """The job's user must write the work dir and out/; the inputs stay read-only to it."""
+        uid, gid = (int(v) for v in self._user().split(":"))
+        for d in (workdir, workdir / "out", workdir / "tmp"):
+            if os.geteuid() == 0:
+                os.chown(d, uid, gid)
+            os.chmod(d, 0o700)
+        for f in (workdir / "model.py", workdir / "job.json"):
+            os.chmod(f, 0o644)
+
+    def _user(self) -> str:
+        # As root, the job runs as nobody; as a docker-group user, as that user (never as root),
+        # so the host can read what the job wrote.
+        return SANDBOX_USER if os.geteuid() == 0 else f"{os.geteuid()}:{os.getegid()}"
+
+    def _python_mounts(self) -> list:
+        from docker.types import Mount
+
+        if self.python_from != "host":
+            return []
+        import deltanas.sandbox as pkg
+
+        sources = {Path(p).resolve() for p in {sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix}}
+        roots = sorted(p for p in sources if not any(p != q and q in p.parents for q in sources))
+        for root in roots:
+            for inner in (WORK_MOUNT, DATA_MOUNT, PACKAGE_VIEW):
+                if Path(inner) == root or root in Path(inner).parents or Path(inner) in root.parents:
+                    raise DockerUnavailable(f"the host Python at {root} overlaps the sandbox path {inner}")
+        mounts = [Mount(str(r), str(r), type="bind", read_only=True) for r in roots]
+        package = Path(pkg.__file__).resolve().parent
+        mounts.append(Mount(f"{PACKAGE_VIEW}/deltanas/sandbox", str(package), type="bind", read_only=True))
+        return mounts
+
+    def _workdir_cap(self, job: Job, meta: dict) -> int:
+        # log.txt, predictions.npy and result.json, each under the per-file cap, plus the inputs.
+        return 3 * _file_size_cap(job.limits, meta) + len(job.source.encode()) + WORKDIR_SLACK_BYTES
+
+
+def _open_handle(path: str) -> None:
+    """The job's user must read the dataset handle. It holds no test labels by contract,
+    so making it world-readable gives nothing away."""
+    root = Path(path)
+    if os.geteuid() != 0:
+        return  # the job runs as this same user
+    if root.stat().st_mode & 0o005 != 0o005:
+        root.chmod(root.stat().st_mode | 0o005)
+    for f in root.iterdir():
+        if f.is_file() and f.stat().st_mode & 0o004 == 0:
+            f.chmod(f.stat().st_mode | 0o004)
+
+
+def _is_timeout(e: BaseException) -> bool:
+    """docker-py's wait(timeout=...) raises ReadTimeout, or ConnectionError wrapping one."""
+    import requests
+
+    return isinstance(e, requests.exceptions.ReadTimeout) or (
+        isinstance(e, requests.exceptions.ConnectionError) and "timed out" in str(e).lower())
+
+
+def _kill(container) -> None:
+    try:
+        container.kill()
+    except Exception:  # noqa: BLE001 - it exited between the last poll and the kill
+        pass
+    try:
+        container.wait(timeout=30)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _tree_size(root: Path, stop_above: int) -> int:
+    """Bytes under `root`, counting stops early once past `stop_above`."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                else:
+                    total += e.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+            if total > stop_above:
+                return total
+    return total
