@@ -7,6 +7,7 @@
     deltanas diff apply BASE.py DIFF [--output FILE] [--json]
     deltanas eval MODEL.py [--dataset mnist] [--json]
     deltanas zoo list [--json] | deltanas zoo show NAME
+    deltanas sandbox build [--mode auto|online|offline] | deltanas sandbox check [--json]
 
 Heavy libraries (torch, transformers, langgraph) are imported inside commands, so
 `deltanas --help` starts at once.
@@ -99,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sandbox", choices=["auto", "docker", "process"], default="auto")
     e.add_argument("--limit-train", type=_positive_int)
     e.add_argument("--json", action="store_true")
+
+    sb = sub.add_parser("sandbox", help="the sandbox candidates run in")
+    sbsub = sb.add_subparsers(dest="sandbox_command", required=True, metavar="SUBCOMMAND")
+    sbb = sbsub.add_parser("build", help="build the Docker image (online from sandbox/Dockerfile, or offline)")
+    sbb.add_argument("--mode", choices=["auto", "online", "offline"], default="auto",
+                     help="auto tries the registry first, then builds from local parts")
+    sbb.add_argument("--tag", default="deltanas-sandbox:base")
+    sbc = sbsub.add_parser("check", help="say which sandbox and which isolation are in force, and why")
+    sbc.add_argument("--sandbox", choices=["auto", "docker", "process"], default="auto")
+    sbc.add_argument("--image", default="deltanas-sandbox:base")
+    sbc.add_argument("--json", action="store_true")
 
     z = sub.add_parser("zoo", help="the embedded baseline networks")
     zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="SUBCOMMAND")
@@ -245,6 +257,29 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return EXIT_OK if out.status == "ok" else EXIT_FAIL
 
 
+def cmd_sandbox(a: argparse.Namespace) -> int:
+    from deltanas.sandbox.docker import DockerUnavailable
+    from deltanas.sandbox.image import ImageBuildError, build_image, check
+
+    if a.sandbox_command == "build":
+        try:
+            tag, done = build_image(a.tag, a.mode)
+        except (ImageBuildError, DockerUnavailable) as e:
+            print(f"deltanas: sandbox build failed: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"{tag}: {done}")
+        return EXIT_OK
+    info = check(a.sandbox, a.image)
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"sandbox: {info['sandbox'] or 'none'}  ({info['reason']})")
+        print(f"docker: {'available' if info['docker']['available'] else 'not available'}: {info['docker']['detail']}")
+        print(f"image {info['image']['tag']}: {'present' if info['image']['present'] else 'missing'}")
+        print(f"isolation: {info['isolation']}")
+    return EXIT_OK if info["sandbox"] else EXIT_FAIL
+
+
 def cmd_zoo(a: argparse.Namespace) -> int:
     from deltanas.tools.zoo import count_parameters, get_baseline, list_baselines
 
@@ -290,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "zoo":
             return cmd_zoo(args)
+        if args.command == "sandbox":
+            return cmd_sandbox(args)
     except (CLIError, ConfigError, StoreError) as e:
         print(f"deltanas: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -100,6 +100,8 @@ class TrainConfig(_Section):
 class SandboxConfig(_Section):
     type: Literal["auto", "docker", "process"] = "auto"
     """`auto` uses Docker where a daemon answers and its image exists, else `process`."""
+    image: str = "deltanas-sandbox:base"
+    """The Docker image candidates run in (`deltanas sandbox build` makes it)."""
     timeout_s: float = Field(300.0, gt=0)
     """Hard wall-clock limit per candidate, start-up included."""
     memory_mb: int = Field(8192, gt=0)

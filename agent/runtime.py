@@ -19,10 +19,19 @@ from deltanas.tools.novelty import NoveltyIndex
 
 
 def make_sandbox(cfg: Config, work_root: Path) -> Sandbox:
-    kind = cfg.sandbox.type
+    """Docker where a daemon answers and the image exists (or where it is demanded), else
+    the process sandbox."""
+    from deltanas.sandbox.docker import DockerUnavailable
+    from deltanas.sandbox.image import select_backend
+
+    try:
+        kind, _why = select_backend(cfg.sandbox.type, cfg.sandbox.image)
+    except DockerUnavailable as e:
+        raise ConfigError(str(e)) from None
     if kind == "docker":
-        raise ConfigError("sandbox type 'docker' is not available in this version of deltanas; "
-                          "use --sandbox process (or auto)")
+        from deltanas.sandbox.docker import DockerSandbox
+
+        return DockerSandbox(work_root, image=cfg.sandbox.image)
     from deltanas.sandbox.process import ProcessSandbox
 
     return ProcessSandbox(work_root)

@@ -90,3 +90,23 @@ def test_sigint_drains_and_exits_cleanly(tmp_path):
     r = cli("run", "--resume", str(d), "--plain")
     assert r.returncode == 0
     assert status(d)["candidates"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_run_on_docker_leaves_no_container(tmp_path):
+    from deltanas.sandbox.docker import docker_available, image_available
+
+    ok, why = docker_available()
+    if not ok or not image_available():
+        pytest.skip(f"needs a Docker daemon and the sandbox image: {why}")
+    d = tmp_path / "run"
+    args = [a if a != "process" else "docker" for a in ARGS]
+    r = cli("run", *args, "--cycles", "1", "--candidates", "2", "--run-dir", str(d))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "docker backend" in r.stdout
+    s = status(d)
+    assert s["candidates"] == 2 and all(acc > 0.1 for acc in s["baselines"].values())
+    left = subprocess.run(["/usr/bin/docker", "ps", "-aq", "--filter", "label=deltanas"], capture_output=True,
+                          text=True).stdout
+    assert left.strip() == ""
