@@ -150,13 +150,18 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.print_config:
         print(dump_toml(cfg), end="")
         return EXIT_OK
+    if not a.resume and run_dir.exists():
+        rundir.create_run_dir(run_dir, cfg, dry_run=True)  # refuse a used directory before slow checks
+    from deltanas.agent.runtime import preflight
+
+    dataset = preflight(cfg)
     if not a.resume:
         rundir.create_run_dir(run_dir, cfg)
     elif a.cycles:
         (run_dir / rundir.CONFIG_FILE).write_text(dump_toml(cfg))
     from deltanas.agent.session import run_session
 
-    return run_session(cfg, run_dir, plain=a.plain or not sys.stdout.isatty())
+    return run_session(cfg, run_dir, plain=a.plain or not sys.stdout.isatty(), dataset=dataset)
 
 
 def cmd_status(a: argparse.Namespace) -> int:

@@ -10,13 +10,16 @@ ARCHIVE_FILE = "archive.sqlite"
 CHECKPOINT_FILE = "checkpoints.sqlite"
 
 
-def create_run_dir(path: Path, cfg: Config) -> Path:
-    """A new run directory with the frozen config; refuses one that was used before."""
+def create_run_dir(path: Path, cfg: Config, *, dry_run: bool = False) -> Path:
+    """A new run directory with the frozen config; refuses one that was used before.
+    With `dry_run`, only the refusal checks run."""
     if path.exists() and any(path.iterdir()):
         if (path / CONFIG_FILE).exists() or (path / ARCHIVE_FILE).exists():
             raise ConfigError(f"{path} already holds a run; continue it with `deltanas run --resume {path}` "
                               "or choose another --run-dir")
         raise ConfigError(f"{path} is not empty; choose an empty or new --run-dir")
+    if dry_run:
+        return path
     path.mkdir(parents=True, exist_ok=True)
     for sub in ("candidates", "adapters", "report"):
         (path / sub).mkdir(exist_ok=True)

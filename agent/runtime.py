@@ -59,6 +59,31 @@ def load_run_dataset(cfg: Config):
         raise ConfigError(str(e)) from None
 
 
+def preflight(cfg: Config):
+    """Every check that needs the machine, done before a run directory is created, so a run
+    that cannot start leaves nothing behind. Returns the loaded dataset."""
+    check_device(cfg.sandbox.device)
+    from deltanas.agent.llm.factory import parse_llm_spec
+
+    spec = parse_llm_spec(cfg.llm.spec)
+    if spec.type == "hf":
+        from deltanas.agent.llm.hf import resolve_model
+
+        try:
+            resolve_model(spec.model)
+        except FileNotFoundError as e:
+            raise ConfigError(f"llm.spec {cfg.llm.spec!r}: {e}") from None
+    if cfg.sandbox.type == "docker":
+        from deltanas.sandbox.docker import DockerUnavailable
+        from deltanas.sandbox.image import select_backend
+
+        try:
+            select_backend("docker", cfg.sandbox.image)
+        except DockerUnavailable as e:
+            raise ConfigError(str(e)) from None
+    return load_run_dataset(cfg)
+
+
 def make_llm(cfg: Config) -> LLMBackend:
     from deltanas.agent.llm.factory import make_backend
 

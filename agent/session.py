@@ -13,14 +13,14 @@ from deltanas.agent.runner import run_with_signals, sqlite_saver
 from deltanas.agent.runtime import build_deps
 
 
-def run_session(cfg: Config, run_dir: Path, *, plain: bool) -> int:
+def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int:
     console = Console()
     console.print(f"[b]deltanas[/] run [b]{cfg.name}[/] in {run_dir}: {cfg.search.cycles} cycle(s) × "
                   f"{cfg.search.candidates} candidate(s), llm {cfg.llm.spec}, dataset {cfg.data.dataset}, "
                   f"mode {cfg.search.mode}")
     t0 = time.perf_counter()
     console.print("loading the dataset, the sandbox and the model …")
-    deps = build_deps(cfg, run_dir)
+    deps = build_deps(cfg, run_dir, dataset=dataset)
     console.print(f"ready in {time.perf_counter() - t0:.1f}s; sandbox: {deps.executor.sandbox.isolation()}")
     saver = sqlite_saver(deps)
     view = LiveView(cfg, deps.store)

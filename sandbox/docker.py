@@ -1,9 +1,10 @@
 """The `docker` sandbox: one container per job, every limit set here, a hard kill on the clock.
 
-Each job gets a fresh work dir under `work_root` (as the process backend does),
-bind-mounted read-write at /deltanas/work; the dataset handle is mounted
-read-only at /deltanas/data. The container runs the same worker as the process
-backend, `python -m deltanas.sandbox.worker /deltanas/work /deltanas/data`, with:
+Each job gets a fresh work dir under `work_root`, written and read back by
+sandbox/jobfiles.py as for the process backend, bind-mounted read-write at
+/deltanas/work; the dataset handle is mounted read-only at /deltanas/data. The
+container runs the same worker as the process backend,
+`python -m deltanas.sandbox.worker /deltanas/work /deltanas/data`, with:
 
 - no network (`network_mode="none"`), a read-only root filesystem and a
   size-capped, noexec tmpfs at /tmp;
@@ -35,7 +36,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from deltanas.sandbox.base import Job, Result
-from deltanas.sandbox.process import ProcessSandbox, _file_size_cap, _safe_prefix
+from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
 
 DEFAULT_IMAGE = "deltanas-sandbox:base"
 LABEL = "deltanas"
@@ -161,13 +161,6 @@ class DockerSandbox:
 
     name = "docker"
 
-    # The work-dir layout and the read-back of results are the process backend's own:
-    # borrowed, so both backends map a worker's outcome to a status identically.
-    _prepare = ProcessSandbox._prepare
-    _read_back = ProcessSandbox._read_back
-    _reported = ProcessSandbox._reported
-    _dataset_meta = ProcessSandbox._dataset_meta
-
     def __init__(self, work_root: Path, image: str = DEFAULT_IMAGE, client=None, keep: bool = False):
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
@@ -182,7 +175,7 @@ class DockerSandbox:
         self.python_from = (img.labels or {}).get(PYTHON_LABEL, "image")
         self.run_id = uuid.uuid4().hex[:12]
         self.owner = _owner_tag()
-        self._meta_cache: dict[str, dict] = {}
+        self._meta = DatasetMetaCache()
         self._running: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -205,25 +198,26 @@ class DockerSandbox:
         if self._closed:
             raise RuntimeError("this DockerSandbox is closed")
         t0 = time.perf_counter()
-        meta = self._dataset_meta(job.dataset_dir)
-        workdir = Path(tempfile.mkdtemp(prefix=_safe_prefix(job.candidate_id), dir=self.work_root))
+        meta = self._meta.get(job.dataset_dir)
+        workdir = new_workdir(self.work_root, job.candidate_id)
         try:
             # Inside, the one GPU handed over is always cuda:0.
             inner = dataclasses.replace(job, device="cuda:0") if job.device.startswith("cuda") else job
-            self._prepare(workdir, inner)
+            prepare_workdir(workdir, inner)
             self._open_to_sandbox_user(workdir)
             rc, killed, oom = self._execute(workdir, job, meta)
+            predictions = self.work_root / "predictions"
             if oom:
-                result = self._read_back(workdir, job, meta, -9, "")
+                result = read_back(predictions, workdir, job, meta, -9, "")
                 result.status, result.error = "oom", f"killed by the {job.limits.memory_mb} MB memory limit"
                 result.predictions_path = result.final_loss = None
             elif killed == "output":
-                result = self._read_back(workdir, job, meta, 0, "")
+                result = read_back(predictions, workdir, job, meta, 0, "")
                 result.status = "output_limit"
                 result.error = f"the work dir grew past {self._workdir_cap(job, meta)} bytes"
                 result.predictions_path = result.final_loss = None
             else:
-                result = self._read_back(workdir, job, meta, rc, killed)
+                result = read_back(predictions, workdir, job, meta, rc, killed)
         finally:
             if not self.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -309,7 +303,7 @@ class DockerSandbox:
         from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
         lim = job.limits
-        fsize = _file_size_cap(lim, meta)
+        fsize = file_size_cap(lim, meta)
         data = str(Path(job.dataset_dir).resolve())
         _open_handle(data)
         python = sys.executable if self.python_from == "host" else "python"
@@ -378,7 +372,7 @@ class DockerSandbox:
 
     def _workdir_cap(self, job: Job, meta: dict) -> int:
         # log.txt, predictions.npy and result.json, each under the per-file cap, plus the inputs.
-        return 3 * _file_size_cap(job.limits, meta) + len(job.source.encode()) + WORKDIR_SLACK_BYTES
+        return 3 * file_size_cap(job.limits, meta) + len(job.source.encode()) + WORKDIR_SLACK_BYTES
 
 
 def _open_handle(path: str) -> None:

@@ -19,7 +19,6 @@ reads back only a size-capped result.json (as JSON) and the predictions .npy
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
@@ -27,19 +26,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
-import numpy as np
+from deltanas.sandbox.base import Job, Result
+from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
 
-from deltanas.sandbox.base import STATUSES, Job, Limits, Result
-from deltanas.tools.scoring import InvalidPredictions, load_predictions
-
-RESULT_MAX_BYTES = 64 * 1024
-LOG_TAIL_BYTES = 2048
 TORCH_ADDRESS_HEADROOM_MB = 8192  # measured: importing torch maps ~3.3 GB, training adds a little
 CPU_LIMIT_GRACE_S = 10
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
@@ -113,34 +106,6 @@ def kill_job(pid: int, tree: bool = True) -> None:
         pass
 
 
-def _read_capped(path: Path, limit: int, tail: bool = False) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if not tail and size > limit:
-                return None
-            if tail and size > limit:
-                f.seek(size - limit)
-            return f.read(limit)
-    except OSError:
-        return None
-
-
-def _last_error_line(log_tail: str) -> str:
-    lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.search(r"(Error|Exception|Killed|Traceback)", ln):
-            return ln[:300]
-    return lines[-1][:300] if lines else ""
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
 class ProcessSandbox:
     """Runs jobs as local child processes. Thread-safe: each `run` is its own process group."""
 
@@ -160,7 +125,7 @@ class ProcessSandbox:
         self._running: dict[int, subprocess.Popen] = {}
         self._closed_pids: set[int] = set()
         self._lock = threading.Lock()
-        self._meta_cache: dict[str, dict] = {}
+        self._meta = DatasetMetaCache()
 
     def isolation(self) -> str:
         net = ("its own network namespace (no network)" if self.network_isolated
@@ -176,12 +141,12 @@ class ProcessSandbox:
 
     def run(self, job: Job) -> Result:
         t0 = time.perf_counter()
-        meta = self._dataset_meta(job.dataset_dir)
-        workdir = Path(tempfile.mkdtemp(prefix=_safe_prefix(job.candidate_id), dir=self.work_root))
+        meta = self._meta.get(job.dataset_dir)
+        workdir = new_workdir(self.work_root, job.candidate_id)
         try:
-            self._prepare(workdir, job)
+            prepare_workdir(workdir, job)
             rc, killed = self._execute(workdir, job, meta)
-            result = self._read_back(workdir, job, meta, rc, killed)
+            result = read_back(self.work_root / "predictions", workdir, job, meta, rc, killed)
         finally:
             if not self.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -199,13 +164,6 @@ class ProcessSandbox:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-
-    def _prepare(self, workdir: Path, job: Job) -> None:
-        (workdir / "out").mkdir()
-        (workdir / "tmp").mkdir()
-        (workdir / "model.py").write_text(job.source, encoding="utf-8")
-        spec = {k: v for k, v in job.to_json().items() if k != "source"}
-        (workdir / "job.json").write_text(json.dumps(spec), encoding="utf-8")
 
     def _execute(self, workdir: Path, job: Job, meta: dict) -> tuple[int, str]:
         """Runs the worker to its end; returns its exit status and who killed it ("", "timeout", "closed")."""
@@ -241,7 +199,7 @@ class ProcessSandbox:
     def _rlimits(self, job: Job, meta: dict) -> list[tuple[int, int]]:
         lim = job.limits
         mb = 1 << 20
-        fsize = _file_size_cap(lim, meta)
+        fsize = file_size_cap(lim, meta)
         cpu = int(lim.timeout_s * max(1, lim.cpu_threads)) + CPU_LIMIT_GRACE_S
         out = [(resource.RLIMIT_DATA, lim.memory_mb * mb), (resource.RLIMIT_FSIZE, fsize),
                (resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cpu)]
@@ -260,76 +218,6 @@ class ProcessSandbox:
                    PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
         return env
 
-    # -- reading back ------------------------------------------------------------------------------------------
-
-    def _read_back(self, workdir: Path, job: Job, meta: dict, rc: int, killed: str) -> Result:
-        raw_log = _read_capped(workdir / "log.txt", LOG_TAIL_BYTES, tail=True) or b""
-        log_tail = raw_log.decode("utf-8", errors="replace")
-        reported = self._reported(workdir)
-
-        def fail(status: str, error: str) -> Result:
-            return Result(status=status, error=error, log_tail=log_tail,  # type: ignore[arg-type]
-                          param_count=_int_or_none(reported.get("param_count")),
-                          train_seconds=_float_or_none(reported.get("train_seconds")))
-
-        if killed == "timeout":
-            return fail("timeout", f"killed after the {job.limits.timeout_s:g} s wall-clock limit")
-        if killed == "closed":
-            return fail("crashed", "killed because the sandbox was closed")
-        if rc < 0:
-            sig = -rc
-            if sig == signal.SIGXFSZ:
-                return fail("output_limit", f"wrote past the {job.limits.max_output_bytes}-byte output limit")
-            if sig == signal.SIGXCPU:
-                return fail("timeout", "hit the CPU-time limit")
-            if sig == signal.SIGKILL or "MemoryError" in log_tail:
-                return fail("oom", "killed by SIGKILL, most likely by the kernel's out-of-memory killer")
-            return fail("crashed", f"killed by {_signal_name(sig)}: {_last_error_line(log_tail)}".rstrip(": "))
-        if rc != 0:
-            return fail("crashed", f"worker exited with status {rc}: {_last_error_line(log_tail)}".rstrip(": "))
-        if not reported:
-            return fail("crashed", f"worker exited without a readable result: {_last_error_line(log_tail)}"
-                        .rstrip(": "))
-        status = reported.get("status")
-        if status not in STATUSES:
-            return fail("crashed", f"worker reported an unknown status {str(status)[:40]!r}")
-        if status != "ok":
-            return fail(status, str(reported.get("error") or "")[:500])
-        try:
-            preds = load_predictions(workdir / "out" / "predictions.npy", int(meta["n_test"]),
-                                     int(meta["num_classes"]), _file_size_cap(job.limits, meta))
-        except InvalidPredictions as e:
-            return fail("invalid", str(e))
-        keep_path = self.work_root / "predictions" / f"{workdir.name}-{uuid.uuid4().hex[:8]}.npy"
-        keep_path.parent.mkdir(exist_ok=True)
-        np.save(keep_path, preds.astype(np.int16), allow_pickle=False)
-        res = fail("ok", "")
-        res.final_loss = _float_or_none(reported.get("final_loss"))
-        res.predictions_path = str(keep_path)
-        return res
-
-    def _reported(self, workdir: Path) -> dict:
-        raw = _read_capped(workdir / "out" / "result.json", RESULT_MAX_BYTES)
-        if raw is None:
-            return {}
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def _dataset_meta(self, dataset_dir: str) -> dict:
-        key = str(Path(dataset_dir).resolve())
-        if key not in self._meta_cache:
-            meta = json.loads((Path(key) / "meta.json").read_text(encoding="utf-8"))
-            self._meta_cache[key] = meta
-        return self._meta_cache[key]
-
-
-def _file_size_cap(lim: Limits, meta: dict) -> int:
-    # The predictions file must fit under the same per-file cap as the log.
-    return max(int(lim.max_output_bytes), 2 * int(meta["n_test"]) + 4096)
-
 
 def _apply_rlimits(limits: list[tuple[int, int]]) -> None:
     """Runs in the child between fork and exec: only setrlimit calls."""
@@ -337,15 +225,3 @@ def _apply_rlimits(limits: list[tuple[int, int]]) -> None:
         soft, hard = resource.getrlimit(which)
         cap = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (cap, cap))
-
-
-def _safe_prefix(candidate_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", candidate_id)[:40] + "-"
-
-
-def _int_or_none(v: object) -> int | None:
-    return v if type(v) is int and v >= 0 else None
-
-
-def _float_or_none(v: object) -> float | None:
-    return float(v) if type(v) in (int, float) and v == v and abs(v) != float("inf") else None

@@ -58,7 +58,12 @@ def test_offline_dataset_failure_is_clear_and_creates_nothing(tmp_path):
     r = run_cli("run", "--llm", "mutate", "--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"),
                 "--run-dir", str(tmp_path / "r"))
     assert r.returncode == 2 and "cifar" in r.stderr.lower()
-    assert not (tmp_path / "r" / "archive.sqlite").exists()
+    assert not (tmp_path / "r").exists()
+    r = run_cli("run", "--llm", "hf:/nonexistent/model.gguf", "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run_cli("run", "--llm", "mutate", "--device", "cuda:7", "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and "cuda:7" in r.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_reusing_a_run_dir_is_refused(tmp_path):
