@@ -20,6 +20,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from deltanas.agent.deps import Deps, RunStopped
 from deltanas.agent.graph import build_graph
 from deltanas.agent.rundir import CHECKPOINT_FILE
+from deltanas.agent.store import StoreError
 
 THREAD = {"configurable": {"thread_id": "search"}}
 
@@ -31,8 +32,15 @@ class RunOutcome:
 
 
 def sqlite_saver(deps: Deps) -> SqliteSaver:
-    conn = sqlite3.connect(deps.run_dir / CHECKPOINT_FILE, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    path = deps.run_dir / CHECKPOINT_FILE
+    try:
+        conn = sqlite3.connect(path, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("integrity check failed")
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path}: cannot open the checkpoint database ({e}); it is corrupt. The archive "
+                         f"is separate: move this file away to restart the graph from the archive") from None
     return SqliteSaver(conn)
 
 

@@ -40,14 +40,14 @@ def make_sandbox(cfg: Config, work_root: Path) -> Sandbox:
 def check_device(device: str) -> None:
     if device == "cpu" or device == "auto":
         return
+    head, _, index = device.partition(":")
+    if head != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"device {device!r}: use cpu, cuda or cuda:N")
     import torch
 
-    if not device.startswith("cuda"):
-        raise ConfigError(f"device {device!r}: use cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but CUDA is not available on this machine")
-    idx = int(device.split(":", 1)[1]) if ":" in device else 0
-    if idx >= torch.cuda.device_count():
+    if int(index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 

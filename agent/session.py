@@ -22,7 +22,11 @@ def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int
     console.print("loading the dataset, the sandbox and the model …")
     deps = build_deps(cfg, run_dir, dataset=dataset)
     console.print(f"ready in {time.perf_counter() - t0:.1f}s; sandbox: {deps.executor.sandbox.isolation()}")
-    saver = sqlite_saver(deps)
+    try:
+        saver = sqlite_saver(deps)
+    except Exception:
+        deps.executor.close()
+        raise
     view = LiveView(cfg, deps.store)
     seen: set[str] = set()
 

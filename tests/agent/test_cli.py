@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
+
+import pytest
 
 from deltanas.agent.cli import main
 
@@ -101,3 +102,21 @@ def test_zoo_list_json():
     rows = json.loads(r.stdout)
     assert len(rows) >= 8 and all(row["params_mnist"] > 0 for row in rows)
     assert len({row["family"] for row in rows}) >= 8
+
+
+@pytest.mark.slow
+def test_corrupt_databases_are_named(tmp_path):
+    d = tmp_path / "r"
+    r = run_cli("run", "--llm", "mutate", "--dataset", "digits", "--baselines", "lenet", "--cycles", "1",
+                "--candidates", "1", "--sandbox", "process", "--run-dir", str(d), "--plain")
+    assert r.returncode == 0, r.stderr
+    (d / "checkpoints.sqlite").write_bytes(b"garbage" * 1000)
+    for f in d.glob("checkpoints.sqlite-*"):
+        f.unlink()
+    r = run_cli("run", "--resume", str(d), "--cycles", "2", "--plain")
+    assert r.returncode == 2 and "checkpoints.sqlite" in r.stderr and "corrupt" in r.stderr
+    (d / "archive.sqlite").write_bytes(b"garbage" * 1000)
+    for f in d.glob("archive.sqlite-*"):
+        f.unlink()
+    r = run_cli("status", str(d))
+    assert r.returncode == 2 and "archive.sqlite" in r.stderr

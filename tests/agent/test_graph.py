@@ -8,7 +8,6 @@ import json
 import random
 import threading
 
-import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
 from deltanas.agent.config import load_config

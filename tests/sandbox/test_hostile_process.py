@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from deltanas.sandbox.base import Job, Limits
-from deltanas.sandbox.process import ProcessSandbox, namespaces_available
+from deltanas.sandbox.process import ProcessSandbox
 from deltanas.tools.proxy import evaluate_source
 
 from support import Arrays, write_handle

@@ -476,7 +476,7 @@ def test_random_damage_never_crashes_and_never_passes_bad_code(seed):
 
 
 def test_many_hunks_are_refused_quickly():
-    many = "".join(f"@@\n         self.block1 = Block(32)\n" for i in range(3000))
+    many = "".join("@@\n         self.block1 = Block(32)\n" for i in range(3000))
     start = time.perf_counter()
     r = apply_diff(BASE, many)
     failed(r, DiffCode.TOO_LARGE)
