@@ -11,7 +11,15 @@ Each job gets a fresh 0700 work dir under `work_root` holding `model.py`,
   the log included: a flood of stdout dies with SIGXFSZ;
 - RLIMIT_CORE 0, RLIMIT_CPU a little above what the wall-clock limit allows;
 - RLIMIT_NPROC, when not running as root (the kernel does not apply it to root);
-- no network, through `unshare --user --map-root-user --net`, where that works.
+- where bubblewrap (`bwrap`) works, a filesystem view of its own: read-only
+  /usr (and the /lib, /lib64, /bin links into it), the interpreter prefixes and
+  the `deltanas.sandbox` package folder alone (at /deltanas/pkg), the dataset
+  handle read-only (it holds no test labels), the work dir read-write, a fresh
+  tmpfs /tmp, /proc and /dev; and new namespaces of every kind (no network, its
+  own pids: the whole namespace dies with its init). Not in the view: the
+  dataset cache with the test labels, $HOME, the run directory, the project;
+- without bwrap, no network through `unshare --user --map-root-user --net`,
+  where that works, and no filesystem isolation.
 
 On the wall-clock limit the whole process tree and group get SIGKILL. The host
 reads back only a size-capped result.json (as JSON) and the predictions .npy
@@ -32,12 +40,16 @@ from pathlib import Path
 
 from deltanas.sandbox.base import Job, Result
 from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
+from deltanas.sandbox.worker import SANDBOX_INIT_ENV
 
 TORCH_ADDRESS_HEADROOM_MB = 8192  # measured: importing torch maps ~3.3 GB, training adds a little
 CPU_LIMIT_GRACE_S = 10
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
               "CUDA_HOME", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES")
 NETNS_PREFIX = ("unshare", "--user", "--map-root-user", "--net")
+BWRAP_FLAGS = ("--unshare-all", "--die-with-parent", "--new-session")
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin")  # libc, ld.so and what torch links against; /etc is not needed
+PACKAGE_VIEW = "/deltanas/pkg"  # PYTHONPATH root holding deltanas/sandbox alone (a namespace package)
 
 
 def namespaces_available() -> bool:
@@ -50,6 +62,64 @@ def namespaces_available() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
+
+
+def python_roots(python: str = sys.executable) -> list[Path]:
+    """The directories the interpreter needs: its prefixes (the virtualenv's and the base one)
+    and the folders of `python` itself, without any that lies inside another."""
+    exe = Path(python)
+    sources = {Path(p).resolve() for p in (sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix)}
+    sources |= {exe.parent.parent.absolute(), exe.resolve().parent.parent}
+    return sorted(p for p in sources if not any(p != q and q in p.parents for q in sources))
+
+
+def bwrap_view(python: str, writable: list[Path], readable: list[Path], devices: list[str] = ()) -> list[str]:
+    """The bwrap command prefix: the system dirs, `python`'s prefixes, the sandbox package at
+    PACKAGE_VIEW, `readable` read-only and `writable` read-write, each at its own path."""
+    import deltanas.sandbox as pkg
+
+    args = ["bwrap", *BWRAP_FLAGS]
+    for d in SYSTEM_DIRS:
+        p = Path(d)
+        if p.is_symlink():  # merged-/usr systems: /lib -> usr/lib
+            args += ["--symlink", os.readlink(p), d]
+        elif p.is_dir():
+            args += ["--ro-bind", d, d]
+    # /tmp first: the work dir may live under the host's /tmp and is bound over the tmpfs.
+    args += ["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
+    for dev in devices:
+        args += ["--dev-bind", dev, dev]
+    if devices:  # the CUDA driver reads the GPU's PCI details there
+        args += ["--ro-bind", "/sys", "/sys"]
+    for root in python_roots(python):
+        args += ["--ro-bind", str(root), str(root)]
+    package = Path(pkg.__file__).resolve().parent
+    args += ["--ro-bind", str(package), f"{PACKAGE_VIEW}/deltanas/sandbox"]
+    for p in readable:
+        args += ["--ro-bind", str(p), str(p)]
+    for p in writable:
+        args += ["--bind", str(p), str(p)]
+    if writable:
+        args += ["--chdir", str(writable[0])]
+    return args
+
+
+def bwrap_available(python: str = sys.executable) -> bool:
+    """True when bwrap can start `python` in the sandbox's view here (it needs unprivileged
+    user namespaces, or root)."""
+    if shutil.which("bwrap") is None:
+        return False
+    cmd = [*bwrap_view(python, [], []), python, "-c", "import deltanas.sandbox.worker"]
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={"PYTHONPATH": PACKAGE_VIEW, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def _cuda_devices() -> list[str]:
+    return sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir())
 
 
 def _user_task_count(uid: int) -> int:
@@ -112,12 +182,20 @@ class ProcessSandbox:
     name = "process"
 
     def __init__(self, work_root: Path, python: str = sys.executable, use_namespaces: bool | None = None,
-                 keep: bool = False):
+                 keep: bool = False, use_bwrap: bool | None = None):
+        """`use_bwrap` (and `use_namespaces`, the fallback without it): None uses it where it
+        works, True requires it, False turns it off."""
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.keep = keep
-        available = namespaces_available() if use_namespaces is not False else False
+        self.fs_isolated = bwrap_available(python) if use_bwrap is not False else False
+        if use_bwrap and not self.fs_isolated:
+            raise RuntimeError("use_bwrap=True, but bubblewrap is missing or cannot start the worker's view here")
+        if self.fs_isolated:
+            available = True  # --unshare-all includes the network
+        else:
+            available = namespaces_available() if use_namespaces is not False else False
         if use_namespaces and not available:
             raise RuntimeError("use_namespaces=True, but `unshare --user --map-root-user --net true` fails here")
         self.network_isolated = available
@@ -128,14 +206,21 @@ class ProcessSandbox:
         self._meta = DatasetMetaCache()
 
     def isolation(self) -> str:
-        net = ("its own network namespace (no network)" if self.network_isolated
-               else "NO network isolation (unshare unavailable or disabled)")
         nproc = ("RLIMIT_NPROC is not enforced because the host runs as root" if self.is_root
                  else "RLIMIT_NPROC caps its processes")
-        return (f"process backend: each job runs in its own process group with rlimits on data memory, file size, "
-                f"CPU time and core dumps and a hard SIGKILL of the group on timeout, in {net}; {nproc}; there is "
-                f"no filesystem isolation (the job can read whatever this user can) and no PID namespace (a process "
-                f"that leaves both the group and the process tree can outlive the job).")
+        common = ("each job runs in its own process group with rlimits on data memory, file size, CPU time and "
+                  "core dumps and a hard SIGKILL of its process tree and group on timeout")
+        if self.fs_isolated:
+            return (f"process backend under bubblewrap: {common}; {nproc}; filesystem isolation: the job sees only "
+                    f"read-only /usr, the Python prefixes and the deltanas.sandbox folder, the dataset handle "
+                    f"(read-only, no test labels), its work dir (read-write) and a private /tmp, /proc and /dev "
+                    f"(not the dataset cache, $HOME, the run directory or the project); new namespaces of every "
+                    f"kind: no network, and its own PID namespace, which dies whole with the job.")
+        net = ("its own network namespace (no network)" if self.network_isolated
+               else "NO network isolation (unshare unavailable or disabled)")
+        return (f"process backend WITHOUT bubblewrap: {common}, in {net}; {nproc}; NO filesystem isolation (the "
+                f"job can read whatever this user can, the dataset cache with its test labels included) and no "
+                f"PID namespace (a process that leaves both the group and the process tree can outlive the job).")
 
     # -- running -----------------------------------------------------------------------------------------------
 
@@ -168,8 +253,13 @@ class ProcessSandbox:
     def _execute(self, workdir: Path, job: Job, meta: dict) -> tuple[int, str]:
         """Runs the worker to its end; returns its exit status and who killed it ("", "timeout", "closed")."""
         lim = job.limits
-        cmd = [self.python, "-m", "deltanas.sandbox.worker", str(workdir), str(Path(job.dataset_dir).resolve())]
-        if self.network_isolated:
+        workdir = workdir.resolve()  # bwrap binds it at this same path
+        data = Path(job.dataset_dir).resolve()
+        cmd = [self.python, "-m", "deltanas.sandbox.worker", str(workdir), str(data)]
+        if self.fs_isolated:
+            devices = _cuda_devices() if job.device.startswith("cuda") else []
+            cmd = [*bwrap_view(self.python, [workdir], [data], devices), *cmd]
+        elif self.network_isolated:
             cmd = [*NETNS_PREFIX, *cmd]
         limits = self._rlimits(job, meta)
         with open(workdir / "log.txt", "wb") as log:
@@ -194,6 +284,8 @@ class ProcessSandbox:
                 self._running.pop(proc.pid, None)
                 closed = proc.pid in self._closed_pids
                 self._closed_pids.discard(proc.pid)
+        if self.fs_isolated and 128 < rc < 128 + 65:  # bwrap's init reports a death by signal N as 128 + N
+            rc = -(rc - 128)
         return rc, killed or ("closed" if closed else "")
 
     def _rlimits(self, job: Job, meta: dict) -> list[tuple[int, int]]:
@@ -216,6 +308,8 @@ class ProcessSandbox:
         env.update(HOME=str(workdir), TMPDIR=str(workdir / "tmp"), OMP_NUM_THREADS=threads,
                    MKL_NUM_THREADS=threads, PYTHONHASHSEED=str(job.seed), PYTHONDONTWRITEBYTECODE="1",
                    PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
+        if self.fs_isolated:
+            env.update(PYTHONPATH=PACKAGE_VIEW, **{SANDBOX_INIT_ENV: "1"})
         return env
 
 

@@ -23,6 +23,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+SANDBOX_INIT_ENV = "DELTANAS_SANDBOX_INIT"  # "1": our parent is pid 1 of the job's own pid namespace
+
 _STARTED = time.monotonic()
 
 # Captured before candidate code can rebind them.
@@ -335,8 +337,9 @@ def die_with_driver() -> None:
     except (OSError, AttributeError):
         return
     # Set here rather than before exec: entering the user namespace changes credentials,
-    # which clears the setting. If the driver died before this point, stop now.
-    if os.getppid() == 1:
+    # which clears the setting. If the driver died before this point, stop now. Under
+    # bubblewrap, pid 1 is the sandbox's own init (it dies with the driver), not a reaper.
+    if os.getppid() == 1 and os.environ.get(SANDBOX_INIT_ENV) != "1":
         os._exit(3)
 
 
