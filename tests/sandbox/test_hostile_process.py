@@ -3,6 +3,7 @@ leaves no process behind, cannot raise its own score, and the sandbox stays usab
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -105,9 +106,13 @@ def _pgid_of(pid: int) -> int | None:
 PROC_LINE = 'print("PROC", os.getpid(), os.getpgid(0), os.readlink("/proc/self/ns/pid"), flush=True)'
 
 
+_PROC_RE = re.compile(r"^PROC (\d+) (\d+) (\S+)$")
+
+
 def procs(log_tail: str) -> list[tuple[int, int, str]]:
-    rows = [line.split() for line in log_tail.splitlines() if line.startswith("PROC ")]
-    return [(int(r[1]), int(r[2]), r[3]) for r in rows if len(r) == 4]
+    """Well-formed PROC lines only: a fork bomb's children interleave their prints."""
+    found = (_PROC_RE.match(line) for line in log_tail.splitlines())
+    return [(int(m[1]), int(m[2]), m[3]) for m in found if m]
 
 
 def namespace_empty(ns: str, within: float = 5.0) -> bool:
