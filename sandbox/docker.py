@@ -43,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from deltanas.sandbox.base import Job, Result
-from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
+from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back, tree_size
+from deltanas.sandbox.pool import WarmPool, WorkerKey
+from deltanas.sandbox.worker import SANDBOX_INIT_ENV
 
 DEFAULT_IMAGE = "deltanas-sandbox:base"
 LABEL = "deltanas"
@@ -59,6 +61,9 @@ POLL_S = 0.5
 IN_CONTAINER_GRACE_S = 30  # the in-container kill lands this long after the host's
 API_TIMEOUT_S = 60
 WORKDIR_SLACK_BYTES = 1 << 20
+WARM_BASE_MB = 1024  # a warm worker's own memory (Python, torch) on top of its jobs' limit and the dataset
+WARM_EXTRA_PIDS = 64  # the warm worker's own threads, on top of its jobs' process limit
+ALIVE_CHECK_S = 1.0
 
 
 class DockerUnavailable(RuntimeError):
@@ -161,7 +166,10 @@ class DockerSandbox:
 
     name = "docker"
 
-    def __init__(self, work_root: Path, image: str = DEFAULT_IMAGE, client=None, keep: bool = False):
+    def __init__(self, work_root: Path, image: str = DEFAULT_IMAGE, client=None, keep: bool = False,
+                 warm: bool = True, max_idle: int = 4):
+        """`warm`: jobs go to warm worker containers (a fresh forked child per job); False starts
+        a new container per job."""
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.image = image
@@ -181,12 +189,19 @@ class DockerSandbox:
         self._closed = False
         self.swept_at_start = sweep(self.client)
         self._mounts_base = self._python_mounts()
+        self.warm = warm
+        self._pool = WarmPool(self.work_root / "warm", self._launch, self._job_limits,
+                              open_dir=self._open_worker_dir, max_idle=max_idle,
+                              keep_root=self.work_root if keep else None)
+        self.network_isolated = True
         atexit.register(self.close)
 
     def isolation(self) -> str:
         python = ("the host's Python, virtualenv and deltanas.sandbox folder mounted read-only"
                   if self.python_from == "host" else "Python and deltanas from the image")
-        return (f"docker backend (image {self.image}, {python}): each job runs in its own container with no "
+        where = ("jobs run in warm worker containers, each job in a fresh forked child of the worker, "
+                 if self.warm else "each job runs in its own container ")
+        return (f"docker backend (image {self.image}, {python}): {where}with no "
                 f"network, a read-only root filesystem, a {TMPFS_MB} MB tmpfs /tmp, all capabilities dropped, "
                 f"no-new-privileges, user {SANDBOX_USER}, pids/memory/CPU limits, a per-file output cap and a "
                 f"hard kill on the wall-clock limit; only the job's work dir (read-write) and the dataset handle "
@@ -199,14 +214,26 @@ class DockerSandbox:
             raise RuntimeError("this DockerSandbox is closed")
         t0 = time.perf_counter()
         meta = self._meta.get(job.dataset_dir)
+        # Inside, the one GPU handed over is always cuda:0.
+        inner = dataclasses.replace(job, device="cuda:0") if job.device.startswith("cuda") else job
+        if self.warm:
+            _open_handle(str(Path(job.dataset_dir).resolve()))
+            result = self._pool.run(job, inner, meta, self.work_root / "predictions",
+                                    prepare=self._open_to_sandbox_user)
+            result.total_seconds = time.perf_counter() - t0
+            return result
         workdir = new_workdir(self.work_root, job.candidate_id)
         try:
-            # Inside, the one GPU handed over is always cuda:0.
-            inner = dataclasses.replace(job, device="cuda:0") if job.device.startswith("cuda") else job
             prepare_workdir(workdir, inner)
             self._open_to_sandbox_user(workdir)
-            rc, killed, oom = self._execute(workdir, job, meta)
             predictions = self.work_root / "predictions"
+            try:
+                rc, killed, oom = self._execute(workdir, job, meta)
+            except Exception as e:  # noqa: BLE001 - e.g. a GPU the daemon cannot hand over
+                if not _is_api_error(e):
+                    raise
+                return Result(status="crashed", error=_start_error(job.device, e),
+                              total_seconds=time.perf_counter() - t0)
             if oom:
                 result = read_back(predictions, workdir, job, meta, -9, "")
                 result.status, result.error = "oom", f"killed by the {job.limits.memory_mb} MB memory limit"
@@ -229,6 +256,7 @@ class DockerSandbox:
             return
         self._closed = True
         atexit.unregister(self.close)
+        self._pool.close()
         with self._lock:
             running = list(self._running)
         for cid in running:  # their run() calls see _closed and report "closed"
@@ -263,7 +291,7 @@ class DockerSandbox:
                 except Exception as e:  # noqa: BLE001 - the HTTP wait timed out; the job runs on
                     if not _is_timeout(e):
                         raise
-                if _tree_size(workdir, cap) > cap:
+                if tree_size(workdir, cap) > cap:
                     killed = "output"
                     break
                 if self._closed:
@@ -300,19 +328,32 @@ class DockerSandbox:
         return container.attrs.get("State") or {}
 
     def _container_args(self, job: Job, meta: dict, workdir: Path) -> dict[str, Any]:
-        from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
+        """A one-shot job's container: the worker under an in-container `timeout -s KILL`."""
+        from docker.types import LogConfig, Ulimit
 
         lim = job.limits
         fsize = file_size_cap(lim, meta)
-        data = str(Path(job.dataset_dir).resolve())
-        _open_handle(data)
-        python = sys.executable if self.python_from == "host" else "python"
         hard_stop = int(lim.timeout_s) + IN_CONTAINER_GRACE_S
         script = (f'exec timeout -s KILL {hard_stop} "$0" -m deltanas.sandbox.worker {WORK_MOUNT} {DATA_MOUNT} '
                   f'>{WORK_MOUNT}/log.txt 2>&1')
-        threads = str(max(1, lim.cpu_threads))
+        args = self._common_args(workdir, job.dataset_dir, job.device, lim.cpu_threads, job.seed)
+        args.update(command=["/bin/sh", "-c", script, self._python()], log_config=LogConfig(type="none"),
+                    pids_limit=int(lim.max_processes), mem_limit=f"{int(lim.memory_mb)}m",
+                    memswap_limit=f"{int(lim.memory_mb)}m",
+                    ulimits=[Ulimit(name="fsize", soft=fsize, hard=fsize), Ulimit(name="core", soft=0, hard=0),
+                             Ulimit(name="data", soft=int(lim.memory_mb) << 20, hard=int(lim.memory_mb) << 20)])
+        args["labels"]["deltanas.candidate"] = job.candidate_id[:60]
+        return args
+
+    def _common_args(self, workdir: Path, dataset_dir: str, device: str, cpu_threads: int, seed: int
+                     ) -> dict[str, Any]:
+        from docker.types import DeviceRequest, Mount
+
+        data = str(Path(dataset_dir).resolve())
+        _open_handle(data)
+        threads = str(max(1, cpu_threads))
         env = {"HOME": "/tmp", "TMPDIR": "/tmp", "PATH": "/usr/local/bin:/usr/bin:/bin",
-               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONHASHSEED": str(job.seed),
+               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONHASHSEED": str(seed),
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
         mounts = list(self._mounts_base)
         if self.python_from == "host":
@@ -320,22 +361,67 @@ class DockerSandbox:
         mounts += [Mount(WORK_MOUNT, str(workdir), type="bind", read_only=False),
                    Mount(DATA_MOUNT, data, type="bind", read_only=True)]
         args: dict[str, Any] = dict(
-            image=self.image, command=["/bin/sh", "-c", script, python], entrypoint=[], working_dir=WORK_MOUNT,
+            image=self.image, entrypoint=[], working_dir=WORK_MOUNT,
             user=self._user(), environment=env, mounts=mounts, init=True,
             network_mode="none", read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={TMPFS_MB}m,mode=1777"},
             cap_drop=["ALL"], security_opt=["no-new-privileges"],
-            pids_limit=int(lim.max_processes), mem_limit=f"{int(lim.memory_mb)}m",
-            memswap_limit=f"{int(lim.memory_mb)}m", nano_cpus=int(max(1, lim.cpu_threads) * 1e9),
-            ulimits=[Ulimit(name="fsize", soft=fsize, hard=fsize), Ulimit(name="core", soft=0, hard=0)],
-            log_config=LogConfig(type="none"), stdin_open=False, tty=False,
-            labels={LABEL: "1", RUN_LABEL: self.run_id, OWNER_LABEL: self.owner,
-                    "deltanas.candidate": job.candidate_id[:60]},
+            nano_cpus=int(max(1, cpu_threads) * 1e9), stdin_open=False, tty=False,
+            labels={LABEL: "1", RUN_LABEL: self.run_id, OWNER_LABEL: self.owner},
         )
-        if job.device.startswith("cuda"):
-            index = job.device.split(":", 1)[1] if ":" in job.device else "0"
+        if device.startswith("cuda"):
+            index = device.split(":", 1)[1] if ":" in device else "0"
             args["device_requests"] = [DeviceRequest(device_ids=[index], capabilities=[["gpu"]])]
         return args
+
+    def _python(self) -> str:
+        return sys.executable if self.python_from == "host" else "python"
+
+    # -- warm workers ----------------------------------------------------------------------------------------
+
+    def _launch(self, work_dir: Path, key: WorkerKey) -> "ContainerHandle":
+        """A warm worker's container. It is removed by the daemon as soon as it exits, and the
+        worker exits when the driver's end of its control channel closes (a crash included)."""
+        from docker.types import LogConfig, Ulimit
+
+        data_mb = sum(f.stat().st_size for f in Path(key.dataset_dir).iterdir() if f.is_file()) >> 20
+        memory = int(key.memory_mb) + WARM_BASE_MB + data_mb
+        inner = "cuda:0" if key.device.startswith("cuda") else key.device
+        args = self._common_args(work_dir, key.dataset_dir, key.device, key.cpu_threads, seed=0)
+        args["environment"][SANDBOX_INIT_ENV] = "1"  # its parent is the container's init
+        args.update(command=[self._python(), "-m", "deltanas.sandbox.warm", WORK_MOUNT, DATA_MOUNT, inner,
+                             "--private-tmp"],
+                    log_config=LogConfig(type="none"), auto_remove=True,
+                    pids_limit=int(key.max_processes) + WARM_EXTRA_PIDS, mem_limit=f"{memory}m",
+                    memswap_limit=f"{memory}m", ulimits=[Ulimit(name="core", soft=0, hard=0)])
+        args["labels"]["deltanas.role"] = "warm-worker"
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this DockerSandbox is closed")
+        try:
+            container = self.client.containers.create(**args)
+        except Exception as e:  # noqa: BLE001
+            if _is_api_error(e):
+                raise DockerUnavailable(_start_error(key.device, e)) from None
+            raise
+        try:
+            container.start()
+        except BaseException as e:
+            _remove(container)
+            if _is_api_error(e):
+                raise DockerUnavailable(_start_error(key.device, e)) from None
+            raise
+        return ContainerHandle(container)
+
+    def _job_limits(self, job: Job, meta: dict) -> dict:
+        """The rlimits the warm worker puts on the job's child; the container's cgroup caps the
+        worker as a whole."""
+        lim = job.limits
+        out = {"fsize": file_size_cap(lim, meta), "data_mb": int(lim.memory_mb),
+               "cpu_s": int(lim.timeout_s * max(1, lim.cpu_threads)) + 10}
+        if not job.device.startswith("cuda"):
+            out["address_mb"] = int(lim.memory_mb) + 2048
+        return out
 
     def _open_to_sandbox_user(self, workdir: Path) -> None:
         """The job's user must write the work dir and out/; the inputs stay read-only to it."""
@@ -346,6 +432,13 @@ class DockerSandbox:
             os.chmod(d, 0o700)
         for f in (workdir / "model.py", workdir / "job.json"):
             os.chmod(f, 0o644)
+
+    def _open_worker_dir(self, work_dir: Path) -> None:
+        """A warm worker's dir and its control FIFOs belong to the job's user."""
+        uid, gid = (int(v) for v in self._user().split(":"))
+        for p in (work_dir, work_dir / "ctl.in", work_dir / "ctl.out"):
+            if os.geteuid() == 0:
+                os.chown(p, uid, gid)
 
     def _user(self) -> str:
         # As root, the job runs as nobody; as a docker-group user, as that user (never as root),
@@ -375,6 +468,37 @@ class DockerSandbox:
         return 3 * file_size_cap(job.limits, meta) + len(job.source.encode()) + WORKDIR_SLACK_BYTES
 
 
+class ContainerHandle:
+    """A warm worker's container, as the pool sees it."""
+
+    def __init__(self, container):
+        self.container = container
+        self._checked, self._alive = 0.0, True
+
+    def alive(self) -> bool:
+        if time.monotonic() - self._checked >= ALIVE_CHECK_S:
+            self._checked = time.monotonic()
+            try:
+                self.container.reload()
+                self._alive = (self.container.attrs.get("State") or {}).get("Running", False)
+            except Exception:  # noqa: BLE001 - removed: it exited (auto-remove) or was killed
+                self._alive = False
+        return self._alive
+
+    def kill(self) -> None:
+        _remove(self.container)
+
+    def exit_reason(self) -> str:
+        try:
+            self.container.reload()
+        except Exception:  # noqa: BLE001
+            return "its container exited and was removed"
+        state = self.container.attrs.get("State") or {}
+        if state.get("OOMKilled"):
+            return "its container hit the memory limit"
+        return f"its container exited with status {state.get('ExitCode')}"
+
+
 def _open_handle(path: str) -> None:
     """The job's user must read the dataset handle. It holds no test labels by contract,
     so making it world-readable gives nothing away."""
@@ -386,6 +510,20 @@ def _open_handle(path: str) -> None:
     for f in root.iterdir():
         if f.is_file() and f.stat().st_mode & 0o004 == 0:
             f.chmod(f.stat().st_mode | 0o004)
+
+
+def _start_error(device: str, e: BaseException) -> str:
+    text = (str(getattr(e, "explanation", "") or e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if device.startswith("cuda") and ("gpu" in text.lower() or "device" in text.lower()):
+        return (f"the job asks for GPU {device}, but Docker cannot hand it to a container (is the NVIDIA "
+                f"container toolkit installed?): {text}")
+    return f"the job's container could not start: {text}"
+
+
+def _is_api_error(e: BaseException) -> bool:
+    from docker.errors import APIError
+
+    return isinstance(e, APIError)
 
 
 def _is_timeout(e: BaseException) -> bool:
@@ -405,25 +543,3 @@ def _kill(container) -> None:
         container.wait(timeout=30)
     except Exception:  # noqa: BLE001
         pass
-
-
-def _tree_size(root: Path, stop_above: int) -> int:
-    """Bytes under `root`, counting stops early once past `stop_above`."""
-    total = 0
-    stack = [str(root)]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                else:
-                    total += e.stat(follow_symlinks=False).st_blocks * 512
-            except OSError:
-                continue
-            if total > stop_above:
-                return total
-    return total

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from deltanas.sandbox.base import STATUSES, Job, Limits, Result
-from deltanas.tools.scoring import InvalidPredictions, load_predictions
+from deltanas.tools.scoring import InvalidPredictions, load_predictions, read_untrusted
 
 RESULT_MAX_BYTES = 64 * 1024
 LOG_TAIL_BYTES = 2048
@@ -68,7 +68,7 @@ class DatasetMetaCache:
 
 def read_reported(workdir: Path) -> dict:
     """The worker's out/result.json as a dict; {} when missing, oversized or not a JSON object."""
-    raw = _read_capped(workdir / "out" / "result.json", RESULT_MAX_BYTES)
+    raw = _read_capped(workdir, "out/result.json", RESULT_MAX_BYTES)
     if raw is None:
         return {}
     try:
@@ -85,7 +85,7 @@ def read_back(predictions_root: Path, workdir: Path, job: Job, meta: dict, rc: i
     ended it early ("", "timeout" or "closed"). An ok job's validated predictions are
     copied to a fresh file under `predictions_root`, which outlives the work dir.
     """
-    raw_log = _read_capped(workdir / "log.txt", LOG_TAIL_BYTES, tail=True) or b""
+    raw_log = _read_capped(workdir, "log.txt", LOG_TAIL_BYTES, tail=True) or b""
     log_tail = raw_log.decode("utf-8", errors="replace")
     reported = read_reported(workdir)
 
@@ -119,7 +119,7 @@ def read_back(predictions_root: Path, workdir: Path, job: Job, meta: dict, rc: i
         return fail(status, str(reported.get("error") or "")[:500])
     try:
         preds = load_predictions(workdir / "out" / "predictions.npy", int(meta["n_test"]),
-                                 int(meta["num_classes"]), file_size_cap(job.limits, meta))
+                                 int(meta["num_classes"]), file_size_cap(job.limits, meta), below=workdir)
     except InvalidPredictions as e:
         return fail("invalid", str(e))
     keep_path = Path(predictions_root) / f"{workdir.name}-{uuid.uuid4().hex[:8]}.npy"
@@ -131,16 +131,33 @@ def read_back(predictions_root: Path, workdir: Path, job: Job, meta: dict, rc: i
     return res
 
 
-def _read_capped(path: Path, limit: int, tail: bool = False) -> bytes | None:
+def tree_size(root: Path, stop_above: int) -> int:
+    """Bytes under `root`, counting stops early once past `stop_above`."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                else:
+                    total += e.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+            if total > stop_above:
+                return total
+    return total
+
+
+def _read_capped(workdir: Path, rel: str, limit: int, tail: bool = False) -> bytes | None:
+    """A file the job wrote, or None: see `read_untrusted` (no symlinks, regular files only)."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if not tail and size > limit:
-                return None
-            if tail and size > limit:
-                f.seek(size - limit)
-            return f.read(limit)
-    except OSError:
+        return read_untrusted(workdir / rel, limit, below=workdir, tail=tail)
+    except InvalidPredictions:
         return None
 
 

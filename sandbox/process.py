@@ -27,6 +27,7 @@ reads back only a size-capped result.json (as JSON) and the predictions .npy
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import resource
@@ -40,16 +41,20 @@ from pathlib import Path
 
 from deltanas.sandbox.base import Job, Result
 from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
+from deltanas.sandbox.pool import WarmPool, WorkerKey
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
 
 TORCH_ADDRESS_HEADROOM_MB = 8192  # measured: importing torch maps ~3.3 GB, training adds a little
+WARM_ADDRESS_HEADROOM_MB = 2048  # a warm child starts with torch mapped; this is for what it maps anew
 CPU_LIMIT_GRACE_S = 10
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
               "CUDA_HOME", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES")
 NETNS_PREFIX = ("unshare", "--user", "--map-root-user", "--net")
-BWRAP_FLAGS = ("--unshare-all", "--die-with-parent", "--new-session")
+BWRAP_FLAGS = ("--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL")
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin")  # libc, ld.so and what torch links against; /etc is not needed
 PACKAGE_VIEW = "/deltanas/pkg"  # PYTHONPATH root holding deltanas/sandbox alone (a namespace package)
+WARM_WORK, WARM_DATA = "/deltanas/work", "/deltanas/data"  # a warm worker's dirs inside bwrap
+TMPFS_MB = 64  # the job's private /tmp under bwrap
 
 
 def namespaces_available() -> bool:
@@ -73,9 +78,10 @@ def python_roots(python: str = sys.executable) -> list[Path]:
     return sorted(p for p in sources if not any(p != q and q in p.parents for q in sources))
 
 
-def bwrap_view(python: str, writable: list[Path], readable: list[Path], devices: list[str] = ()) -> list[str]:
+def bwrap_view(python: str, binds: list[tuple[Path, str, bool]], devices: list[str] = ()) -> list[str]:
     """The bwrap command prefix: the system dirs, `python`'s prefixes, the sandbox package at
-    PACKAGE_VIEW, `readable` read-only and `writable` read-write, each at its own path."""
+    PACKAGE_VIEW, and each (host path, path inside, read-only) of `binds`; the first one that
+    is writable is the working directory."""
     import deltanas.sandbox as pkg
 
     args = ["bwrap", *BWRAP_FLAGS]
@@ -85,7 +91,9 @@ def bwrap_view(python: str, writable: list[Path], readable: list[Path], devices:
             args += ["--symlink", os.readlink(p), d]
         elif p.is_dir():
             args += ["--ro-bind", d, d]
-    # /tmp first: the work dir may live under the host's /tmp and is bound over the tmpfs.
+    # /tmp first: a bind may live under the host's /tmp and is mounted over the tmpfs.
+    if _bwrap_has_size():  # a size cap, as the docker backend's; tmpfs pages are memory
+        args += ["--size", str(TMPFS_MB << 20)]
     args += ["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
     for dev in devices:
         args += ["--dev-bind", dev, dev]
@@ -95,13 +103,25 @@ def bwrap_view(python: str, writable: list[Path], readable: list[Path], devices:
         args += ["--ro-bind", str(root), str(root)]
     package = Path(pkg.__file__).resolve().parent
     args += ["--ro-bind", str(package), f"{PACKAGE_VIEW}/deltanas/sandbox"]
-    for p in readable:
-        args += ["--ro-bind", str(p), str(p)]
-    for p in writable:
-        args += ["--bind", str(p), str(p)]
+    for src, dst, read_only in binds:
+        args += ["--ro-bind" if read_only else "--bind", str(src), dst]
+    # The view's own root is a tmpfs that outlives a job in a warm worker: read-only, so that no
+    # job can plant a module on PYTHONPATH (or anything else) for the next.
+    args += ["--remount-ro", "/"]
+    writable = [dst for _, dst, read_only in binds if not read_only]
     if writable:
-        args += ["--chdir", str(writable[0])]
+        args += ["--chdir", writable[0]]
     return args
+
+
+@functools.lru_cache(maxsize=1)
+def _bwrap_has_size() -> bool:
+    """bwrap 0.5+ takes --size for a tmpfs."""
+    try:
+        out = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--size" in out.stdout + out.stderr
 
 
 def bwrap_available(python: str = sys.executable) -> bool:
@@ -109,7 +129,7 @@ def bwrap_available(python: str = sys.executable) -> bool:
     user namespaces, or root)."""
     if shutil.which("bwrap") is None:
         return False
-    cmd = [*bwrap_view(python, [], []), python, "-c", "import deltanas.sandbox.worker"]
+    cmd = [*bwrap_view(python, []), python, "-c", "import deltanas.sandbox.worker"]
     try:
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={"PYTHONPATH": PACKAGE_VIEW, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=30)
@@ -182,9 +202,10 @@ class ProcessSandbox:
     name = "process"
 
     def __init__(self, work_root: Path, python: str = sys.executable, use_namespaces: bool | None = None,
-                 keep: bool = False, use_bwrap: bool | None = None):
+                 keep: bool = False, use_bwrap: bool | None = None, warm: bool = True, max_idle: int = 4):
         """`use_bwrap` (and `use_namespaces`, the fallback without it): None uses it where it
-        works, True requires it, False turns it off."""
+        works, True requires it, False turns it off. `warm`: jobs go to warm workers (a fresh
+        forked child per job); False starts a new worker process per job."""
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.python = python
@@ -204,12 +225,18 @@ class ProcessSandbox:
         self._closed_pids: set[int] = set()
         self._lock = threading.Lock()
         self._meta = DatasetMetaCache()
+        self.warm = warm
+        self._pool = WarmPool(self.work_root / "warm", self._launch, self._job_limits, max_idle=max_idle,
+                              keep_root=self.work_root if keep else None)
 
     def isolation(self) -> str:
         nproc = ("RLIMIT_NPROC is not enforced because the host runs as root" if self.is_root
                  else "RLIMIT_NPROC caps its processes")
         common = ("each job runs in its own process group with rlimits on data memory, file size, CPU time and "
                   "core dumps and a hard SIGKILL of its process tree and group on timeout")
+        if self.warm:
+            common = ("workers stay warm across jobs and run each job in a fresh forked child; " + common
+                      .replace("its own process group", "its own session"))
         if self.fs_isolated:
             return (f"process backend under bubblewrap: {common}; {nproc}; filesystem isolation: the job sees only "
                     f"read-only /usr, the Python prefixes and the deltanas.sandbox folder, the dataset handle "
@@ -227,6 +254,10 @@ class ProcessSandbox:
     def run(self, job: Job) -> Result:
         t0 = time.perf_counter()
         meta = self._meta.get(job.dataset_dir)
+        if self.warm:
+            result = self._pool.run(job, job, meta, self.work_root / "predictions")
+            result.total_seconds = time.perf_counter() - t0
+            return result
         workdir = new_workdir(self.work_root, job.candidate_id)
         try:
             prepare_workdir(workdir, job)
@@ -239,6 +270,7 @@ class ProcessSandbox:
         return result
 
     def close(self) -> None:
+        self._pool.close()
         with self._lock:
             running = list(self._running.items())
         for pid, proc in running:
@@ -258,7 +290,7 @@ class ProcessSandbox:
         cmd = [self.python, "-m", "deltanas.sandbox.worker", str(workdir), str(data)]
         if self.fs_isolated:
             devices = _cuda_devices() if job.device.startswith("cuda") else []
-            cmd = [*bwrap_view(self.python, [workdir], [data], devices), *cmd]
+            cmd = [*bwrap_view(self.python, [(workdir, str(workdir), False), (data, str(data), True)], devices), *cmd]
         elif self.network_isolated:
             cmd = [*NETNS_PREFIX, *cmd]
         limits = self._rlimits(job, meta)
@@ -288,6 +320,39 @@ class ProcessSandbox:
             rc = -(rc - 128)
         return rc, killed or ("closed" if closed else "")
 
+    # -- warm workers --------------------------------------------------------------------------------------------
+
+    def _launch(self, work_dir: Path, key: WorkerKey) -> "ProcessHandle":
+        work_dir = work_dir.resolve()
+        data = Path(key.dataset_dir)
+        warm = [self.python, "-m", "deltanas.sandbox.warm"]
+        if self.fs_isolated:  # inside, the worker's dirs sit at fixed paths, away from its private /tmp
+            devices = _cuda_devices() if key.device.startswith("cuda") else []
+            binds = [(work_dir, WARM_WORK, False), (data, WARM_DATA, True)]
+            cmd = [*bwrap_view(self.python, binds, devices), *warm, WARM_WORK, WARM_DATA, key.device, "--private-tmp"]
+        else:
+            cmd = [*warm, str(work_dir), str(data), key.device]
+            if self.network_isolated:
+                cmd = [*NETNS_PREFIX, *cmd]
+        log_path = work_dir.parent / f"{work_dir.name}.log"  # outside the dir the jobs can see
+        env = self._base_env(work_dir, key.cpu_threads, seed=0)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=work_dir, env=env, start_new_session=True,
+                                    preexec_fn=lambda: _apply_rlimits([(resource.RLIMIT_CORE, 0)]))
+        return ProcessHandle(proc, log_path, self.fs_isolated)
+
+    def _job_limits(self, job: Job, meta: dict) -> dict:
+        """The rlimits a warm worker puts on the job's child (memory: growth beyond the worker)."""
+        lim = job.limits
+        out = {"fsize": file_size_cap(lim, meta), "data_mb": int(lim.memory_mb),
+               "cpu_s": int(lim.timeout_s * max(1, lim.cpu_threads)) + CPU_LIMIT_GRACE_S}
+        if not job.device.startswith("cuda"):
+            out["address_mb"] = int(lim.memory_mb) + WARM_ADDRESS_HEADROOM_MB
+        if not self.is_root:
+            out["nproc"] = _user_task_count(os.geteuid()) + lim.max_processes
+        return out
+
     def _rlimits(self, job: Job, meta: dict) -> list[tuple[int, int]]:
         lim = job.limits
         mb = 1 << 20
@@ -302,15 +367,54 @@ class ProcessSandbox:
         return out
 
     def _env(self, workdir: Path, job: Job) -> dict[str, str]:
+        env = self._base_env(workdir, job.limits.cpu_threads, job.seed)
+        env["TMPDIR"] = str(workdir / "tmp")
+        return env
+
+    def _base_env(self, workdir: Path, cpu_threads: int, seed: int) -> dict[str, str]:
         # Only what Python, torch and CUDA need: API keys in the driver's env stay out.
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        threads = str(max(1, job.limits.cpu_threads))
-        env.update(HOME=str(workdir), TMPDIR=str(workdir / "tmp"), OMP_NUM_THREADS=threads,
-                   MKL_NUM_THREADS=threads, PYTHONHASHSEED=str(job.seed), PYTHONDONTWRITEBYTECODE="1",
+        threads = str(max(1, cpu_threads))
+        env.update(HOME=str(workdir), TMPDIR=str(workdir), OMP_NUM_THREADS=threads,
+                   MKL_NUM_THREADS=threads, PYTHONHASHSEED=str(seed), PYTHONDONTWRITEBYTECODE="1",
                    PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
         if self.fs_isolated:
             env.update(PYTHONPATH=PACKAGE_VIEW, **{SANDBOX_INIT_ENV: "1"})
         return env
+
+
+class ProcessHandle:
+    """A warm worker started as a local process (under bwrap or unshare where available)."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path, via_bwrap: bool):
+        self.proc, self.log_path, self.via_bwrap = proc, log_path, via_bwrap
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            kill_job(self.proc.pid)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_job(self.proc.pid, tree=False)
+        try:
+            self.log_path.unlink()
+        except OSError:
+            pass
+
+    def exit_reason(self) -> str:
+        rc = self.proc.poll()
+        if rc is not None and self.via_bwrap and 128 < rc < 128 + 65:
+            rc = -(rc - 128)
+        try:
+            tail = self.log_path.read_bytes()[-400:].decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            tail = []
+        what = "still running" if rc is None else (f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}")
+        return what + (f"; last output: {tail[-1][:200]}" if tail else "")
 
 
 def _apply_rlimits(limits: list[tuple[int, int]]) -> None:

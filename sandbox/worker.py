@@ -238,8 +238,48 @@ def predict(model, x_u8, mean, std, batch_size: int, num_classes: int):
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
 
 
-def run(workdir: str, dataset_dir: str, fields: dict) -> None:
-    """Fills `fields` as it goes, so a failure still reports what was learnt."""
+@dataclass
+class Data:
+    """The dataset as a worker holds it: uint8 images and int64 labels as tensors on `device`."""
+
+    x_train: object
+    y_train: object
+    x_test: object
+    mean: object
+    std: object
+    num_classes: int
+    shape: tuple
+    device: object
+
+    def to(self, device) -> "Data":
+        move = lambda t: t.to(device)  # noqa: E731
+        return Data(move(self.x_train), move(self.y_train), move(self.x_test), move(self.mean), move(self.std),
+                    self.num_classes, self.shape, device)
+
+
+def load_data(dataset_dir: str, device) -> Data:
+    import json
+
+    import numpy as np
+    import torch
+
+    with open(os.path.join(dataset_dir, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    load = lambda name: np.load(os.path.join(dataset_dir, name), allow_pickle=False)  # noqa: E731
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    data = Data(x_train=as_tensor(load("train_x.npy")), y_train=as_tensor(load("train_y.npy").astype(np.int64)),
+                x_test=as_tensor(load("test_x.npy")),
+                mean=torch.tensor(meta["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                std=torch.tensor(meta["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                num_classes=int(meta["num_classes"]), shape=tuple(int(v) for v in meta["shape"]), device=device)
+    log(f"dataset loaded: {len(data.y_train)} train, {len(data.x_test)} test images on {device}")
+    return data
+
+
+def run(workdir: str, dataset_dir: str, fields: dict, data: Data | None = None) -> None:
+    """Trains and predicts the candidate in WORKDIR. Fills `fields` as it goes, so a failure
+    still reports what was learnt. `data`: the dataset already loaded (a warm worker's copy);
+    loaded from `dataset_dir` when None, or moved when it sits on another device."""
     import json
     import random
 
@@ -250,8 +290,6 @@ def run(workdir: str, dataset_dir: str, fields: dict) -> None:
 
     with open(os.path.join(workdir, "job.json"), encoding="utf-8") as f:
         s = Settings.from_job(json.load(f))
-    with open(os.path.join(dataset_dir, "meta.json"), encoding="utf-8") as f:
-        meta = json.load(f)
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -259,18 +297,12 @@ def run(workdir: str, dataset_dir: str, fields: dict) -> None:
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise Outcome("crashed", f"setup: cuda requested but not available (device {s.device!r})")
     device = torch.device(s.device)
-
-    num_classes = int(meta["num_classes"])
-    c, h, w = (int(v) for v in meta["shape"])
-    mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    load = lambda name: np.load(os.path.join(dataset_dir, name), allow_pickle=False)  # noqa: E731
-    x_train = torch.from_numpy(np.ascontiguousarray(load("train_x.npy"))).to(device)
-    y_train = torch.from_numpy(np.ascontiguousarray(load("train_y.npy")).astype(np.int64)).to(device)
-    x_test = torch.from_numpy(np.ascontiguousarray(load("test_x.npy"))).to(device)
-    log(f"dataset loaded: {len(y_train)} train, {len(x_test)} test images on {device}")
-    warm_up(device)
-    log("warmed up")
+    if data is None or data.device != device:
+        data = load_data(dataset_dir, device) if data is None else data.to(device)
+        warm_up(device)
+        log("warmed up")
+    c, h, w = data.shape
+    num_classes, mean, std = data.num_classes, data.mean, data.std
 
     phase = "import"
     try:
@@ -290,7 +322,7 @@ def run(workdir: str, dataset_dir: str, fields: dict) -> None:
         log(f"built Net with {fields['param_count']} parameters on {device}")
 
         phase = "train"
-        data = TrainBatches(x_train, y_train, mean, std, s.batch_size, s.seed)
+        batches = TrainBatches(data.x_train, data.y_train, mean, std, s.batch_size, s.seed)
         lemur = callable(getattr(model, "train_setup", None)) and callable(getattr(model, "learn", None))
         log("training with the module's train_setup/learn" if lemur else "training with the default SGD loop")
         if device.type == "cuda":
@@ -301,10 +333,10 @@ def run(workdir: str, dataset_dir: str, fields: dict) -> None:
         for _ in range(s.epochs):
             if lemur:
                 model.train()
-                ret = model.learn(data)
+                ret = model.learn(batches)
                 loss = float(ret) if isinstance(ret, (int, float)) else None
             else:
-                loss = default_train(model, data, prm)
+                loss = default_train(model, batches, prm)
             fields["final_loss"] = loss
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -317,11 +349,40 @@ def run(workdir: str, dataset_dir: str, fields: dict) -> None:
                 raise Outcome("diverged", f"train: parameter {name} is NaN or infinite")
 
         phase = "predict"
-        labels = predict(model, x_test, mean, std, s.batch_size, num_classes)
+        labels = predict(model, data.x_test, mean, std, s.batch_size, num_classes)
         log(f"predicted {len(labels)} test images")
     except BaseException as exc:  # noqa: BLE001 - candidate code may raise anything, SystemExit included
         raise classify(exc, phase) from None
     write_predictions(os.path.join(workdir, "out"), labels)
+
+
+def serve(workdir: str, dataset_dir: str, data: Data | None = None) -> None:
+    """Runs one job to its result file, then ends the process without running the candidate's
+    atexit hooks or waiting for threads it left behind."""
+    import signal
+
+    # Python ignores SIGXFSZ; restored, a write past RLIMIT_FSIZE kills the process
+    # with a signal the host reads as output_limit, whatever the candidate catches.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    out_dir = os.path.join(workdir, "out")
+    os.makedirs(out_dir, exist_ok=True)
+    fields: dict = {"status": "ok", "error": "", "param_count": None, "train_seconds": None, "final_loss": None}
+    try:
+        run(workdir, dataset_dir, fields, data)
+    except Outcome as o:
+        fields["status"], fields["error"] = o.status, o.error
+    except BaseException as exc:  # noqa: BLE001 - the worker's own setup failed
+        o = classify(exc, "setup")
+        fields["status"], fields["error"] = o.status, o.error
+    if fields["status"] != "ok":
+        log(f"{fields['status']}: {fields['error']}")
+    try:
+        sys.stdout.flush()
+    except BaseException:  # noqa: BLE001 - a broken stdout must not lose the result
+        pass
+    write_result(out_dir, fields)
+    _exit(0)
 
 
 def die_with_driver() -> None:
@@ -344,33 +405,9 @@ def die_with_driver() -> None:
 
 
 def main(argv: list[str]) -> None:
-    import signal
-
     die_with_driver()
-    # Python ignores SIGXFSZ; restored, a write past RLIMIT_FSIZE kills the process
-    # with a signal the host reads as output_limit, whatever the candidate catches.
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     workdir, dataset_dir = argv
-    out_dir = os.path.join(workdir, "out")
-    os.makedirs(out_dir, exist_ok=True)
-    fields: dict = {"status": "ok", "error": "", "param_count": None, "train_seconds": None, "final_loss": None}
-    try:
-        run(workdir, dataset_dir, fields)
-    except Outcome as o:
-        fields["status"], fields["error"] = o.status, o.error
-    except BaseException as exc:  # noqa: BLE001 - the worker's own setup failed
-        o = classify(exc, "setup")
-        fields["status"], fields["error"] = o.status, o.error
-    if fields["status"] != "ok":
-        log(f"{fields['status']}: {fields['error']}")
-    try:
-        sys.stdout.flush()
-    except BaseException:  # noqa: BLE001 - a broken stdout must not lose the result
-        pass
-    write_result(out_dir, fields)
-    # Skips atexit hooks and non-daemon threads the candidate may have left behind.
-    _exit(0)
+    serve(workdir, dataset_dir)
 
 
 if __name__ == "__main__":

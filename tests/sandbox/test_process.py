@@ -115,7 +115,9 @@ def test_default_loop_trains_and_host_scores(sandbox, data, tmp_path):
     assert (out / "model.py").read_text() == SMALL_CNN
     assert json.loads((out / "result.json").read_text())["accuracy"] == outcome.accuracy
     assert "default SGD loop" in (out / "log.txt").read_text()
-    # Work dirs and the sandbox's copy of the predictions are gone.
+    # Work dirs and the sandbox's copy of the predictions are gone; after close, the warm worker too.
+    assert [p for p in (tmp_path / "work").rglob("*") if p.is_file() and "warm" not in p.parts] == []
+    sandbox.close()
     assert [p for p in (tmp_path / "work").rglob("*") if p.is_file()] == []
 
 
@@ -148,7 +150,7 @@ def test_keep_leaves_the_work_dir_and_concurrent_runs_work(data, tmp_path):
         t.join()
     assert [r.status for r in results] == ["ok", "ok"]
     assert all(Path(r.predictions_path).is_file() for r in results)
-    kept = sorted(p.name for p in (tmp_path / "work").iterdir() if p.name != "predictions")
+    kept = sorted(p.name for p in (tmp_path / "work").iterdir() if p.name not in ("predictions", "warm"))
     assert len(kept) == 2 and all(k.startswith(("k0-", "k1-")) for k in kept)
     assert all((tmp_path / "work" / k / "log.txt").is_file() for k in kept)
 

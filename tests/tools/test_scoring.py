@@ -1,6 +1,8 @@
 """Trusted scoring of untrusted prediction files."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,35 @@ def test_load_refuses_pickles_oversize_garbage_and_missing(tmp_path):
     with pytest.raises(InvalidPredictions, match="no predictions"):
         load_predictions(tmp_path / "missing.npy", n_test=3, num_classes=3, max_bytes=1000)
     assert issubclass(InvalidPredictions, ValueError)
+
+
+def test_planted_links_fifos_and_directories_are_refused(tmp_path):
+    """A sandboxed job controls its work dir: a symlink to the host's test labels must not
+    be followed, a FIFO must not block the host, a directory is no file."""
+    from deltanas.tools.scoring import read_untrusted
+
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.array([0, 1, 2]))
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    (work / "out" / "predictions.npy").symlink_to(labels)
+    with pytest.raises(InvalidPredictions, match="plain file"):
+        load_predictions(work / "out" / "predictions.npy", n_test=3, num_classes=3, max_bytes=1000, below=work)
+    # a symlinked directory on the way is refused too
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    np.save(elsewhere / "predictions.npy", np.array([0, 1, 2]))
+    (work / "out2").symlink_to(elsewhere)
+    with pytest.raises(InvalidPredictions, match="plain directory"):
+        load_predictions(work / "out2" / "predictions.npy", n_test=3, num_classes=3, max_bytes=1000, below=work)
+    os.mkfifo(work / "out" / "fifo.npy")
+    with pytest.raises(InvalidPredictions, match="not a regular file"):
+        load_predictions(work / "out" / "fifo.npy", n_test=3, num_classes=3, max_bytes=1000, below=work)
+    (work / "out" / "dir.npy").mkdir()
+    with pytest.raises(InvalidPredictions):
+        load_predictions(work / "out" / "dir.npy", n_test=3, num_classes=3, max_bytes=1000, below=work)
+    # the tail of a long regular file
+    (work / "log.txt").write_bytes(b"a" * 100 + b"END")
+    assert read_untrusted(work / "log.txt", 3, below=work, tail=True) == b"END"
+    with pytest.raises(InvalidPredictions, match="limit"):
+        read_untrusted(work / "log.txt", 3, below=work)
