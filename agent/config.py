@@ -109,6 +109,8 @@ class SandboxConfig(_Section):
     max_output_bytes: int = Field(1_000_000, gt=0)
     workers: int = Field(1, gt=0)
     """Candidates trained at the same time."""
+    warm: bool = True
+    """Keep workers up across candidates (a fresh forked child each); false starts one per candidate."""
     device: str = "cpu"
     """`cpu`, `cuda` or `cuda:N` for the proxy training."""
 

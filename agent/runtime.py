@@ -31,10 +31,11 @@ def make_sandbox(cfg: Config, work_root: Path) -> Sandbox:
     if kind == "docker":
         from deltanas.sandbox.docker import DockerSandbox
 
-        return DockerSandbox(work_root, image=cfg.sandbox.image)
+        return DockerSandbox(work_root, image=cfg.sandbox.image, warm=cfg.sandbox.warm,
+                             max_idle=cfg.sandbox.workers)
     from deltanas.sandbox.process import ProcessSandbox
 
-    return ProcessSandbox(work_root)
+    return ProcessSandbox(work_root, warm=cfg.sandbox.warm, max_idle=cfg.sandbox.workers)
 
 
 def check_device(device: str) -> None:

@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -79,7 +80,8 @@ class WorkerLost(RuntimeError):
 class WarmWorker:
     """One started worker and its control channel."""
 
-    def __init__(self, work_dir: Path, key: WorkerKey, launch: Launcher, open_dir: Callable[[Path], None]):
+    def __init__(self, work_dir: Path, key: WorkerKey, launch: Callable[[Path, WorkerKey], Handle],
+                 open_dir: Callable[[Path], None]):
         self.dir, self.key = work_dir, key
         self.jobs = 0
         self.dir.mkdir(mode=0o700)
@@ -216,6 +218,9 @@ class WarmPool:
         self.keep_root = keep_root
         self.root.mkdir(parents=True, exist_ok=True)
         self.launch, self.job_limits, self.open_dir = launch, job_limits, open_dir
+        # Workers start from this one long-lived thread: a worker dies with the thread that
+        # started it (PR_SET_PDEATHSIG, bwrap --die-with-parent), not with the job's thread.
+        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltanas-worker-start")
         self.max_idle = max_idle
         self._idle: list[WarmWorker] = []
         self._busy: set[WarmWorker] = set()
@@ -276,6 +281,7 @@ class WarmPool:
             w.kill()  # its job's thread releases it
         for w in idle:
             w.release()
+        self._starter.shutdown(wait=False)
 
     def _take(self, key: WorkerKey) -> WarmWorker:
         with self._lock:
@@ -286,7 +292,10 @@ class WarmPool:
                     self._idle.remove(w)
                     self._busy.add(w)
                     return w
-        w = WarmWorker(self.root / f"w-{uuid.uuid4().hex[:10]}", key, self.launch, self.open_dir)
+        def launch(work_dir: Path, k: WorkerKey) -> Handle:
+            return self._starter.submit(self.launch, work_dir, k).result()
+
+        w = WarmWorker(self.root / f"w-{uuid.uuid4().hex[:10]}", key, launch, self.open_dir)
         with self._lock:
             self.started += 1
             if self._closed:

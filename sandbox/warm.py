@@ -311,6 +311,27 @@ def serve_jobs(channel: Channel, work_dir: str, dataset_dir: str, data, private_
             return
 
 
+def prepare_for_fork(dataset_dir: str):
+    """Imports torch, loads the dataset into host memory and pays torch's lazy imports, without
+    anything that does not survive fork(): no CUDA context (a GPU's dataset waits in host
+    memory), no autograd engine threads, no intra-op thread pool."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without a CUDA context
+    import torch
+
+    torch.set_num_threads(1)  # each child sizes its own pool
+    data = worker.load_data(dataset_dir, torch.device("cpu"))
+    # The optimizer's first step imports torch._dynamo (~1 s); grads set by hand keep autograd out.
+    conv = torch.nn.Conv2d(1, 2, 3)
+    for p in conv.parameters():
+        p.grad = torch.zeros_like(p)
+    torch.optim.SGD(conv.parameters(), lr=0.0, momentum=0.9).step()
+    with torch.no_grad():
+        conv(torch.zeros(1, 1, 4, 4))
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised before fork(); GPU jobs would fail in the child")
+    return data
+
+
 def main(argv: list[str]) -> None:
     private_tmp = "--private-tmp" in argv
     work_dir, dataset_dir, device = [a for a in argv if a != "--private-tmp"]
@@ -320,14 +341,10 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     channel = Channel(work_dir)
     try:
-        import torch
-
         t0 = time.perf_counter()
-        torch.set_num_threads(1)  # no thread pool before fork(): each child sizes its own
-        # CUDA cannot cross a fork: on a GPU the dataset waits in host memory.
-        data = worker.load_data(dataset_dir, torch.device("cpu"))
-        worker.warm_up(torch.device("cpu"))
+        data = prepare_for_fork(dataset_dir)
         load_s = time.perf_counter() - t0
+        import torch
     except BaseException as exc:  # noqa: BLE001 - the host reports it as the worker's failure
         channel.send({"error": worker._describe(exc)})
         return

@@ -80,16 +80,22 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
 @pytest.mark.slow
 def test_sigint_drains_and_exits_cleanly(tmp_path):
     d = tmp_path / "run"
-    p = subprocess.Popen([PY, "-m", "deltanas.agent.cli", "run", *ARGS, "--cycles", "3", "--candidates", "2",
+    p = subprocess.Popen([PY, "-m", "deltanas.agent.cli", "run", *ARGS, "--cycles", "12", "--candidates", "2",
                           "--run-dir", str(d)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(10)
+    seen = []
+    for line in p.stdout:  # interrupt once the first candidate is through
+        seen.append(line)
+        if "c000-" in line:
+            break
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=180)
+    out = "".join(seen) + out
     assert p.returncode == 130, out
     assert "--resume" in out
+    assert status(d)["candidates"] < 24
     r = cli("run", "--resume", str(d), "--plain")
     assert r.returncode == 0
-    assert status(d)["candidates"] == 6
+    assert status(d)["candidates"] == 24
 
 
 @pytest.mark.slow

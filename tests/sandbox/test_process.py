@@ -184,3 +184,26 @@ def test_declared_hyperparameters_reads_literals_only():
 def test_select_hyperparameters_defaults_and_filtering():
     assert select_hyperparameters("x = 1\n", None) == {"lr": 0.01, "momentum": 0.9, "dropout": 0.2}
     assert select_hyperparameters(SMALL_CNN, {"lr": 0.5, "dropout": 0.1}) == {"lr": 0.5, "momentum": 0.9}
+
+
+@pytest.mark.slow
+def test_a_warm_worker_outlives_the_thread_whose_job_started_it(data, tmp_path):
+    """Workers die with the thread that spawned them (PR_SET_PDEATHSIG, bwrap --die-with-parent),
+    so they are spawned from the pool's own thread, not from a job's short-lived one."""
+    _, handle = data
+    sb = ProcessSandbox(tmp_path / "work", warm=True)
+    try:
+        def one() -> str:
+            box = {}
+            t = threading.Thread(target=lambda: box.setdefault("r", sb.run(
+                Job(candidate_id="t", source=SMALL_CNN, dataset_dir=str(handle), batch_size=64, limits=LIMITS))))
+            t.start()
+            t.join()
+            return box["r"].status
+
+        assert one() == "ok"
+        time.sleep(0.5)  # the first job's thread is gone
+        assert one() == "ok"
+        assert sb._pool.started == 1
+    finally:
+        sb.close()
