@@ -91,10 +91,10 @@ def bwrap_view(python: str, binds: list[tuple[Path, str, bool]], devices: list[s
             args += ["--symlink", os.readlink(p), d]
         elif p.is_dir():
             args += ["--ro-bind", d, d]
-    # /tmp first: a bind may live under the host's /tmp and is mounted over the tmpfs.
-    if _bwrap_has_size():  # a size cap, as the docker backend's; tmpfs pages are memory
-        args += ["--size", str(TMPFS_MB << 20)]
-    args += ["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
+    # /tmp first: a bind may live under the host's /tmp and is mounted over the tmpfs. Each
+    # tmpfs gets a size cap where bwrap can set one (tmpfs pages are memory), as in docker.
+    size = ["--size", str(TMPFS_MB << 20)] if _bwrap_has_size() else []
+    args += [*size, "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/dev/shm"]
     for dev in devices:
         args += ["--dev-bind", dev, dev]
     if devices:  # the CUDA driver reads the GPU's PCI details there
@@ -105,9 +105,9 @@ def bwrap_view(python: str, binds: list[tuple[Path, str, bool]], devices: list[s
     args += ["--ro-bind", str(package), f"{PACKAGE_VIEW}/deltanas/sandbox"]
     for src, dst, read_only in binds:
         args += ["--ro-bind" if read_only else "--bind", str(src), dst]
-    # The view's own root is a tmpfs that outlives a job in a warm worker: read-only, so that no
-    # job can plant a module on PYTHONPATH (or anything else) for the next.
-    args += ["--remount-ro", "/"]
+    # The view's own root and /dev are tmpfs that outlive a job in a warm worker: read-only, so
+    # that no job can plant a module on PYTHONPATH (or anything else) for the next.
+    args += ["--remount-ro", "/", "--remount-ro", "/dev"]
     writable = [dst for _, dst, read_only in binds if not read_only]
     if writable:
         args += ["--chdir", writable[0]]

@@ -16,7 +16,7 @@ and then serves jobs one at a time. For each job it forks a child, which:
 
 The parent never runs candidate code. It is a child subreaper, so whatever the
 candidate leaves behind (daemons, double forks, a fork bomb) is re-parented to
-it and killed before the next job starts; with --private-tmp (its /tmp is the
+it and killed before the next job starts; with --private-tmp (its /tmp and /dev/shm are the
 sandbox's own) it also empties /tmp. If it cannot get back to a clean state, it
 says so and exits, and the host starts a fresh worker.
 
@@ -222,8 +222,9 @@ def clean_up(private_tmp: bool) -> bool:
     else:
         return False
     _reap()
-    if private_tmp:
+    if private_tmp:  # the sandbox's own tmpfs mounts, which outlive a job
         wipe("/tmp")
+        wipe("/dev/shm")
     return True
 
 

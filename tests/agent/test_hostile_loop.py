@@ -46,13 +46,24 @@ def hostile_diff(base: str, payload: str) -> str:
     return "".join(difflib.unified_diff(lines, new, "a/model.py", "b/model.py"))
 
 
+def _need(sandbox: str) -> None:
+    if sandbox == "docker":
+        from deltanas.sandbox.docker import docker_available, image_available
+
+        ok, why = docker_available()
+        if not ok or not image_available():
+            pytest.skip(f"needs a Docker daemon and the sandbox image: {why}")
+
+
 @pytest.mark.slow
-def test_hostile_candidates_get_typed_statuses_and_the_run_goes_on(tmp_path):
+@pytest.mark.parametrize("sandbox", ["process", "docker"])
+def test_hostile_candidates_get_typed_statuses_and_the_run_goes_on(tmp_path, sandbox):
+    _need(sandbox)
     order = list(PAYLOADS.values())
     answers = iter(order)
     llm = ScriptedBackend(lambda p: f"```diff\n{hostile_diff(p.base_source, next(answers))}```")
     cfg = load_config(None, {"llm.spec": "mutate", "data.dataset": "digits", "baselines": ["lenet"],
-                             "search.cycles": 1, "search.candidates": len(order), "sandbox.type": "process",
+                             "search.cycles": 1, "search.candidates": len(order), "sandbox.type": sandbox,
                              "sandbox.timeout_s": 15, "sandbox.memory_mb": 3000, "search.max_repairs": 0})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -72,11 +83,13 @@ def test_hostile_candidates_get_typed_statuses_and_the_run_goes_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cli_on_hostile_files(tmp_path):
+@pytest.mark.parametrize("sandbox", ["process", "docker"])
+def test_eval_cli_on_hostile_files(tmp_path, sandbox):
+    _need(sandbox)
     hang = tmp_path / "hang.py"
     hang.write_text("import time\nwhile True:\n    time.sleep(0.1)\n")
     r = subprocess.run([sys.executable, "-m", "deltanas.agent.cli", "eval", str(hang), "--dataset", "digits",
-                        "--timeout", "5", "--json"], capture_output=True, text=True, timeout=120)
+                        "--timeout", "5", "--sandbox", sandbox, "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     j = json.loads(r.stdout)
     assert j["status"] == "timeout" and j["accuracy"] is None
@@ -86,6 +99,6 @@ def test_eval_cli_on_hostile_files(tmp_path):
                     "        super().__init__()\n        self.fc = nn.Linear(in_shape[1] * in_shape[2] * in_shape[3], "
                     "out_shape[0])\n    def forward(self, x):\n        return self.fc(x.flatten(1)) * 0\n")
     r = subprocess.run([sys.executable, "-m", "deltanas.agent.cli", "eval", str(liar), "--dataset", "digits",
-                        "--json"], capture_output=True, text=True, timeout=120)
+                        "--sandbox", sandbox, "--json"], capture_output=True, text=True, timeout=120)
     j = json.loads(r.stdout)
     assert j["status"] == "ok" and j["accuracy"] < 0.2  # constant logits: the printed 1.0 counts for nothing
