@@ -4,6 +4,7 @@
     deltanas run --llm mutate --cycles 5  the no-LLM baseline
     deltanas run --resume runs/run        continue a stopped or killed run
     deltanas status runs/run [--json]
+    deltanas export runs/run [--format jsonl|hf] [--output PATH] [--successful-only] [--cycle K]
     deltanas diff apply BASE.py DIFF [--output FILE] [--json]
     deltanas eval MODEL.py [--dataset mnist] [--json]
     deltanas zoo list [--json] | deltanas zoo show NAME
@@ -79,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="summarise a run, finished or not")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
+
+    x = sub.add_parser("export", help="write a run's trajectories for fine-tuning (TRL/OpenAI messages + tools)")
+    x.add_argument("dir")
+    x.add_argument("--format", choices=["jsonl", "hf"], default="jsonl",
+                   help="JSONL, or a Hugging Face datasets folder (datasets.load_from_disk)")
+    x.add_argument("--output", help="default: DIR/export/trajectories.jsonl or DIR/export/hf")
+    x.add_argument("--successful-only", action="store_true", help="only those passing the run's success rule")
+    x.add_argument("--rule", choices=["improved", "valid", "top_k"], help="the success rule (default: the run's)")
+    x.add_argument("--cycle", type=int, help="one cycle only")
 
     d = sub.add_parser("diff", help="diff tools")
     dsub = d.add_subparsers(dest="diff_command", required=True, metavar="SUBCOMMAND")
@@ -180,6 +190,32 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print_status(Console(), store, summary)
+    return EXIT_OK
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from deltanas.agent.config import load_config
+    from deltanas.agent.learning import export_records, write_hf, write_jsonl
+    from deltanas.agent.rundir import ARCHIVE_FILE
+    from deltanas.agent.store import Store
+
+    path = Path(a.dir)
+    if not (path / ARCHIVE_FILE).exists():
+        raise CLIError(f"{path}: no {ARCHIVE_FILE} here; is it a deltanas run directory?")
+    cfg = load_config(path / "config.toml" if (path / "config.toml").exists() else None, {})
+    store = Store(path / ARCHIVE_FILE, readonly=True)
+    records = export_records(store, successful_only=a.successful_only, rule=a.rule or cfg.learn.rule,
+                             top_k=cfg.learn.top_k, cycle=a.cycle)
+    default = path / "export" / ("trajectories.jsonl" if a.format == "jsonl" else "hf")
+    out = Path(a.output) if a.output else default
+    if a.format == "jsonl":
+        write_jsonl(records, out)
+    else:
+        try:
+            write_hf(records, out)
+        except FileExistsError as e:
+            raise CLIError(str(e)) from None
+    print(f"{len(records)} trajectories written to {out}")
     return EXIT_OK
 
 
@@ -324,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "diff":
             return cmd_diff_apply(args)
         if args.command == "eval":

@@ -115,6 +115,30 @@ class SandboxConfig(_Section):
     """`cpu`, `cuda` or `cuda:N` for the proxy training."""
 
 
+class LearnConfig(_Section):
+    """The LoRA update after each cycle (agent/lora.py); the defaults are the paper's."""
+
+    enabled: bool = True
+    """Train an adapter after each cycle and generate with it (hf backends; others skip, saying why)."""
+    rule: Literal["improved", "valid", "top_k"] = "improved"
+    """Which candidates teach: valid, novel and at least the parent's accuracy; valid and novel; the top k."""
+    top_k: int = Field(5, gt=0)
+    min_examples: int = Field(1, gt=0)
+    """Fewer successful trajectories than this and the update is skipped (and recorded as skipped)."""
+    r: int = Field(32, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    lr: float = Field(1e-5, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    grad_accum: int = Field(8, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: str = "cosine"
+    batch_size: int = Field(1, gt=0)
+    max_length: int = Field(2048, gt=0)
+    qlora: bool = False
+    """4-bit base model (QLoRA); needs a GPU and bitsandbytes."""
+
+
 class NoveltyConfig(_Section):
     threshold: float = Field(0.9, gt=0, le=1)
     """Jaccard similarity at or above which a candidate is not novel."""
@@ -131,6 +155,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    learn: LearnConfig = Field(default_factory=LearnConfig)
     novelty: NoveltyConfig = Field(default_factory=NoveltyConfig)
 
     @field_validator("baselines")

@@ -1,22 +1,28 @@
 """The outer graph's nodes: one cycle is baselines → parents → batched proposals →
-(candidates) → gather. Each node is idempotent: run again after a crash or a resume,
+(candidates) → gather → LoRA update. Each node is idempotent: run again after a crash or a resume,
 it finds its earlier work in the archive instead of doing it twice."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from deltanas.agent.deps import Deps
+from deltanas.agent.learning import training_examples
 from deltanas.agent.llm.base import Prompt
+from deltanas.agent.lora import adapter_complete, clear_partials
 from deltanas.agent.selection import select_parents as tournament
 from deltanas.agent.state import Proposal, RunState
+from deltanas.agent.stopping import RunStopped
 from deltanas.agent.store import CandidateRow
 from deltanas.tools import prompting
 from deltanas.tools.trajectory import TOOL_SCHEMAS, proposal_step
 from deltanas.tools.zoo import get_baseline
+
+log = logging.getLogger(__name__)
 
 
 def candidate_id(cycle: int, idx: int) -> str:
@@ -163,3 +169,45 @@ def gather_trajectories(state: RunState, deps: Deps) -> dict[str, Any]:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return {"cycle": cycle + 1, "proposals": [], "parent_ids": []}
+
+
+def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:
+    """After gather: train a LoRA adapter on the successful trajectories of every cycle so far,
+    then generate with it. Recorded in the archive as trained, skipped (and why) or failed;
+    a failed update leaves the previous adapter in use and the run going."""
+    k = state["cycle"] - 1  # gather has moved the counter on
+    cfg = deps.config.learn
+    if not cfg.enabled:
+        return {}
+    adapters_dir = deps.run_dir / "adapters"
+    out = adapters_dir / f"cycle-{k}"
+    done = {a["cycle"]: a for a in deps.store.adapters()}
+    if k in done and done[k]["status"] == "trained" and adapter_complete(out):
+        deps.llm.load_adapter(str(out))  # a resume after the update: use it, do not train again
+        return {}
+    if k in done and done[k]["status"] in ("skipped", "failed"):
+        return {}
+    if deps.learner is None:
+        deps.store.put_adapter(k, "skipped", note=deps.learner_note)
+        return {}
+    examples = training_examples(deps.store, cfg.rule, cfg.top_k, up_to_cycle=k)
+    if len(examples) < cfg.min_examples:
+        deps.store.put_adapter(k, "skipped", examples=len(examples),
+                               note=f"{len(examples)} successful trajectories (rule {cfg.rule}), fewer than "
+                                    f"learn.min_examples = {cfg.min_examples}")
+        return {}
+    clear_partials(adapters_dir)
+    deps.check_stop()
+    try:
+        info = deps.learner(examples, out, deps.stop)
+    except RunStopped:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed update is recorded; the run goes on with the last adapter
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        log.warning("LoRA update after cycle %d failed: %s", k, text)
+        deps.store.put_adapter(k, "failed", examples=len(examples), note=f"{type(e).__name__}: {text}")
+        return {}
+    deps.store.put_adapter(k, "trained", path=f"adapters/cycle-{k}", examples=len(examples),
+                           loss=info.get("loss"), steps=info.get("steps"), seconds=info.get("seconds"))
+    deps.llm.load_adapter(str(out))
+    return {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from deltanas.agent.config import Config
 from deltanas.agent.executor import Executor
@@ -30,6 +31,9 @@ class Deps:
     dataset: DatasetInfo
     run_dir: Path
     stop: threading.Event = field(default_factory=threading.Event)
+    learner: Callable[[list[dict[str, Any]], Path, threading.Event], dict[str, Any]] | None = None
+    """Trains a LoRA adapter on examples into a folder (agent/lora.py); None: no update, see `learner_note`."""
+    learner_note: str = ""
 
     @property
     def sampling(self) -> Sampling:

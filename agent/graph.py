@@ -1,7 +1,7 @@
 """The search loop as a LangGraph state machine.
 
     evaluate_baselines → select_parents → propose (one batched call)
-        → candidate × N (Send) → gather_trajectories → next cycle or END
+        → candidate × N (Send) → gather_trajectories → lora_update → next cycle or END
 
     candidate:  apply ──ok──► novelty ──novel──► proxy_train ─► record
                   │ fail          └─dup───────────────────────► record
@@ -49,7 +49,7 @@ def fan_out(state: RunState) -> list[Send]:
         for p in state["proposals"]]
 
 
-def route_after_gather(state: RunState, cycles: int) -> Literal["select_parents", "__end__"]:
+def route_after_update(state: RunState, cycles: int) -> Literal["select_parents", "__end__"]:
     return "select_parents" if state["cycle"] < cycles else "__end__"
 
 
@@ -77,10 +77,12 @@ def build_graph(deps: Deps) -> StateGraph:
     g.add_node("propose", partial(cy.propose, deps=deps))
     g.add_node("candidate", build_candidate_graph(deps).compile())
     g.add_node("gather_trajectories", partial(cy.gather_trajectories, deps=deps))
+    g.add_node("lora_update", partial(cy.lora_update, deps=deps))
     g.add_edge(START, "evaluate_baselines")
     g.add_conditional_edges("evaluate_baselines", partial(route_after_baselines, cycles=cycles))
     g.add_edge("select_parents", "propose")
     g.add_conditional_edges("propose", fan_out, ["candidate"])
     g.add_edge("candidate", "gather_trajectories")
-    g.add_conditional_edges("gather_trajectories", partial(route_after_gather, cycles=cycles))
+    g.add_edge("gather_trajectories", "lora_update")
+    g.add_conditional_edges("lora_update", partial(route_after_update, cycles=cycles))
     return g

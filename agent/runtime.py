@@ -93,9 +93,51 @@ def make_llm(cfg: Config) -> LLMBackend:
     return CoalescingBackend(backend)
 
 
+def make_learner(cfg: Config):
+    """(the LoRA trainer for this run's model, or None; why not, when None)."""
+    from deltanas.agent.llm.factory import parse_llm_spec
+
+    if not cfg.learn.enabled:
+        return None, "learn.enabled is false"
+    spec = parse_llm_spec(cfg.llm.spec)
+    if spec.type != "hf":
+        return None, (f"the {spec.type} backend trains no adapter in this process: LoRA updates need an hf: "
+                      f"model (a server's adapters are trained elsewhere and loaded with load_adapter)")
+    from deltanas.agent.lora import LoraSettings, train_adapter
+
+    c = cfg.learn
+    settings = LoraSettings(r=c.r, alpha=c.alpha, dropout=c.dropout, lr=c.lr, epochs=c.epochs,
+                            grad_accum=c.grad_accum, weight_decay=c.weight_decay, scheduler=c.scheduler,
+                            batch_size=c.batch_size, max_length=c.max_length, qlora=c.qlora)
+    device = cfg.llm.device if cfg.llm.device != "auto" else _auto_device()
+
+    def learn(examples, out_dir, stop):
+        return train_adapter(spec.model, examples, out_dir, settings, device=device, seed=cfg.search.seed, stop=stop)
+
+    return learn, ""
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def restore_adapter(deps: Deps) -> str | None:
+    """On resume: generate with the newest complete adapter the run trained. Returns its path."""
+    from deltanas.agent.lora import adapter_complete
+
+    for a in reversed(deps.store.adapters()):
+        path = deps.run_dir / (a.get("path") or "")
+        if a["status"] == "trained" and a.get("path") and adapter_complete(path):
+            deps.llm.load_adapter(str(path))
+            return str(path)
+    return None
+
+
 def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, sandbox: Sandbox | None = None,
-               dataset=None) -> Deps:
-    """Everything a run needs. `llm`, `sandbox` and `dataset` can be injected (tests)."""
+               dataset=None, learner=None) -> Deps:
+    """Everything a run needs. `llm`, `sandbox`, `dataset` and `learner` can be injected (tests)."""
     check_device(cfg.sandbox.device)
     ds = dataset if dataset is not None else load_run_dataset(cfg)
     handle = prepare_handle(ds, default_cache_dir() / "handles")
@@ -116,5 +158,10 @@ def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, san
     for row in store.candidates():
         if row.minhash and (row.kind == "baseline" or row.novel):
             index.add(row.id, index.from_hashvalues(row.minhash))
-    return Deps(config=cfg, llm=llm if llm is not None else make_llm(cfg), executor=executor, store=store,
-                novelty=index, dataset=DatasetInfo(ds.name, tuple(ds.in_shape), ds.num_classes), run_dir=run_dir, stop=stop)
+    learn, note = (learner, "") if learner is not None else make_learner(cfg)
+    deps = Deps(config=cfg, llm=llm if llm is not None else make_llm(cfg), executor=executor, store=store,
+                novelty=index, dataset=DatasetInfo(ds.name, tuple(ds.in_shape), ds.num_classes), run_dir=run_dir,
+                stop=stop, learner=learn, learner_note=note)
+    if learn is not None:
+        restore_adapter(deps)
+    return deps

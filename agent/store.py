@@ -48,6 +48,15 @@ CREATE TABLE IF NOT EXISTS trajectories (candidate_id TEXT PRIMARY KEY, messages
 CREATE TABLE IF NOT EXISTS cycles (
     cycle INTEGER PRIMARY KEY, started_at REAL, finished_at REAL, summary TEXT
 );
+CREATE TABLE IF NOT EXISTS adapters (   -- one LoRA update per finished cycle
+    cycle INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,              -- trained | skipped | failed
+    path TEXT,                         -- adapters/cycle-<k>, relative to the run dir
+    examples INTEGER NOT NULL DEFAULT 0,
+    loss REAL, steps INTEGER, seconds REAL,
+    note TEXT,
+    created_at REAL NOT NULL
+);
 """
 
 FINAL_STATUSES = ("apply_failed", "duplicate", "ok", "timeout", "oom", "crashed", "invalid", "diverged",
@@ -215,6 +224,22 @@ class Store:
             c.execute("INSERT INTO cycles (cycle, started_at, finished_at, summary) VALUES (?, ?, ?, ?) "
                       "ON CONFLICT(cycle) DO UPDATE SET finished_at=excluded.finished_at, summary=excluded.summary",
                       (cycle, time.time(), time.time(), json.dumps(summary)))
+
+    # --- adapters -----------------------------------------------------------------------
+    def put_adapter(self, cycle: int, status: str, *, path: str | None = None, examples: int = 0,
+                    loss: float | None = None, steps: int | None = None, seconds: float | None = None,
+                    note: str = "") -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (cycle, status, path, examples, loss, steps, seconds, note, time.time()))
+
+    def adapters(self) -> list[dict]:
+        with self._lock:
+            try:
+                rows = self._conn.execute("SELECT * FROM adapters ORDER BY cycle").fetchall()
+            except sqlite3.OperationalError:  # an archive from before adapters, opened read-only
+                return []
+        return [dict(r) for r in rows]
 
     def cycles(self) -> list[dict]:
         with self._lock:

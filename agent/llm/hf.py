@@ -85,6 +85,22 @@ def _pick_dtype(dtype: str, device: str):
         raise ValueError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)") from None
 
 
+def load_pretrained(model: str, device: str, dtype=None):
+    """(tokenizer, model on `device`) for an alias, a .gguf path or a local folder, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = resolve_model(model)
+    kwargs = {"local_files_only": True}
+    if location.gguf_file:
+        kwargs["gguf_file"] = location.gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(location.path, **kwargs)
+        net = AutoModelForCausalLM.from_pretrained(location.path, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {model!r} offline from {location.path}: {e}") from None
+    return tok, net.to(device)
+
+
 class HFBackend:
     name = "hf"
 
@@ -93,7 +109,6 @@ class HFBackend:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: never reach for the hub
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the run's own view shows progress; tqdm bars would garble it
@@ -108,16 +123,8 @@ class HFBackend:
         self.active_adapter: str | None = None
 
         started = time.perf_counter()
-        kwargs = {"local_files_only": True}
-        if self.location.gguf_file:
-            kwargs["gguf_file"] = self.location.gguf_file
-        try:
-            tok = AutoTokenizer.from_pretrained(self.location.path, **kwargs)
-            net = AutoModelForCausalLM.from_pretrained(self.location.path, dtype=_pick_dtype(dtype, self.device),
-                                                       **kwargs)
-        except OSError as e:
-            raise FileNotFoundError(f"cannot load model {model!r} offline from {self.location.path}: {e}") from None
-        self._model = net.to(self.device).eval()
+        tok, net = load_pretrained(model, self.device, _pick_dtype(dtype, self.device))
+        self._model = net.eval()
         self._tokenizer = self._prepare_tokenizer(tok)
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s in %.1f s", model, self.device, self.load_seconds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import random
 import threading
 
 from langgraph.checkpoint.memory import InMemorySaver
@@ -17,48 +16,8 @@ from deltanas.agent.llm.scripted import ScriptedBackend
 from deltanas.agent.runner import run_graph
 from deltanas.agent.store import Store
 from deltanas.tools.novelty import NoveltyIndex
-from deltanas.tools.proxy import EvalOutcome
 
-
-class InstantExecutor:
-    """Scores by source length; stands in for the sandbox in routing tests only."""
-
-    def __init__(self, on_eval=None):
-        self.calls: list[str] = []
-        self.on_eval = on_eval
-        self.lock = threading.Lock()
-
-    def evaluate(self, source, candidate_id, out_dir):
-        with self.lock:
-            self.calls.append(candidate_id)
-        if self.on_eval:
-            self.on_eval(candidate_id)
-        return EvalOutcome(status="ok", accuracy=0.5 + (len(source) % 97) / 1000, param_count=100,
-                           train_seconds=0.01, total_seconds=0.02, error="", log_tail="")
-
-    def close(self):
-        pass
-
-
-LAYERS = ["nn.Conv2d(in_shape[1], {a}, kernel_size={k}, padding={p})", "nn.BatchNorm2d({a})", "nn.GELU()",
-          "nn.SiLU()", "nn.LeakyReLU(negative_slope=0.{b})", "nn.Dropout(p=0.{b})", "nn.MaxPool2d({k2})",
-          "nn.AvgPool2d(kernel_size={k2}, stride=1)", "nn.Conv2d({a}, {c}, kernel_size=1, bias=False)",
-          "nn.Identity()", "nn.Hardswish()", "nn.InstanceNorm2d({a}, affine=True)", "nn.Flatten(start_dim=1)",
-          "nn.Linear({c}, {a})", "nn.LayerNorm({c})", "nn.Tanh()"]
-
-
-def block_diff(base: str, tag: str) -> str:
-    """A real unified diff inserting a distinctive block after super().__init__().
-    Each tag draws different layers, so siblings are structurally different."""
-    rng = random.Random(tag)
-    lines = base.splitlines(keepends=True)
-    at = next(i for i, l in enumerate(lines) if "super().__init__()" in l) + 1
-    indent = lines[at - 1][: len(lines[at - 1]) - len(lines[at - 1].lstrip())]
-    vals = dict(a=rng.randint(4, 64), b=rng.randint(1, 9), c=rng.randint(4, 64), k=3, p=1, k2=rng.randint(2, 3))
-    body = [f"{indent}    {layer.format(**vals)},\n" for layer in rng.sample(LAYERS, 9)]
-    block = [f"{indent}self.aux_{tag} = nn.Sequential(\n", *body, f"{indent})\n"]
-    new = "".join(lines[:at] + block + lines[at:])
-    return "".join(difflib.unified_diff(base.splitlines(True), new.splitlines(True), "a/model.py", "b/model.py"))
+from support import InstantExecutor, block_diff
 
 
 def make_deps(tmp_path, llm, executor, **over) -> Deps:

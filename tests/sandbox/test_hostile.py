@@ -133,9 +133,7 @@ def need_fs_isolation(sandbox) -> None:
                     "(isolation() says so)")
 
 
-def need_warm(sandbox) -> None:
-    if not sandbox.warm:
-        pytest.skip("no warm worker: each job has a worker of its own")
+WARM_ONLY = pytest.mark.parametrize("sandbox", ["process", "docker"], indirect=True)  # tests of the warm worker
 
 
 # -- processes: the candidate prints "PROC pid pgid pid-namespace" for each of its processes ------------------------
@@ -518,16 +516,16 @@ raise SystemExit(0)
     assert np.array_equal(np.load(after.predictions_path), np.load(clean.predictions_path))
 
 
+@WARM_ONLY
 def test_killing_the_worker_fails_only_that_job(sandbox, data):
-    need_warm(sandbox)
     r = run(sandbox, data, "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(30)\n")
     assert r.status == "crashed" and "worker died" in r.error, r.error
     assert r.accuracy is None and r.predictions_path is None
     assert run(sandbox, data, GOOD).status == "ok"
 
 
+@WARM_ONLY
 def test_stopping_the_worker_ends_in_a_timeout(sandbox, data, monkeypatch):
-    need_warm(sandbox)
     monkeypatch.setattr(pool, "REPLY_GRACE_S", 2.0)
     t0 = time.monotonic()
     r = run(sandbox, data, "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\nimport time\ntime.sleep(60)\n",
@@ -537,8 +535,8 @@ def test_stopping_the_worker_ends_in_a_timeout(sandbox, data, monkeypatch):
     assert run(sandbox, data, GOOD).status == "ok"
 
 
+@WARM_ONLY
 def test_the_workers_control_channel_is_out_of_reach(sandbox, data):
-    need_warm(sandbox)
     need_fs_isolation(sandbox)
     r = run(sandbox, data, probe('''
 opened = []

@@ -1,0 +1,137 @@
+"""Which trajectories teach the model, and the records they become.
+
+Two forms leave the archive:
+
+- **Export records** (`export_record`): a candidate's whole trajectory, as TRL's
+  conversational `messages` + `tools` format with OpenAI-style tool calls: the
+  system and user turns, each `propose_diff` / `apply_diff` / `check_novelty` /
+  `proxy_train` call as an assistant turn with `tool_calls` (arguments as a JSON
+  string) and its result as a `tool` turn, repairs as user turns. Metadata
+  (candidate id, cycle, status, accuracies) rides along in a `meta` column.
+- **Training examples** (`sft_example`): what the LoRA update trains on. The
+  model is served the plain chat of `chat_view` (system, user, its own earlier
+  answers, the repair turns), so it is trained on the same chat: a conversational
+  prompt-completion pair whose completion is the answer that succeeded. The loss
+  falls on that answer's tokens only, rendered with the tokenizer's own template.
+
+The success rule says which candidates count (`learn.rule`): `improved` (valid,
+novel, and at least as accurate as the parent), `valid` (valid and novel), or
+`top_k` (the `learn.top_k` most accurate valid, novel candidates of each cycle).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from deltanas.agent.store import CandidateRow, Store
+from deltanas.tools.trajectory import TOOL_SCHEMAS, chat_view
+
+Rule = Literal["improved", "valid", "top_k"]
+RULES: tuple[str, ...] = Rule.__args__  # type: ignore[attr-defined]
+
+
+def successful(store: Store, rule: Rule = "improved", top_k: int = 5, cycle: int | None = None,
+               up_to_cycle: int | None = None) -> list[CandidateRow]:
+    """The candidates that pass `rule`, of one cycle, of cycles up to one, or of the whole run."""
+    if rule not in RULES:
+        raise ValueError(f"unknown success rule {rule!r}; use one of {', '.join(RULES)}")
+    rows = [r for r in store.candidates(cycle=cycle) if r.kind != "baseline" and r.status == "ok"
+            and r.accuracy is not None and (up_to_cycle is None or r.cycle <= up_to_cycle)]
+    if rule == "valid":
+        return rows
+    if rule == "improved":
+        out = []
+        for r in rows:
+            parent = store.get(r.parent_id) if r.parent_id else None
+            if parent is None or parent.accuracy is None or r.accuracy >= parent.accuracy:
+                out.append(r)
+        return out
+    by_cycle: dict[int, list[CandidateRow]] = {}
+    for r in rows:
+        by_cycle.setdefault(r.cycle, []).append(r)
+    return [r for c in sorted(by_cycle) for r in sorted(by_cycle[c], key=lambda r: -(r.accuracy or 0))[:top_k]]
+
+
+def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The archived trajectory with every tool call's arguments as a JSON string (OpenAI's
+    form, and one column type for Arrow whatever the tool)."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _as_json(c["function"]["arguments"])}}
+                               for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def _as_json(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, sort_keys=True)
+
+
+def export_record(row: CandidateRow, messages: list[dict[str, Any]], parent_accuracy: float | None) -> dict[str, Any]:
+    return {"messages": openai_messages(messages), "tools": json.loads(json.dumps(TOOL_SCHEMAS)),
+            "meta": {"candidate_id": row.id, "cycle": row.cycle, "parent_id": row.parent_id, "kind": row.kind,
+                     "status": row.status, "accuracy": row.accuracy, "parent_accuracy": parent_accuracy}}
+
+
+def sft_example(messages: list[dict[str, Any]]) -> dict[str, list[dict[str, str]]] | None:
+    """The conversational prompt-completion pair of a successful trajectory: the chat as the
+    model saw it up to its last answer, and that answer. None when it holds no answer."""
+    chat = chat_view(messages)
+    last = max((i for i, m in enumerate(chat) if m["role"] == "assistant"), default=None)
+    if last is None or not chat[last]["content"].strip():
+        return None
+    return {"prompt": chat[:last], "completion": [chat[last]]}
+
+
+def export_records(store: Store, *, successful_only: bool = False, rule: Rule = "improved", top_k: int = 5,
+                   cycle: int | None = None) -> list[dict[str, Any]]:
+    """Records for every finished candidate with a trajectory (or only the successful ones)."""
+    if successful_only:
+        rows = successful(store, rule, top_k, cycle=cycle)
+    else:
+        rows = [r for r in store.candidates(cycle=cycle) if r.kind != "baseline" and r.final]
+    out = []
+    for r in rows:
+        messages = store.get_trajectory(r.id)
+        if not messages:
+            continue
+        parent = store.get(r.parent_id) if r.parent_id else None
+        out.append(export_record(r, messages, parent.accuracy if parent else None))
+    return out
+
+
+def training_examples(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> list[dict[str, Any]]:
+    """Training pairs from the successful candidates of every cycle up to `up_to_cycle`."""
+    out = []
+    for r in successful(store, rule, top_k, up_to_cycle=up_to_cycle):
+        example = sft_example(store.get_trajectory(r.id) or [])
+        if example is not None:
+            out.append(example)
+    return out
+
+
+def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
+    """Writes atomically: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_hf(records: list[dict[str, Any]], path: Path) -> None:
+    """A Hugging Face `datasets` folder (`datasets.load_from_disk`)."""
+    from datasets import Dataset
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty")
+    Dataset.from_list(records).save_to_disk(str(path))

@@ -1,0 +1,201 @@
+"""The LoRA update: trl's SFTTrainer with peft on the cycle's training examples.
+
+The paper's settings are the defaults (DESIGN.md): r=32, alpha=32, dropout 0.05
+on every attention and MLP projection; lr 1e-5, 3 epochs, gradient accumulation
+8, weight decay 0.01, a cosine schedule. The paper also adapts `lm_head`; trl
+(1.16) computes log-probabilities from `lm_head.weight` directly and refuses an
+adapter there ("the adapter would never be trained"), so `lm_head` is off by
+default and turning it on fails with trl's message. Examples are
+conversational prompt-completion pairs (agent/learning.py), so trl renders them
+with the tokenizer's own chat template (the one the hf backend serves with) and
+puts the loss on the completion's tokens only.
+
+An adapter is written to a hidden sibling folder and renamed into place only
+once it is whole, so `adapters/cycle-<k>/` either holds a complete adapter or
+does not exist: an update killed midway leaves nothing the run would load, and
+is redone on resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # llama, qwen, mistral
+               "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
+               "fc1", "fc2", "out_proj", "Wqkv", "wo", "w1", "w2", "w3")
+META_FILE = "deltanas_adapter.json"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 32
+    alpha: int = 32
+    dropout: float = 0.05
+    lr: float = 1e-5
+    epochs: float = 3.0
+    grad_accum: int = 8
+    weight_decay: float = 0.01
+    scheduler: str = "cosine"
+    batch_size: int = 1
+    max_length: int = 2048
+    lm_head: bool = False  # the paper adapts lm_head too; trl 1.16 refuses it (see the module's note)
+    qlora: bool = False  # 4-bit base; needs a GPU and bitsandbytes
+
+
+def target_modules(model, lm_head: bool = True) -> list[str]:
+    """The attention and MLP projections the model has (by their last name), plus lm_head."""
+    import torch
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    found = sorted(names & set(PROJECTIONS))
+    if not found:
+        raise ValueError(f"no attention/MLP projection layers found among {sorted(names)[:20]}")
+    if lm_head and "lm_head" in names:
+        found.append("lm_head")
+    return found
+
+
+def adapter_complete(path: Path) -> bool:
+    p = Path(path)
+    return (p / "adapter_config.json").is_file() and (p / META_FILE).is_file() and any(
+        (p / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin"))
+
+
+def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, settings: LoraSettings,
+                  device: str = "cpu", seed: int = 0, stop=None) -> dict[str, Any]:
+    """Trains a fresh adapter on `examples` and moves it to `out_dir` when whole. Returns
+    {"loss", "steps", "examples", "seconds", ...}. A set `stop` event (threading.Event)
+    aborts at the next step with RunStopped, leaving no adapter."""
+    if not examples:
+        raise ValueError("no training examples")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from datasets.utils.logging import disable_progress_bar
+    from transformers import PrinterCallback
+    from transformers.utils import logging as hf_logging
+    from trl import SFTConfig, SFTTrainer
+
+    from deltanas.agent.llm.hf import CHATML_TEMPLATE, load_pretrained
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bar()
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    quant = {}
+    if settings.qlora:
+        if not device.startswith("cuda"):
+            raise ValueError("QLoRA needs a GPU (learn.qlora = true with a CPU device)")
+        from transformers import BitsAndBytesConfig
+
+        quant = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)}
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tok, net = load_pretrained(model, device, dtype) if not quant else _load_quantized(model, quant)
+    if not quant:
+        _drop_gguf_mark(net)
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE  # the same fallback the hf backend serves with
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+
+    partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir(parents=True)
+    try:
+        args = SFTConfig(
+            output_dir=str(partial / "trainer"), learning_rate=settings.lr, num_train_epochs=settings.epochs,
+            gradient_accumulation_steps=settings.grad_accum, weight_decay=settings.weight_decay,
+            lr_scheduler_type=settings.scheduler, per_device_train_batch_size=settings.batch_size,
+            max_length=settings.max_length, truncation_mode="keep_end", completion_only_loss=True,
+            report_to=[], save_strategy="no",
+            logging_steps=1, seed=seed, use_cpu=device == "cpu", bf16=device != "cpu", disable_tqdm=True,
+            dataloader_num_workers=0)
+        peft_config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                 target_modules=target_modules(net, settings.lm_head), task_type="CAUSAL_LM")
+        trainer = SFTTrainer(model=net, args=args, train_dataset=Dataset.from_list(examples), processing_class=tok,
+                             peft_config=peft_config)
+        trainer.remove_callback(PrinterCallback)  # the run's own view reports the update
+        if stop is not None:
+            trainer.add_callback(_stop_callback(stop))
+        out = trainer.train()
+        adapter = partial / "adapter"
+        trainer.model.save_pretrained(str(adapter))
+        info = {"loss": float(out.training_loss), "steps": int(out.global_step), "examples": len(examples),
+                "seconds": time.perf_counter() - started, "base_model": model,
+                "settings": settings.__dict__, "target_modules": peft_config.target_modules and
+                sorted(peft_config.target_modules)}
+        (adapter / META_FILE).write_text(json.dumps(info, indent=2))
+        _fsync_tree(adapter)
+        if out_dir.exists():  # a complete adapter is never overwritten in place
+            shutil.rmtree(out_dir)
+        os.replace(adapter, out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return info
+
+
+def _stop_callback(stop):
+    """Raises RunStopped between optimizer steps once the run is asked to stop."""
+    from transformers import TrainerCallback
+
+    from deltanas.agent.stopping import RunStopped
+
+    class StopCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.is_set():
+                raise RunStopped("stop requested during the LoRA update")
+            return control
+
+    return StopCallback()
+
+
+def clear_partials(adapters_dir: Path) -> int:
+    """Removes what killed updates left behind; returns how many."""
+    n = 0
+    for p in Path(adapters_dir).glob(".cycle-*.partial-*"):
+        shutil.rmtree(p, ignore_errors=True)
+        n += 1
+    return n
+
+
+def _drop_gguf_mark(net) -> None:
+    """transformers dequantizes a GGUF file into ordinary float weights on load, but keeps a
+    GGUF quantizer on the model, and its Trainer refuses to train one. The weights are plain
+    floats (checked here), so the mark goes."""
+    import torch
+
+    quantizer = getattr(net, "hf_quantizer", None)
+    if quantizer is None or str(quantizer.quantization_config.quant_method).lower().split(".")[-1] != "gguf":
+        return
+    if not all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in net.parameters()):
+        raise ValueError("the GGUF model did not load as float weights; it cannot be trained")
+    net.hf_quantizer = None
+    net.is_quantized = False
+    if hasattr(net.config, "quantization_config"):
+        del net.config.quantization_config
+
+
+def _load_quantized(model: str, quant: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltanas.agent.llm.hf import resolve_model
+
+    loc = resolve_model(model)
+    kwargs = {"local_files_only": True, **({"gguf_file": loc.gguf_file} if loc.gguf_file else {})}
+    return (AutoTokenizer.from_pretrained(loc.path, **kwargs),
+            AutoModelForCausalLM.from_pretrained(loc.path, device_map={"": 0}, **quant, **kwargs))
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in Path(root).rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,218 @@
+"""The learning loop: success rules, export records that datasets and TRL take as they
+stand, and the LoRA update node, with real peft/trl training steps on SmolLM2."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+
+from deltanas.agent.config import load_config
+from deltanas.agent.deps import DatasetInfo, Deps
+from deltanas.agent.learning import export_records, sft_example, successful, training_examples
+from deltanas.agent.llm.coalesce import CoalescingBackend
+from deltanas.agent.llm.scripted import ScriptedBackend
+from deltanas.agent.lora import LoraSettings, adapter_complete, train_adapter
+from deltanas.agent.runner import run_graph
+from deltanas.agent.stopping import RunStopped
+from deltanas.agent.store import CandidateRow, Store
+from deltanas.tools.novelty import NoveltyIndex
+
+from support import InstantExecutor, block_diff
+
+TINY = LoraSettings(r=4, alpha=8, epochs=1, grad_accum=1, max_length=256, lr=1e-4)
+
+
+def make_deps(tmp_path, learner=None, **over) -> Deps:
+    counter = iter(range(10_000))
+    llm = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, f'l{next(counter)}')}```")
+    cfg = load_config(None, {"llm.spec": "mutate", "search.cycles": 2, "search.candidates": 3,
+                             "baselines": ["lenet"], "learn.rule": "valid", **over})
+    run_dir = tmp_path / "run"
+    (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
+    return Deps(config=cfg, llm=CoalescingBackend(llm, window_s=0.01), executor=InstantExecutor(),
+                store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(),
+                dataset=DatasetInfo("synthetic", (1, 28, 28), 10), run_dir=run_dir, learner=learner,
+                learner_note="" if learner else "no learner in this test")
+
+
+# -- success rules ------------------------------------------------------------------------------------------------
+
+def _row(cid, cycle, acc, status="ok", parent="base"):
+    return CandidateRow(id=cid, cycle=cycle, idx=0, kind="delta", dataset="d", status=status, accuracy=acc,
+                        parent_id=parent)
+
+
+def test_success_rules(tmp_path):
+    store = Store(tmp_path / "a.sqlite")
+    store.upsert(CandidateRow(id="base", cycle=-1, idx=0, kind="baseline", dataset="d", status="ok", accuracy=0.5))
+    for row in (_row("a", 0, 0.6), _row("b", 0, 0.4), _row("c", 0, None, "crashed"), _row("d", 1, 0.7),
+                _row("e", 1, 0.55), _row("f", 1, 0.9, "duplicate")):
+        store.upsert(row)
+    ids = lambda rows: sorted(r.id for r in rows)  # noqa: E731
+    assert ids(successful(store, "valid")) == ["a", "b", "d", "e"]
+    assert ids(successful(store, "improved")) == ["a", "d", "e"]  # b fell below its parent's 0.5
+    assert ids(successful(store, "top_k", top_k=1)) == ["a", "d"]
+    assert ids(successful(store, "valid", up_to_cycle=0)) == ["a", "b"]
+    with pytest.raises(ValueError, match="unknown success rule"):
+        successful(store, "best")
+
+
+def test_sft_example_trains_the_answer_that_worked():
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c0", "type": "function", "function": {
+                "name": "propose_diff", "arguments": {"diff": "bad"}}}]},
+            {"role": "tool", "tool_call_id": "c0", "name": "propose_diff", "content": "{}"},
+            {"role": "user", "content": "context_mismatch: fix it"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "propose_diff", "arguments": {"diff": "good"}}}]}]
+    ex = sft_example(msgs)
+    assert ex["completion"] == [{"role": "assistant", "content": "good"}]
+    assert [m["role"] for m in ex["prompt"]] == ["system", "user", "assistant", "user"]
+    assert ex["prompt"][2]["content"] == "bad"
+    assert sft_example(msgs[:2]) is None
+
+
+# -- export -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_export_loads_in_datasets_and_trains_in_trl(tmp_path):
+    deps = make_deps(tmp_path, **{"search.cycles": 1})
+    (deps.run_dir / "config.toml").write_text('[llm]\nspec = "mutate"\n')
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    deps.store.close()
+    out = tmp_path / "t.jsonl"
+    cli = [sys.executable, "-m", "deltanas.agent.cli", "export", str(deps.run_dir)]
+    r = subprocess.run([*cli, "--output", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("3 trajectories")
+    r = subprocess.run([*cli, "--format", "hf", "--output", str(tmp_path / "hf"), "--successful-only",
+                        "--cycle", "0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cli, "--format", "hf", "--output", str(tmp_path / "hf")], capture_output=True, text=True)
+    assert r.returncode == 2 and "not empty" in r.stderr  # never written over
+
+    from datasets import load_dataset, load_from_disk
+
+    ds = load_dataset("json", data_files=str(out), split="train")
+    assert len(ds) == 3
+    wanted = successful(Store(deps.run_dir / "archive.sqlite", readonly=True), "improved", cycle=0)
+    hf = load_from_disk(str(tmp_path / "hf"))
+    assert 0 < len(hf) == len(wanted) and {m["candidate_id"] for m in hf["meta"]} == {r.id for r in wanted}
+    first = ds[0]["messages"]
+    assert [m["role"] for m in first[:3]] == ["system", "user", "assistant"]
+    call = first[2]["tool_calls"][0]
+    assert call["type"] == "function" and call["function"]["name"] == "propose_diff"
+    assert "diff" in json.loads(call["function"]["arguments"])  # OpenAI style: a JSON string
+    assert {m["role"] for m in first} == {"system", "user", "assistant", "tool"}
+    assert ds[0]["meta"]["status"] == "ok"
+
+    # TRL's SFTTrainer takes the records as they stand (messages + tools), with SmolLM2
+    from trl import SFTConfig, SFTTrainer
+
+    from deltanas.agent.llm.hf import load_pretrained
+    from deltanas.agent.lora import _drop_gguf_mark
+
+    tok, net = load_pretrained("smollm2", "cpu")
+    _drop_gguf_mark(net)
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=1,
+                     max_length=512, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = SFTTrainer(model=net, args=args, train_dataset=ds.remove_columns(["meta"]), processing_class=tok)
+    result = trainer.train()
+    assert result.global_step == 1 and math.isfinite(result.training_loss)
+
+
+# -- the LoRA update node -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_lora_update_trains_a_real_adapter_and_hot_swaps_it(tmp_path):
+    def learner(examples, out_dir, stop):
+        return train_adapter("smollm2", examples, out_dir, TINY, device="cpu", stop=stop)
+
+    deps = make_deps(tmp_path, learner, **{"search.candidates": 2})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    adapters = deps.store.adapters()
+    assert [a["cycle"] for a in adapters] == [0, 1] and all(a["status"] == "trained" for a in adapters), adapters
+    assert adapters[0]["examples"] == 2 and adapters[1]["examples"] == 4  # cumulative over cycles
+    assert all(math.isfinite(a["loss"]) and a["steps"] >= 1 for a in adapters)
+    for k in (0, 1):
+        assert adapter_complete(deps.run_dir / "adapters" / f"cycle-{k}")
+    assert deps.llm.inner.adapters == [str(deps.run_dir / "adapters" / f"cycle-{k}") for k in (0, 1)]
+    assert not list((deps.run_dir / "adapters").glob(".*"))  # no partial folder left
+
+    # the hf backend generates with it
+    from deltanas.agent.llm.base import Prompt, Sampling
+    from deltanas.agent.llm.hf import HFBackend
+
+    hf = HFBackend("smollm2", device="cpu")
+    hf.load_adapter(str(deps.run_dir / "adapters" / "cycle-1"))
+    out = hf.generate([Prompt(messages=[{"role": "user", "content": "Say hi"}])],
+                      Sampling(max_new_tokens=4, temperature=0.0))
+    assert hf.active_adapter == "cycle-1" and out[0].completion_tokens > 0
+
+
+def test_update_skipped_without_successes_or_learner_and_recorded(tmp_path):
+    deps = make_deps(tmp_path, learner=None, **{"search.cycles": 1})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    (a,) = deps.store.adapters()
+    assert a["status"] == "skipped" and a["note"] == "no learner in this test"
+    calls = []
+    deps2 = make_deps(tmp_path / "2", learner=lambda *a: calls.append(a),
+                      **{"search.cycles": 1, "learn.min_examples": 50})
+    assert run_graph(deps2, InMemorySaver()).status == "finished"
+    (a,) = deps2.store.adapters()
+    assert a["status"] == "skipped" and "fewer than learn.min_examples = 50" in a["note"] and calls == []
+
+
+def test_a_failed_update_is_recorded_and_the_run_goes_on(tmp_path):
+    def broken(examples, out_dir, stop):
+        raise RuntimeError("CUDA out of memory in the trainer")
+
+    deps = make_deps(tmp_path, broken)
+    out = run_graph(deps, InMemorySaver())
+    assert out.status == "finished", out.error
+    assert [a["status"] for a in deps.store.adapters()] == ["failed", "failed"]
+    assert "out of memory" in deps.store.adapters()[0]["note"]
+    assert len([r for r in deps.store.candidates() if r.cycle == 1]) == 3
+
+
+def test_an_interrupted_update_leaves_nothing_half_written_and_resume_redoes_it(tmp_path):
+    """The first update is stopped midway (as Ctrl-C or a kill would): its partial folder is
+    never used, and the resumed run trains the adapter again and goes on."""
+    stop_now = threading.Event()
+    trained = []
+
+    leftover = []
+
+    def learner(examples, out_dir, stop):
+        partial = out_dir.parent / f".{out_dir.name}.partial-x"
+        leftover.append(partial.exists())  # the node clears what a killed update left
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "adapter_config.json").write_text("{}")
+        if not trained and not stop_now.is_set():
+            stop_now.set()
+            raise RunStopped("stopped during the update")  # its partial folder stays, as after a kill
+        shutil.rmtree(partial)
+        out_dir.mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors", "deltanas_adapter.json"):
+            (out_dir / name).write_text("{}")
+        trained.append(len(examples))
+        return {"loss": 1.0, "steps": 1, "seconds": 0.1}
+
+    deps = make_deps(tmp_path, learner)
+    saver = InMemorySaver()
+    first = run_graph(deps, saver)
+    assert first.status == "stopped"
+    assert deps.store.adapters() == [] and not (deps.run_dir / "adapters" / "cycle-0").exists()
+    again = run_graph(deps, saver)
+    assert again.status == "finished", again.error
+    assert [a["status"] for a in deps.store.adapters()] == ["trained", "trained"] and trained == [3, 6]
+    assert leftover == [False, False, False]
+    assert not list((deps.run_dir / "adapters").glob(".*"))
+    assert len(training_examples(deps.store, "valid", 5, up_to_cycle=1)) == 6
+    assert len(export_records(deps.store)) == 6
