@@ -5,6 +5,7 @@
     deltanas run --resume runs/run        continue a stopped or killed run
     deltanas status runs/run [--json]
     deltanas export runs/run [--format jsonl|hf] [--output PATH] [--successful-only] [--cycle K]
+    deltanas report runs/run [--output DIR]
     deltanas diff apply BASE.py DIFF [--output FILE] [--json]
     deltanas eval MODEL.py [--dataset mnist] [--json]
     deltanas zoo list [--json] | deltanas zoo show NAME
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--successful-only", action="store_true", help="only those passing the run's success rule")
     x.add_argument("--rule", choices=["improved", "valid", "top_k"], help="the success rule (default: the run's)")
     x.add_argument("--cycle", type=int, help="one cycle only")
+
+    rp = sub.add_parser("report", help="per-cycle metrics from the archive: PNG plots and a markdown summary")
+    rp.add_argument("dir")
+    rp.add_argument("--output", help="default: DIR/report")
+    rp.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
 
     d = sub.add_parser("diff", help="diff tools")
     dsub = d.add_subparsers(dest="diff_command", required=True, metavar="SUBCOMMAND")
@@ -216,6 +222,25 @@ def cmd_export(a: argparse.Namespace) -> int:
         except FileExistsError as e:
             raise CLIError(str(e)) from None
     print(f"{len(records)} trajectories written to {out}")
+    return EXIT_OK
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from deltanas.agent.report import print_table, write_report
+    from deltanas.agent.rundir import ARCHIVE_FILE
+    from deltanas.agent.store import Store
+
+    path = Path(a.dir)
+    if not (path / ARCHIVE_FILE).exists():
+        raise CLIError(f"{path}: no {ARCHIVE_FILE} here; is it a deltanas run directory?")
+    metrics, out = write_report(path, Store(path / ARCHIVE_FILE, readonly=True), a.output)
+    if a.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print_table(Console(), metrics)
+        print(f"report written to {out}/ (summary.md and 4 plots)")
     return EXIT_OK
 
 
@@ -362,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "diff":
             return cmd_diff_apply(args)
         if args.command == "eval":

@@ -1,0 +1,176 @@
+"""Per-cycle metrics of a run, recomputed from its archive, and `deltanas report`'s output:
+PNG plots and a markdown summary under `report/`, and the same table in the terminal.
+
+Definitions (every number comes from the candidates table and the adapters table):
+
+- valid rate: candidates whose change applied and trained to an `ok` result, over all
+  candidates of the cycle (duplicates are not trained, so they are not valid here);
+- applied rate: candidates whose change applied (any status but `apply_failed`);
+- novelty rejections: candidates that applied but were near-copies (`duplicate`);
+- repair success: of the candidates that needed a repair, those whose change finally applied;
+- accuracy: first-epoch test accuracy of the cycle's `ok` candidates (mean and best);
+- diff lines: lines added plus removed, over the candidates that applied;
+- tokens: prompt and completion tokens per candidate (the first proposal and every repair);
+- seconds: generation and proxy-training time summed over the cycle; the LoRA update's time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from deltanas.agent.store import CandidateRow, Store
+
+COLUMNS = [("cycle", "cycle"), ("candidates", "n"), ("valid_rate", "valid"), ("applied_rate", "applied"),
+           ("novelty_rejections", "dup"), ("repair_success", "repair ok"), ("mean_accuracy", "mean acc"),
+           ("best_accuracy", "best acc"), ("mean_diff_lines", "diff lines"), ("prompt_tokens", "in tok/cand"),
+           ("completion_tokens", "out tok/cand"), ("gen_seconds", "gen s"), ("train_seconds", "train s"),
+           ("lora", "LoRA update")]
+
+
+def cycle_metrics(rows: list[CandidateRow]) -> dict[str, Any]:
+    n = len(rows)
+    applied = [r for r in rows if r.status != "apply_failed"]
+    ok = [r for r in rows if r.status == "ok" and r.accuracy is not None]
+    repaired = [r for r in rows if r.attempts > 0]
+    return {
+        "candidates": n,
+        "valid_rate": len(ok) / n if n else None,
+        "applied_rate": len(applied) / n if n else None,
+        "novelty_rejections": sum(1 for r in rows if r.status == "duplicate"),
+        "repair_success": (sum(1 for r in repaired if r.status != "apply_failed") / len(repaired)) if repaired else None,
+        "mean_accuracy": mean(r.accuracy for r in ok) if ok else None,
+        "best_accuracy": max(r.accuracy for r in ok) if ok else None,
+        "accuracies": [r.accuracy for r in ok],
+        "mean_diff_lines": mean((r.added or 0) + (r.removed or 0) for r in applied) if applied else None,
+        "diff_lines": [(r.added or 0) + (r.removed or 0) for r in applied],
+        "prompt_tokens": mean(r.prompt_tokens for r in rows) if rows else None,
+        "completion_tokens": mean(r.completion_tokens for r in rows) if rows else None,
+        "gen_seconds": sum(r.gen_seconds for r in rows),
+        "train_seconds": sum(r.train_seconds or 0.0 for r in rows),
+        "modes": sorted({r.kind for r in rows}),
+    }
+
+
+def run_metrics(store: Store) -> dict[str, Any]:
+    rows = store.candidates()
+    cycles = sorted({r.cycle for r in rows if r.cycle >= 0})
+    adapters = {a["cycle"]: a for a in store.adapters()}
+    per_cycle = []
+    for c in cycles:
+        m = {"cycle": c, **cycle_metrics([r for r in rows if r.cycle == c])}
+        a = adapters.get(c)
+        m["lora"] = ({"status": a["status"], "examples": a["examples"], "loss": a["loss"], "seconds": a["seconds"],
+                      "note": a["note"]} if a else None)
+        per_cycle.append(m)
+    searched = [r for r in rows if r.cycle >= 0]
+    return {"baselines": {r.id: r.accuracy for r in rows if r.cycle < 0}, "cycles": per_cycle,
+            "overall": cycle_metrics(searched)}
+
+
+def _cell(key: str, v: Any) -> str:
+    if v is None:
+        return "—"
+    if key.endswith("_rate") or key == "repair_success":
+        return f"{100 * v:.1f}%"
+    if key.endswith("accuracy"):
+        return f"{100 * v:.2f}%"
+    if key == "lora":
+        if v["status"] != "trained":
+            return v["status"]
+        return f"{v['examples']} ex, loss {v['loss']:.3f}, {v['seconds']:.0f}s"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    return [[_cell(k, m.get(k)) for k, _ in COLUMNS] for m in metrics["cycles"]]
+
+
+def markdown(metrics: dict[str, Any], run_dir: Path) -> str:
+    heads = [h for _, h in COLUMNS]
+    lines = [f"# Run report: {run_dir.name}", "",
+             "Recomputed from `archive.sqlite`; definitions in `deltanas/agent/report.py`.", "",
+             "Baselines (first-epoch accuracy): " + ", ".join(
+                 f"{k.removeprefix('base-')} {_cell('accuracy', v)}" for k, v in metrics["baselines"].items()), "",
+             "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(metrics)]
+    o = metrics["overall"]
+    lines += ["", f"Overall: {o['candidates']} candidates, valid {_cell('valid_rate', o['valid_rate'])}, "
+              f"applied {_cell('applied_rate', o['applied_rate'])}, mean accuracy "
+              f"{_cell('mean_accuracy', o['mean_accuracy'])}, best {_cell('best_accuracy', o['best_accuracy'])}, "
+              f"mode(s): {', '.join(o['modes']) or '—'}.", "",
+              "![valid rate](valid_rate.png) ![accuracy](accuracy.png)",
+              "![accuracy distribution](accuracy_hist.png) ![diff lines](diff_lines.png)", ""]
+    return "\n".join(lines)
+
+
+def plots(metrics: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cyc = [m["cycle"] for m in metrics["cycles"]]
+    files = []
+
+    def save(fig, name):
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(cyc, [100 * (m["valid_rate"] or 0) for m in metrics["cycles"]], marker="o", label="valid")
+    ax.plot(cyc, [100 * (m["applied_rate"] or 0) for m in metrics["cycles"]], marker="s", label="applied")
+    ax.set(xlabel="cycle", ylabel="% of candidates", title="valid rate per cycle", ylim=(0, 100))
+    ax.legend()
+    save(fig, "valid_rate.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    pts = [(m["cycle"], m["mean_accuracy"], m["best_accuracy"]) for m in metrics["cycles"] if m["mean_accuracy"]]
+    if pts:
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label="mean")
+        ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], marker="^", label="best")
+    for name, acc in metrics["baselines"].items():
+        if acc is not None:
+            ax.axhline(100 * acc, linestyle=":", linewidth=1, color="grey")
+    ax.set(xlabel="cycle", ylabel="first-epoch accuracy (%)", title="accuracy per cycle (dotted: baselines)")
+    if pts:
+        ax.legend()
+    save(fig, "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    accs = [100 * a for m in metrics["cycles"] for a in m["accuracies"]]
+    ax.hist(accs, bins=20)
+    ax.set(xlabel="first-epoch accuracy (%)", ylabel="candidates", title=f"accuracy distribution ({len(accs)} valid)")
+    save(fig, "accuracy_hist.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lines = [d for m in metrics["cycles"] for d in m["diff_lines"]]
+    ax.hist(lines, bins=20)
+    ax.set(xlabel="diff lines (added + removed)", ylabel="candidates", title="diff length")
+    save(fig, "diff_lines.png")
+    return files
+
+
+def write_report(run_dir: Path, store: Store, out: Path | None = None) -> tuple[dict[str, Any], Path]:
+    out = Path(out) if out else Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = run_metrics(store)
+    plots(metrics, out)
+    (out / "summary.md").write_text(markdown(metrics, Path(run_dir)), encoding="utf-8")
+    return metrics, out
+
+
+def print_table(console, metrics: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title="per-cycle metrics", title_justify="left")
+    for _, head in COLUMNS:
+        t.add_column(head, no_wrap=True)
+    for row in table_rows(metrics):
+        t.add_row(*row)
+    console.print(t)
