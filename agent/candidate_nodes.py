@@ -49,7 +49,7 @@ def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
                                     attempt=attempt, max_attempts=s.max_repairs, mode=s.mode)
     messages = [*state["messages"], turn]
     prompt = Prompt(messages=chat_view(messages), base_source=_parent_source(state, deps), mode=s.mode)
-    comp = deps.llm.generate([prompt], deps.sampling)[0]
+    comp = deps.proposer(state["cycle"]).generate([prompt], deps.sampling)[0]
     return {"messages": proposal_step(messages, comp.text), "completion": comp.text, "attempts": attempt,
             "prompt_tokens": state.get("prompt_tokens", 0) + comp.prompt_tokens,
             "completion_tokens": state.get("completion_tokens", 0) + comp.completion_tokens}

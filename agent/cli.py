@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--name", help="run name (default: run)")
     r.add_argument("--run-dir", metavar="DIR", help="default: runs/<name>")
+    r.add_argument("--preset", choices=["paper", "quick"],
+                   help="paper: the paper's protocol (22 x 50, its decoding and LoRA settings); quick: a CPU-sized "
+                        "loop with a mutator cold start. --config and flags override it")
     r.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     r.add_argument("--plain", action="store_true", help="line-by-line output instead of the live view")
 
@@ -156,12 +159,14 @@ def cmd_run(a: argparse.Namespace) -> int:
             raise CLIError("--resume takes its config from the run directory; drop --config/--run-dir")
         allowed = {"search.cycles": a.cycles}
         other = {k: v for k, v in _run_overrides(a).items() if v is not None and k not in allowed}
+        if a.preset:
+            other["--preset"] = a.preset
         if other:
             raise CLIError(f"--resume can only extend --cycles; these would change the run: {', '.join(other)}")
         run_dir = Path(a.resume)
         cfg = rundir.open_run_dir(run_dir, allowed)
     else:
-        cfg = load_config(a.config, _run_overrides(a))
+        cfg = load_config(a.config, _run_overrides(a), preset=a.preset)
         run_dir = Path(a.run_dir) if a.run_dir else rundir.default_run_dir(cfg)
     if a.print_config:
         print(dump_toml(cfg), end="")

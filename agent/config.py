@@ -123,6 +123,9 @@ class LearnConfig(_Section):
     rule: Literal["improved", "valid", "top_k"] = "improved"
     """Which candidates teach: valid, novel and at least the parent's accuracy; valid and novel; the top k."""
     top_k: int = Field(5, gt=0)
+    cold_start_cycles: int = Field(0, ge=0)
+    """Cycles proposed by the rule-based mutator before the model: their successful variants are
+    the cold-start training pairs (a baseline, a variant that trained as well or better, the diff)."""
     min_examples: int = Field(1, gt=0)
     """Fewer successful trajectories than this and the update is skipped (and recorded as skipped)."""
     r: int = Field(32, gt=0)
@@ -197,15 +200,34 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read TOML (optional), apply dotted-key overrides (`search.cycles`), validate."""
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's protocol (DESIGN.md): 22 cycles of 50, its decoding, 2 repairs, LoRA after each cycle
+    # with its settings (the [learn] defaults).
+    "paper": {"search.cycles": 22, "search.candidates": 50, "search.max_repairs": 2, "llm.temperature": 0.35,
+              "llm.top_k": 50, "llm.top_p": 0.9, "llm.max_new_tokens": 1024, "learn.enabled": True},
+    # A CPU-sized loop: one cycle of mutator cold-start pairs, then the model with short LoRA updates.
+    "quick": {"search.cycles": 4, "search.candidates": 4, "llm.max_new_tokens": 384, "learn.cold_start_cycles": 1,
+              "learn.epochs": 1.0, "learn.grad_accum": 1, "learn.lr": 1e-4, "learn.max_length": 1536,
+              "learn.rule": "valid", "data.limit_train": 10000},
+}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                preset: str | None = None) -> Config:
+    """Read TOML (optional) over a preset (optional), apply dotted-key overrides (`search.cycles`),
+    validate. A config file and the overrides win over the preset."""
     data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+        for key, value in PRESETS[preset].items():
+            _set_dotted(data, key, value)
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = tomllib.loads(p.read_text())
+            _merge(data, tomllib.loads(p.read_text()))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     for key, value in (overrides or {}).items():
@@ -215,6 +237,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(e)) from None
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def dump_toml(cfg: Config) -> str:

@@ -105,7 +105,9 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
         chats.append(chat)
         prompts.append(Prompt(messages=chat, base_source=parent.source, mode=s.mode))
     started = time.perf_counter()
-    completions = deps.llm.generate(prompts, deps.sampling)
+    llm = deps.proposer(cycle)
+    deps.store.set_meta(f"proposer:{cycle}", getattr(llm, "name", type(llm).__name__))
+    completions = llm.generate(prompts, deps.sampling)
     per_candidate = (time.perf_counter() - started) / max(1, len(prompts))
     proposals: list[Proposal] = []
     for idx, (pid, chat, comp) in enumerate(zip(parent_ids, chats, completions)):

@@ -34,6 +34,14 @@ class Deps:
     learner: Callable[[list[dict[str, Any]], Path, threading.Event], dict[str, Any]] | None = None
     """Trains a LoRA adapter on examples into a folder (agent/lora.py); None: no update, see `learner_note`."""
     learner_note: str = ""
+    cold_llm: LLMBackend | None = None
+    """Proposes the first `learn.cold_start_cycles` cycles (the mutate backend): their successful
+    candidates are the cold-start pairs the first LoRA update trains on."""
+
+    def proposer(self, cycle: int) -> LLMBackend:
+        if self.cold_llm is not None and cycle < self.config.learn.cold_start_cycles:
+            return self.cold_llm
+        return self.llm
 
     @property
     def sampling(self) -> Sampling:

@@ -21,7 +21,7 @@ from typing import Any
 
 from deltanas.agent.store import CandidateRow, Store
 
-COLUMNS = [("cycle", "cycle"), ("candidates", "n"), ("valid_rate", "valid"), ("applied_rate", "applied"),
+COLUMNS = [("cycle", "cycle"), ("proposer", "proposer"), ("candidates", "n"), ("valid_rate", "valid"), ("applied_rate", "applied"),
            ("novelty_rejections", "dup"), ("repair_success", "repair ok"), ("mean_accuracy", "mean acc"),
            ("best_accuracy", "best acc"), ("mean_diff_lines", "diff lines"), ("prompt_tokens", "in tok/cand"),
            ("completion_tokens", "out tok/cand"), ("gen_seconds", "gen s"), ("train_seconds", "train s"),
@@ -58,7 +58,7 @@ def run_metrics(store: Store) -> dict[str, Any]:
     adapters = {a["cycle"]: a for a in store.adapters()}
     per_cycle = []
     for c in cycles:
-        m = {"cycle": c, **cycle_metrics([r for r in rows if r.cycle == c])}
+        m = {"cycle": c, "proposer": store.get_meta(f"proposer:{c}"), **cycle_metrics([r for r in rows if r.cycle == c])}
         a = adapters.get(c)
         m["lora"] = ({"status": a["status"], "examples": a["examples"], "loss": a["loss"], "seconds": a["seconds"],
                       "note": a["note"]} if a else None)

@@ -159,9 +159,14 @@ def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, san
         if row.minhash and (row.kind == "baseline" or row.novel):
             index.add(row.id, index.from_hashvalues(row.minhash))
     learn, note = (learner, "") if learner is not None else make_learner(cfg)
+    cold = None
+    if cfg.learn.cold_start_cycles:
+        from deltanas.agent.llm.factory import make_backend
+
+        cold = CoalescingBackend(make_backend("mutate", seed=cfg.search.seed))
     deps = Deps(config=cfg, llm=llm if llm is not None else make_llm(cfg), executor=executor, store=store,
                 novelty=index, dataset=DatasetInfo(ds.name, tuple(ds.in_shape), ds.num_classes), run_dir=run_dir,
-                stop=stop, learner=learn, learner_note=note)
+                stop=stop, learner=learn, learner_note=note, cold_llm=cold)
     if learn is not None:
         restore_adapter(deps)
     return deps

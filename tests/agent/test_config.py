@@ -56,3 +56,20 @@ def test_missing_file():
 def test_model_forbids_extra_directly():
     with pytest.raises(Exception):
         Config.model_validate({"llm": {"spec": "mutate", "temperture": 0.2}})
+
+
+def test_presets_are_overridden_by_the_file_and_the_flags(tmp_path):
+    from deltanas.agent.config import ConfigError, load_config
+
+    paper = load_config(None, {}, preset="paper")
+    assert (paper.search.cycles, paper.search.candidates, paper.llm.max_new_tokens) == (22, 50, 1024)
+    assert (paper.learn.r, paper.learn.alpha, paper.learn.lr, paper.learn.epochs, paper.learn.grad_accum) == \
+        (32, 32, 1e-5, 3.0, 8)
+    f = tmp_path / "c.toml"
+    f.write_text("[search]\ncandidates = 7\n")
+    cfg = load_config(f, {"search.cycles": 3}, preset="paper")
+    assert (cfg.search.cycles, cfg.search.candidates, cfg.llm.max_new_tokens) == (3, 7, 1024)
+    quick = load_config(None, {}, preset="quick")
+    assert quick.learn.cold_start_cycles == 1 and quick.search.cycles == 4
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(None, {}, preset="fast")

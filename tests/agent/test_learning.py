@@ -216,3 +216,28 @@ def test_an_interrupted_update_leaves_nothing_half_written_and_resume_redoes_it(
     assert not list((deps.run_dir / "adapters").glob(".*"))
     assert len(training_examples(deps.store, "valid", 5, up_to_cycle=1)) == 6
     assert len(export_records(deps.store)) == 6
+
+
+def test_cold_start_cycles_are_proposed_by_the_mutator_and_teach_the_first_update(tmp_path):
+    from deltanas.agent.llm.mutate import MutateBackend
+
+    seen = []
+
+    def learner(examples, out_dir, stop):
+        seen.append(examples)
+        out_dir.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors", "deltanas_adapter.json"):
+            (out_dir / name).write_text("{}")
+        return {"loss": 1.0, "steps": 1, "seconds": 0.1}
+
+    deps = make_deps(tmp_path, learner, **{"learn.cold_start_cycles": 1})
+    deps.cold_llm = CoalescingBackend(MutateBackend(seed=0), window_s=0.01)
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    assert deps.store.get_meta("proposer:0") == "mutate" and deps.store.get_meta("proposer:1") == "scripted"
+    assert len(deps.llm.inner.calls) >= 1  # the model proposed cycle 1 only
+    assert all(p.messages[1]["content"] for batch in deps.llm.inner.calls for p in batch)
+    ok0 = [r for r in deps.store.candidates(cycle=0) if r.status == "ok"]
+    assert ok0 and len(seen[0]) == len(ok0)  # the first update learnt from the mutator's successes
+    assert all("```" in ex["completion"][0]["content"] or "---" in ex["completion"][0]["content"] for ex in seen[0])
+    # the model got the first adapter before it proposed anything
+    assert deps.llm.inner.adapters[0].endswith("cycle-0")
