@@ -78,14 +78,19 @@ def _cell(key: str, v: Any) -> str:
     if key == "lora":
         if v["status"] != "trained":
             return v["status"]
-        return f"{v['examples']} ex, loss {v['loss']:.3f}, {v['seconds']:.0f}s"
+        return f"{v['examples']} ex, loss {v['loss']:.3f}, {v['seconds']:.0f} s"
     if isinstance(v, float):
         return f"{v:.1f}"
     return str(v)
 
 
-def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    return [[_cell(k, m.get(k)) for k, _ in COLUMNS] for m in metrics["cycles"]]
+TERMINAL = ("cycle", "proposer", "candidates", "valid_rate", "applied_rate", "novelty_rejections", "mean_accuracy",
+            "best_accuracy", "mean_diff_lines", "completion_tokens", "lora")  # the rest is in summary.md
+
+
+def table_rows(metrics: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[list[str]]:
+    keys = keys or tuple(k for k, _ in COLUMNS)
+    return [[_cell(k, m.get(k)) for k in keys] for m in metrics["cycles"]]
 
 
 def markdown(metrics: dict[str, Any], run_dir: Path) -> str:
@@ -168,9 +173,10 @@ def write_report(run_dir: Path, store: Store, out: Path | None = None) -> tuple[
 def print_table(console, metrics: dict[str, Any]) -> None:
     from rich.table import Table
 
-    t = Table(title="per-cycle metrics", title_justify="left")
-    for _, head in COLUMNS:
-        t.add_column(head, no_wrap=True)
-    for row in table_rows(metrics):
+    heads = dict(COLUMNS)
+    t = Table(title="per-cycle metrics (all columns in report/summary.md)", title_justify="left")
+    for key in TERMINAL:
+        t.add_column(heads[key], overflow="fold")
+    for row in table_rows(metrics, TERMINAL):
         t.add_row(*row)
     console.print(t)
