@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from deltanas.agent.deps import Deps
-from deltanas.agent.learning import training_examples
+from deltanas.agent.learning import training_set
 from deltanas.agent.llm.base import Prompt
 from deltanas.agent.lora import adapter_complete, clear_partials
 from deltanas.agent.selection import select_parents as tournament
@@ -183,20 +183,27 @@ def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:
         return {}
     adapters_dir = deps.run_dir / "adapters"
     out = adapters_dir / f"cycle-{k}"
-    done = {a["cycle"]: a for a in deps.store.adapters()}
-    if k in done and done[k]["status"] == "trained" and adapter_complete(out):
-        deps.llm.load_adapter(str(out))  # a resume after the update: use it, do not train again
+    history = deps.store.adapters()
+    done = {a["cycle"]: a for a in history}
+    if k in done and done[k]["status"] in ("trained", "reused") and adapter_complete(deps.run_dir / done[k]["path"]):
+        deps.llm.load_adapter(str(deps.run_dir / done[k]["path"]))  # a resume after the update: use it again
         return {}
     if k in done and done[k]["status"] in ("skipped", "failed"):
         return {}
     if deps.learner is None:
         deps.store.put_adapter(k, "skipped", note=deps.learner_note)
         return {}
-    examples = training_examples(deps.store, cfg.rule, cfg.top_k, up_to_cycle=k)
+    ids, examples = training_set(deps.store, cfg.rule, cfg.top_k, up_to_cycle=k)
     if len(examples) < cfg.min_examples:
         deps.store.put_adapter(k, "skipped", examples=len(examples),
                                note=f"{len(examples)} successful trajectories (rule {cfg.rule}), fewer than "
                                     f"learn.min_examples = {cfg.min_examples}")
+        return {}
+    last = next((a for a in reversed(history) if a["status"] in ("trained", "reused") and a["cycle"] < k), None)
+    if last is not None and last["example_ids"] == ids and adapter_complete(deps.run_dir / last["path"]):
+        # Nothing new to learn from: the adapter in use was trained on exactly these examples.
+        deps.store.put_adapter(k, "reused", path=last["path"], examples=len(ids), loss=last["loss"], steps=0,
+                               seconds=0.0, note=f"trained on the same examples: {last['path']}", example_ids=ids)
         return {}
     clear_partials(adapters_dir)
     deps.check_stop()
@@ -210,6 +217,6 @@ def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:
         deps.store.put_adapter(k, "failed", examples=len(examples), note=f"{type(e).__name__}: {text}")
         return {}
     deps.store.put_adapter(k, "trained", path=f"adapters/cycle-{k}", examples=len(examples),
-                           loss=info.get("loss"), steps=info.get("steps"), seconds=info.get("seconds"))
+                           loss=info.get("loss"), steps=info.get("steps"), seconds=info.get("seconds"), example_ids=ids)
     deps.llm.load_adapter(str(out))
     return {}

@@ -104,14 +104,19 @@ def export_records(store: Store, *, successful_only: bool = False, rule: Rule = 
     return out
 
 
-def training_examples(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> list[dict[str, Any]]:
-    """Training pairs from the successful candidates of every cycle up to `up_to_cycle`."""
-    out = []
+def training_set(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """(candidate ids, training pairs) from the successful candidates of every cycle up to `up_to_cycle`."""
+    ids, out = [], []
     for r in successful(store, rule, top_k, up_to_cycle=up_to_cycle):
         example = sft_example(store.get_trajectory(r.id) or [])
         if example is not None:
+            ids.append(r.id)
             out.append(example)
-    return out
+    return ids, out
+
+
+def training_examples(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> list[dict[str, Any]]:
+    return training_set(store, rule, top_k, up_to_cycle)[1]
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 
 from deltanas.agent.store import CandidateRow, Store
 
-COLUMNS = [("cycle", "cycle"), ("proposer", "proposer"), ("candidates", "n"), ("valid_rate", "valid"), ("applied_rate", "applied"),
+COLUMNS = [("cycle", "cycle"), ("proposer", "proposer"), ("candidates", "n"), ("valid_rate", "valid"),
+           ("applied_rate", "applied"),
            ("novelty_rejections", "dup"), ("repair_success", "repair ok"), ("mean_accuracy", "mean acc"),
            ("best_accuracy", "best acc"), ("mean_diff_lines", "diff lines"), ("prompt_tokens", "in tok/cand"),
            ("completion_tokens", "out tok/cand"), ("gen_seconds", "gen s"), ("train_seconds", "train s"),
@@ -38,7 +39,8 @@ def cycle_metrics(rows: list[CandidateRow]) -> dict[str, Any]:
         "valid_rate": len(ok) / n if n else None,
         "applied_rate": len(applied) / n if n else None,
         "novelty_rejections": sum(1 for r in rows if r.status == "duplicate"),
-        "repair_success": (sum(1 for r in repaired if r.status != "apply_failed") / len(repaired)) if repaired else None,
+        "repair_success": (sum(1 for r in repaired if r.status != "apply_failed") / len(repaired)
+                           if repaired else None),
         "mean_accuracy": mean(r.accuracy for r in ok) if ok else None,
         "best_accuracy": max(r.accuracy for r in ok) if ok else None,
         "accuracies": [r.accuracy for r in ok],
@@ -58,7 +60,8 @@ def run_metrics(store: Store) -> dict[str, Any]:
     adapters = {a["cycle"]: a for a in store.adapters()}
     per_cycle = []
     for c in cycles:
-        m = {"cycle": c, "proposer": store.get_meta(f"proposer:{c}"), **cycle_metrics([r for r in rows if r.cycle == c])}
+        m = {"cycle": c, "proposer": store.get_meta(f"proposer:{c}"),
+             **cycle_metrics([r for r in rows if r.cycle == c])}
         a = adapters.get(c)
         m["lora"] = ({"status": a["status"], "examples": a["examples"], "loss": a["loss"], "seconds": a["seconds"],
                       "note": a["note"]} if a else None)
@@ -76,6 +79,8 @@ def _cell(key: str, v: Any) -> str:
     if key.endswith("accuracy"):
         return f"{100 * v:.2f}%"
     if key == "lora":
+        if v["status"] == "reused":
+            return f"reused ({v['note']})"
         if v["status"] != "trained":
             return v["status"]
         return f"{v['examples']} ex, loss {v['loss']:.3f}, {v['seconds']:.0f} s"

@@ -129,7 +129,7 @@ def restore_adapter(deps: Deps) -> str | None:
 
     for a in reversed(deps.store.adapters()):
         path = deps.run_dir / (a.get("path") or "")
-        if a["status"] == "trained" and a.get("path") and adapter_complete(path):
+        if a["status"] in ("trained", "reused") and a.get("path") and adapter_complete(path):
             deps.llm.load_adapter(str(path))
             return str(path)
     return None

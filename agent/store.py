@@ -50,12 +50,13 @@ CREATE TABLE IF NOT EXISTS cycles (
 );
 CREATE TABLE IF NOT EXISTS adapters (   -- one LoRA update per finished cycle
     cycle INTEGER PRIMARY KEY,
-    status TEXT NOT NULL,              -- trained | skipped | failed
+    status TEXT NOT NULL,              -- trained | reused | skipped | failed
     path TEXT,                         -- adapters/cycle-<k>, relative to the run dir
     examples INTEGER NOT NULL DEFAULT 0,
     loss REAL, steps INTEGER, seconds REAL,
     note TEXT,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    example_ids TEXT                   -- JSON list of the candidates it learnt from
 );
 """
 
@@ -228,10 +229,11 @@ class Store:
     # --- adapters -----------------------------------------------------------------------
     def put_adapter(self, cycle: int, status: str, *, path: str | None = None, examples: int = 0,
                     loss: float | None = None, steps: int | None = None, seconds: float | None = None,
-                    note: str = "") -> None:
+                    note: str = "", example_ids: list[str] | None = None) -> None:
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (cycle, status, path, examples, loss, steps, seconds, note, time.time()))
+            c.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (cycle, status, path, examples, loss, steps, seconds, note, time.time(),
+                       json.dumps(example_ids) if example_ids is not None else None))
 
     def adapters(self) -> list[dict]:
         with self._lock:
@@ -239,7 +241,10 @@ class Store:
                 rows = self._conn.execute("SELECT * FROM adapters ORDER BY cycle").fetchall()
             except sqlite3.OperationalError:  # an archive from before adapters, opened read-only
                 return []
-        return [dict(r) for r in rows]
+        out = [dict(r) for r in rows]
+        for a in out:
+            a["example_ids"] = json.loads(a["example_ids"]) if a.get("example_ids") else None
+        return out
 
     def cycles(self) -> list[dict]:
         with self._lock:

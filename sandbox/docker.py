@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from deltanas.sandbox.base import Job, Result
-from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back, tree_size
+from deltanas.sandbox.jobfiles import (DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back,
+                                       tree_size)
 from deltanas.sandbox.pool import WarmPool, WorkerKey
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
 

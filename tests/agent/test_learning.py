@@ -241,3 +241,25 @@ def test_cold_start_cycles_are_proposed_by_the_mutator_and_teach_the_first_updat
     assert all("```" in ex["completion"][0]["content"] or "---" in ex["completion"][0]["content"] for ex in seen[0])
     # the model got the first adapter before it proposed anything
     assert deps.llm.inner.adapters[0].endswith("cycle-0")
+
+
+def test_an_adapter_is_reused_when_nothing_new_was_learnt(tmp_path):
+    trained = []
+
+    def learner(examples, out_dir, stop):
+        trained.append(len(examples))
+        out_dir.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors", "deltanas_adapter.json"):
+            (out_dir / name).write_text("{}")
+        return {"loss": 0.5, "steps": 1, "seconds": 0.1}
+
+    deps = make_deps(tmp_path, learner, **{"search.cycles": 3})
+    counter = iter(range(10_000))
+    deps.llm = CoalescingBackend(ScriptedBackend(
+        lambda p: (n := next(counter)) < 3 and f"```diff\n{block_diff(p.base_source, f'u{n}')}```" or "no idea"),
+        window_s=0.01)
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    adapters = deps.store.adapters()
+    assert [a["status"] for a in adapters] == ["trained", "reused", "reused"] and trained == [3]
+    assert adapters[2]["path"] == "adapters/cycle-0" and adapters[2]["note"] == "trained on the same examples: adapters/cycle-0"
+    assert adapters[0]["example_ids"] == [r.id for r in deps.store.candidates(cycle=0)]
