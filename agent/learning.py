@@ -115,10 +115,6 @@ def training_set(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> tupl
     return ids, out
 
 
-def training_examples(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> list[dict[str, Any]]:
-    return training_set(store, rule, top_k, up_to_cycle)[1]
-
-
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
     """Writes atomically: a reader never sees half a file."""
     path = Path(path)

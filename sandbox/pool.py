@@ -83,7 +83,6 @@ class WarmWorker:
     def __init__(self, work_dir: Path, key: WorkerKey, launch: Callable[[Path, WorkerKey], Handle],
                  open_dir: Callable[[Path], None]):
         self.dir, self.key = work_dir, key
-        self.jobs = 0
         self.dir.mkdir(mode=0o700)
         for name in ("ctl.in", "ctl.out"):
             os.mkfifo(self.dir / name, 0o600)
@@ -104,14 +103,12 @@ class WarmWorker:
         if "error" in hello or not hello.get("ready"):
             self.release()
             raise WorkerLost(f"the warm worker failed to start: {str(hello.get('error'))[:300]}")
-        self.info = hello
         for name in ("ctl.in", "ctl.out"):  # both ends are open: the paths can go
             (self.dir / name).unlink()
 
     def run(self, name: str, limits: dict, timeout_s: float, watch: Callable[[], bool]) -> tuple[int, str]:
         """Runs job dir `name`; returns (exit status, "" | "timeout" | "cancel"). `watch()` is
         called while it runs; True cancels the job (the worker kills it and keeps going)."""
-        self.jobs += 1
         self._send({"job": name, "timeout_s": timeout_s, **limits})
         cancelled = [False]
 

@@ -86,6 +86,16 @@ def write_handle(ds: Arrays, root: Path) -> Path:
     return root
 
 
+def noise(n_train: int = 256, n_test: int = 128, seed: int = 1) -> Arrays:
+    """Random 1×28×28 images and labels: nothing to learn, which suits tests of the sandbox."""
+    rng = np.random.default_rng(seed)
+    x_train = rng.integers(0, 256, (n_train, 1, 28, 28)).astype(np.uint8)
+    y_train = rng.integers(0, 10, n_train).astype(np.int64)
+    x_test = rng.integers(0, 256, (n_test, 1, 28, 28)).astype(np.uint8)
+    y_test = rng.integers(0, 10, n_test).astype(np.int64)
+    return Arrays("noise", x_train, y_train, x_test, y_test, 10, [0.5], [0.25])
+
+
 class InstantExecutor:
     """Scores by source length; stands in for the sandbox in routing tests only."""
 

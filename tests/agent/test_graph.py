@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import threading
 
 from langgraph.checkpoint.memory import InMemorySaver
 

@@ -14,7 +14,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from deltanas.agent.config import load_config
 from deltanas.agent.deps import DatasetInfo, Deps
-from deltanas.agent.learning import export_records, sft_example, successful, training_examples
+from deltanas.agent.learning import export_records, sft_example, successful, training_set
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.llm.scripted import ScriptedBackend
 from deltanas.agent.lora import LoraSettings, adapter_complete, train_adapter
@@ -214,7 +214,7 @@ def test_an_interrupted_update_leaves_nothing_half_written_and_resume_redoes_it(
     assert [a["status"] for a in deps.store.adapters()] == ["trained", "trained"] and trained == [3, 6]
     assert leftover == [False, False, False]
     assert not list((deps.run_dir / "adapters").glob(".*"))
-    assert len(training_examples(deps.store, "valid", 5, up_to_cycle=1)) == 6
+    assert len(training_set(deps.store, "valid", 5, up_to_cycle=1)[1]) == 6
     assert len(export_records(deps.store)) == 6
 
 

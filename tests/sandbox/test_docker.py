@@ -8,7 +8,6 @@ container labelled `deltanas` may be left.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -22,6 +21,8 @@ from deltanas.sandbox.base import Job, Limits
 from deltanas.sandbox.docker import (DEFAULT_IMAGE, LABEL, OWNER_LABEL, DockerSandbox, docker_available,
                                      image_available)
 from deltanas.tools.proxy import evaluate_source
+
+from support import noise, write_handle
 
 _ok, _why = docker_available()
 if not _ok:
@@ -50,22 +51,6 @@ class Net(nn.Module):
 '''
 
 
-class Arrays:
-    """Stands in for deltanas.tools.datasets.DatasetArrays."""
-
-    def __init__(self, seed: int = 1):
-        rng = np.random.default_rng(seed)
-        self.name, self.num_classes, self.mean, self.std = "noise", 10, [0.5], [0.25]
-        self.x_train = rng.integers(0, 256, (N_TRAIN, 1, 28, 28)).astype(np.uint8)
-        self.y_train = rng.integers(0, 10, N_TRAIN).astype(np.int64)
-        self.x_test = rng.integers(0, 256, (N_TEST, 1, 28, 28)).astype(np.uint8)
-        self.y_test = rng.integers(0, 10, N_TEST).astype(np.int64)
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-
 @pytest.fixture(scope="module")
 def client():
     import docker
@@ -75,15 +60,8 @@ def client():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    ds = Arrays()
-    root = tmp_path_factory.mktemp("handle")
-    np.save(root / "train_x.npy", ds.x_train)
-    np.save(root / "train_y.npy", ds.y_train)
-    np.save(root / "test_x.npy", ds.x_test)
-    (root / "meta.json").write_text(json.dumps({
-        "name": ds.name, "num_classes": 10, "shape": [1, 28, 28], "mean": ds.mean, "std": ds.std,
-        "n_train": N_TRAIN, "n_test": N_TEST}))
-    return ds, root
+    ds = noise(N_TRAIN, N_TEST, seed=1)
+    return ds, write_handle(ds, tmp_path_factory.mktemp("handle"))
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +90,6 @@ def run(sandbox, data, source, limits=LIMITS, **kw):
     ds, handle = data
     return sandbox.run(Job(candidate_id="docker-test", source=source, dataset_dir=str(handle), batch_size=64,
                            limits=limits, **kw))
-
-
-def probe(body: str) -> str:
-    """A candidate that reports what it saw through the error line, then stops."""
-    return "import os, socket\nseen = []\n" + body + "\nraise RuntimeError('SEEN ' + ' | '.join(seen))\n"
 
 
 def test_good_candidate_is_ok_and_scored_on_the_host(sandbox, data):

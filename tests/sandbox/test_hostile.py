@@ -22,7 +22,7 @@ from deltanas.sandbox import pool
 from deltanas.sandbox.base import Job, Limits
 from deltanas.tools.proxy import evaluate_source
 
-from support import Arrays, write_handle
+from support import noise, write_handle
 
 pytestmark = pytest.mark.slow
 
@@ -48,18 +48,9 @@ GOOD = NET_HEADER + '''
 '''
 
 
-def noise(seed: int = 1) -> Arrays:
-    rng = np.random.default_rng(seed)
-    x_train = rng.integers(0, 256, (N_TRAIN, 1, 28, 28)).astype(np.uint8)
-    y_train = rng.integers(0, 10, N_TRAIN).astype(np.int64)
-    x_test = rng.integers(0, 256, (N_TEST, 1, 28, 28)).astype(np.uint8)
-    y_test = rng.integers(0, 10, N_TEST).astype(np.int64)
-    return Arrays("noise", x_train, y_train, x_test, y_test, 10, [0.5], [0.25])
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    ds = noise()
+    ds = noise(N_TRAIN, N_TEST, seed=1)
     return ds, write_handle(ds, tmp_path_factory.mktemp("handle"))
 
 

@@ -13,7 +13,7 @@ from deltanas.sandbox.base import Job, Limits
 from deltanas.sandbox.process import ProcessSandbox, bwrap_available
 from deltanas.tools.proxy import evaluate_source
 
-from support import Arrays, write_handle
+from support import noise, write_handle
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("bwrap") is None or not bwrap_available(),
@@ -68,20 +68,11 @@ class Net(nn.Module):
 '''
 
 
-def noise(seed: int = 2) -> Arrays:
-    rng = np.random.default_rng(seed)
-    x_train = rng.integers(0, 256, (N_TRAIN, 1, 28, 28)).astype(np.uint8)
-    y_train = rng.integers(0, 10, N_TRAIN).astype(np.int64)
-    x_test = rng.integers(0, 256, (N_TEST, 1, 28, 28)).astype(np.uint8)
-    y_test = rng.integers(0, 10, N_TEST).astype(np.int64)
-    return Arrays("noise", x_train, y_train, x_test, y_test, 10, [0.5], [0.25])
-
-
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
     """A dataset cache holding the labels (as DELTANAS_CACHE), a run dir with its archive
     and the work root inside it, as a real `deltanas run` lays them out."""
-    ds = noise()
+    ds = noise(N_TRAIN, N_TEST, seed=2)
     root = tmp_path_factory.mktemp("host")
     cache = root / "cache"
     cache.mkdir()
