@@ -6,6 +6,7 @@
     deltanas status runs/run [--json]
     deltanas export runs/run [--format jsonl|hf] [--output PATH] [--successful-only] [--cycle K]
     deltanas report runs/run [--output DIR]
+    deltanas serve smollm2 --run runs/run [--python .venv-vllm/bin/python] [--port 8000]
     deltanas diff apply BASE.py DIFF [--output FILE] [--json]
     deltanas eval MODEL.py [--dataset mnist] [--json]
     deltanas zoo list [--json] | deltanas zoo show NAME
@@ -98,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dir")
     rp.add_argument("--output", help="default: DIR/report")
     rp.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
+
+    sv = sub.add_parser("serve", help="a vLLM OpenAI-compatible server for a model and a run's LoRA adapters",
+                        description="Start `vllm serve` with LoRA and runtime adapter loading on, for MODEL (an "
+                                    "alias, a .gguf file or a folder; GGUF files are converted once to a folder) and "
+                                    "the finished adapters of a run. Point a run at it with the printed --llm spec.")
+    sv.add_argument("model", metavar="MODEL")
+    sv.add_argument("--run", metavar="DIR", help="load this run's adapters (adapters/cycle-<k>) at start")
+    sv.add_argument("--python", metavar="PATH", help="the Python of an environment with vLLM "
+                    "(default: $DELTANAS_VLLM_PYTHON, else this one)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--max-lora-rank", type=_positive_int, default=32)
+    sv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    sv.add_argument("--max-model-len", type=_positive_int)
+    sv.add_argument("--print-command", action="store_true", help="print the server command and exit")
+    sv.set_defaults(vllm_args=[])  # what follows `--` goes to vllm serve as it is (split off in main)
 
     d = sub.add_parser("diff", help="diff tools")
     dsub = d.add_subparsers(dest="diff_command", required=True, metavar="SUBCOMMAND")
@@ -249,6 +266,23 @@ def cmd_report(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from deltanas.agent import serve
+
+    try:
+        p = serve.plan(a.model, run_dir=Path(a.run) if a.run else None, python=a.python, host=a.host, port=a.port,
+                       max_lora_rank=a.max_lora_rank, dtype=a.dtype, max_model_len=a.max_model_len,
+                       extra=a.vllm_args)
+    except (serve.ServeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    if a.print_command:
+        print(json.dumps({"argv": p.argv, "env": p.env, "llm": p.llm_spec, "adapters": p.adapters}, indent=2))
+        return EXIT_OK
+    names = ", ".join(n for n, _ in p.adapters) or "none"
+    print(f"serving {a.model} at {p.url} (adapters: {names}); run with --llm {p.llm_spec}", flush=True)
+    return serve.serve_forever(p)
+
+
 def _read_text(path: str, what: str) -> str:
     if path == "-":
         return sys.stdin.read()
@@ -381,7 +415,14 @@ def cmd_zoo(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if argv[:1] == ["serve"] and "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if passthrough:
+        args.vllm_args = passthrough
     from deltanas.agent.config import ConfigError
     from deltanas.agent.store import StoreError
 
@@ -394,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "diff":
             return cmd_diff_apply(args)
         if args.command == "eval":

@@ -100,7 +100,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     tok, net = load_pretrained(model, device, dtype) if not quant else _load_quantized(model, quant)
     if not quant:
-        _drop_gguf_mark(net)
+        drop_gguf_mark(net)
     if not tok.chat_template:
         tok.chat_template = CHATML_TEMPLATE  # the same fallback the hf backend serves with
     if tok.pad_token is None:
@@ -160,13 +160,13 @@ def _stop_callback(stop):
 def clear_partials(adapters_dir: Path) -> int:
     """Removes what killed updates left behind; returns how many."""
     n = 0
-    for p in Path(adapters_dir).glob(".cycle-*.partial-*"):
+    for p in Path(adapters_dir).glob(".*.partial-*"):  # .cycle-<k>.partial-*, .cold-start.partial-*
         shutil.rmtree(p, ignore_errors=True)
         n += 1
     return n
 
 
-def _drop_gguf_mark(net) -> None:
+def drop_gguf_mark(net) -> None:
     """transformers dequantizes a GGUF file into ordinary float weights on load, but keeps a
     GGUF quantizer on the model, and its Trainer refuses to train one. The weights are plain
     floats (checked here), so the mark goes."""

@@ -89,7 +89,8 @@ def make_llm(cfg: Config) -> LLMBackend:
     from deltanas.agent.llm.factory import make_backend
 
     backend = make_backend(cfg.llm.spec, device=cfg.llm.device, batch_size=cfg.llm.batch_size,
-                           seed=cfg.search.seed, timeout_s=cfg.llm.timeout_s)
+                           seed=cfg.search.seed, timeout_s=cfg.llm.timeout_s, max_lora_rank=cfg.learn.r,
+                           gpu_memory=cfg.llm.gpu_memory)
     return CoalescingBackend(backend)
 
 
@@ -100,9 +101,19 @@ def make_learner(cfg: Config):
     if not cfg.learn.enabled:
         return None, "learn.enabled is false"
     spec = parse_llm_spec(cfg.llm.spec)
-    if spec.type != "hf":
-        return None, (f"the {spec.type} backend trains no adapter in this process: LoRA updates need an hf: "
-                      f"model (a server's adapters are trained elsewhere and loaded with load_adapter)")
+    if spec.type not in ("hf", "vllm", "openai"):
+        return None, f"the {spec.type} backend has no weights to adapt"
+    if spec.type == "openai":
+        # The trainer needs the served model's weights on this machine; `deltanas serve MODEL`
+        # names the server's model after MODEL, so an alias or a local path resolves here.
+        from deltanas.agent.llm.hf import resolve_model
+
+        try:
+            resolve_model(spec.model)
+        except FileNotFoundError:
+            return None, (f"the server's model {spec.model!r} is not a local model (an alias, a .gguf file or a "
+                          "folder), so no adapter can be trained for it here; serve it with `deltanas serve "
+                          "PATH` and use openai:PATH@URL")
     from deltanas.agent.lora import LoraSettings, train_adapter
 
     c = cfg.learn

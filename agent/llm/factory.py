@@ -52,7 +52,8 @@ def parse_llm_spec(spec: str) -> LLMSpec:
 
 
 def make_backend(spec: LLMSpec | str, *, device: str = "auto", batch_size: int = 8, seed: int = 0,
-                 api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 600.0) -> LLMBackend:
+                 api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 600.0, max_lora_rank: int = 32,
+                 gpu_memory: float = 0.5) -> LLMBackend:
     """Build the backend a spec names. Heavy libraries are imported only for the backend in use."""
     if isinstance(spec, str):
         spec = parse_llm_spec(spec)
@@ -73,11 +74,8 @@ def make_backend(spec: LLMSpec | str, *, device: str = "auto", batch_size: int =
         return OpenAIBackend(spec.model, spec.url, api_key=os.environ.get(api_key_env),
                              concurrency=batch_size, timeout_s=timeout_s)
     if spec.type == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise RuntimeError("the vllm backend needs vLLM: pip install 'deltanas[vllm]' "
-                               "(or serve the model with `vllm serve` and use openai:MODEL@URL)") from None
-        raise RuntimeError("the in-process vllm backend is not implemented yet; "
-                           "serve the model with `vllm serve --enable-lora` and use openai:MODEL@URL")
+        from deltanas.agent.llm.vllm_local import VLLMBackend
+
+        return VLLMBackend(spec.model, device=device, batch_size=batch_size, seed=seed, max_lora_rank=max_lora_rank,
+                           gpu_memory_utilization=gpu_memory)
     raise ValueError(f"unknown backend type {spec.type!r}")

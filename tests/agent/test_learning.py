@@ -116,10 +116,10 @@ def test_export_loads_in_datasets_and_trains_in_trl(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     from deltanas.agent.llm.hf import load_pretrained
-    from deltanas.agent.lora import _drop_gguf_mark
+    from deltanas.agent.lora import drop_gguf_mark
 
     tok, net = load_pretrained("smollm2", "cpu")
-    _drop_gguf_mark(net)
+    drop_gguf_mark(net)
     args = SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=1,
                      max_length=512, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = SFTTrainer(model=net, args=args, train_dataset=ds.remove_columns(["meta"]), processing_class=tok)
