@@ -130,6 +130,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
         trainer.model.save_pretrained(str(adapter))
         info = {"loss": float(out.training_loss), "steps": int(out.global_step), "examples": len(examples),
                 "seconds": time.perf_counter() - started, "base_model": model,
+                "quantization": "nf4" if quant else None,
                 "settings": settings.__dict__, "target_modules": peft_config.target_modules and
                 sorted(peft_config.target_modules)}
         (adapter / META_FILE).write_text(json.dumps(info, indent=2))
@@ -184,14 +185,17 @@ def drop_gguf_mark(net) -> None:
 
 
 def _load_quantized(model: str, quant: dict):
+    """(tokenizer, 4-bit model on GPU 0). A GGUF model goes through its plain-weights folder
+    (agent/llm/serving.py): transformers quantizes float weights, not GGUF blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltanas.agent.llm.hf import resolve_model
+    from deltanas.agent.llm.serving import serving_folder
 
     loc = resolve_model(model)
-    kwargs = {"local_files_only": True, **({"gguf_file": loc.gguf_file} if loc.gguf_file else {})}
-    return (AutoTokenizer.from_pretrained(loc.path, **kwargs),
-            AutoModelForCausalLM.from_pretrained(loc.path, device_map={"": 0}, **quant, **kwargs))
+    path = str(serving_folder(model)) if loc.gguf_file else loc.path
+    return (AutoTokenizer.from_pretrained(path, local_files_only=True),
+            AutoModelForCausalLM.from_pretrained(path, device_map={"": 0}, local_files_only=True, **quant))
 
 
 def _fsync_tree(root: Path) -> None:
