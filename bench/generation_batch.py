@@ -1,0 +1,128 @@
+"""Batched generation against one request at a time, on the same backend and hardware.
+
+    python bench/generation_batch.py                         # hf:smollm2 on the CPU, 8 prompts
+    python bench/generation_batch.py --model config --device cuda --prompts 64 --batch 64
+    python bench/generation_batch.py --llm openai:smollm2@http://127.0.0.1:8000/v1
+
+A cycle's proposals go to the backend as one batch (`hf`: padded batched `generate`;
+`vllm`/`openai`: concurrent requests). The figure is output tokens per second for
+the cycle's prompts sent as one batch; the baseline is the same prompts sent one at
+a time. The prompts are the run's real proposal prompts against the zoo baselines,
+decoding is greedy with a fixed token cap, so both sides generate the same text.
+
+`--model config` builds a randomly initialised Llama from a config (no weights needed,
+for a GPU machine that has no model files); its tokenizer is SmolLM2's when that
+package is installed, else a small byte-level one trained on the spot.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from deltanas.agent.llm.base import Prompt, Sampling
+from deltanas.tools import prompting
+from deltanas.tools.zoo import get_baseline, list_baselines
+
+
+def prompts(n: int) -> list[Prompt]:
+    names = [b.name for b in list_baselines()]
+    out = []
+    for i in range(n):
+        src = get_baseline(names[i % len(names)]).source
+        out.append(Prompt(messages=prompting.propose_messages(parent_source=src, dataset="mnist", in_shape=(1, 28, 28),
+                                                              num_classes=10, parent_accuracy=0.97), base_source=src))
+    return out
+
+
+def config_backend(device: str, batch: int, layers: int, hidden: int):
+    """An hf backend around a random Llama built from a config (same code path as a real model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltanas.agent.llm.hf import HFBackend
+
+    tok = None
+    try:
+        from deltanas.agent.llm.hf import resolve_model
+        from transformers import AutoTokenizer
+
+        loc = resolve_model("smollm2")
+        tok = AutoTokenizer.from_pretrained(loc.path, gguf_file=loc.gguf_file, local_files_only=True)
+    except (FileNotFoundError, OSError, ImportError):
+        tok = _byte_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                      num_key_value_heads=max(1, hidden // 192), max_position_embeddings=8192)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    net = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    b = HFBackend.__new__(HFBackend)  # the backend's own generate path, around a model it did not load
+    b.model_name, b.device, b.batch_size, b.seed, b._calls = "config", device, batch, 0, 0
+    b._adapters, b.active_adapter, b._model = {}, None, net
+    b._tokenizer = b._prepare_tokenizer(tok)
+    return b, sum(p.numel() for p in net.parameters())
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from deltanas.agent.llm.hf import CHATML_TEMPLATE
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel()
+    text = [get_baseline(b.name).source for b in list_baselines()] * 4
+    t.train_from_iterator(text, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|im_start|>", "<|im_end|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def timed(backend, ps: list[Prompt], sampling: Sampling, one_at_a_time: bool) -> tuple[float, int]:
+    started = time.perf_counter()
+    if one_at_a_time:
+        outs = [c for p in ps for c in backend.generate([p], sampling)]
+    else:
+        outs = backend.generate(ps, sampling)
+    wall = time.perf_counter() - started
+    return wall, sum(c.completion_tokens for c in outs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--llm", default="hf:smollm2", help="a backend spec (ignored with --model config)")
+    p.add_argument("--model", choices=["spec", "config"], default="spec")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="hf: prompts per padded generate call")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--layers", type=int, default=12, help="--model config: decoder layers")
+    p.add_argument("--hidden", type=int, default=768, help="--model config: hidden size")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.model == "config":
+        backend, n_params = config_backend(a.device, a.batch, a.layers, a.hidden)
+        label = f"random Llama from a config ({n_params / 1e6:.0f}M parameters)"
+    else:
+        from deltanas.agent.llm.factory import make_backend
+
+        backend = make_backend(a.llm, device=a.device, batch_size=a.batch)
+        label = a.llm
+    ps = prompts(a.prompts)
+    sampling = Sampling(temperature=0.0, max_new_tokens=a.max_new_tokens, seed=0)
+    timed(backend, ps[:1], Sampling(temperature=0.0, max_new_tokens=4), True)  # warm-up: kernels, caches
+    one_s, one_tok = timed(backend, ps, sampling, one_at_a_time=True)
+    batch_s, batch_tok = timed(backend, ps, sampling, one_at_a_time=False)
+    backend.close()
+    one_rate, batch_rate = one_tok / one_s, batch_tok / batch_s
+    print(f"backend: {label} on {a.device}; {a.prompts} proposal prompts, greedy, up to {a.max_new_tokens} tokens each")
+    print(f"one at a time (baseline): {one_rate:8.1f} output tokens/s  ({one_tok} tokens in {one_s:.1f} s)")
+    print(f"batched (batch {a.batch}):      {batch_rate:8.1f} output tokens/s  ({batch_tok} tokens in {batch_s:.1f} s)")
+    print(f"speed-up: {batch_rate / one_rate:.1f}x (target >= 5x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
