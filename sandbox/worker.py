@@ -4,9 +4,14 @@
 
 WORKDIR holds `job.json` (the Job's fields without `source`) and `model.py`.
 DATASET_DIR is a prepared handle: train_x.npy (uint8 N,C,H,W), train_y.npy,
-test_x.npy and meta.json; the test labels are not there. The worker writes
-WORKDIR/out/predictions.npy (int16 class per test image) and, last,
-WORKDIR/out/result.json (status, error, param_count, train_seconds, final_loss).
+test_x.npy and meta.json (its `hflip` allows random horizontal flips); the test
+labels are not there. The worker writes WORKDIR/out/predictions.npy (int16 class
+per test image) and, last, WORKDIR/out/result.json (status, error, param_count,
+train_seconds, final_loss).
+
+On a GPU the dataset sits on the device as uint8 and every batch is made there
+(no DataLoader); a network with enough work per batch trains under bf16 autocast
+in channels_last (`choose_speed`). On the CPU it trains in float32, as before.
 
 The candidate runs in this process and may patch json, numpy or torch, so the
 result files are written with os-level functions captured before it is
@@ -138,19 +143,35 @@ class Settings:
                    hyperparameters=dict(job.get("hyperparameters") or {}))
 
 
+# Float bytes of one prepared slice of the epoch: batches are gathered, flipped and normalised
+# this many at a time, so the per-batch kernel launches of that work are paid once per chunk.
+CHUNK_BYTES = 64 << 20
+# Forward FLOPs per training step from which bf16 and channels_last pay on a GPU. Below it a step
+# is bound by kernel launches, and autocast's casts only add to them (bench/proxy_epoch.py).
+HEAVY_STEP_FLOPS = 10e9
+
+
 class TrainBatches:
     """Re-iterable (x, y) batches; each pass is a fresh shuffle drawn from the seed.
 
-    Images stay uint8 on the device and are normalised batch by batch, so a whole
-    dataset can sit on a GPU without a float copy.
+    Images stay uint8 on the device. Each pass gathers them in the shuffled order, flips
+    them (where the dataset allows it) and normalises them there, a chunk of batches at a
+    time: a whole dataset sits on a GPU without a float copy, and no DataLoader worker or
+    host copy is involved. Batches are float32 views of the chunk; autocast, not the
+    data, decides the compute precision, so a LEMUR `learn` gets what it expects.
     """
 
-    def __init__(self, x_u8, y, mean, std, batch_size: int, seed: int):
+    def __init__(self, x_u8, y, mean, std, batch_size: int, seed: int, *, flip: bool = False,
+                 channels_last: bool = False):
         import torch
 
         self.x, self.y, self.mean, self.std = x_u8, y, mean, std
         self.batch_size = batch_size
+        self.flip = flip
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        per_image = 4 * max(1, x_u8[:1].numel())
+        self.chunk = batch_size * max(1, CHUNK_BYTES // (per_image * batch_size))
 
     def __len__(self) -> int:
         n, b = len(self.y), self.batch_size
@@ -159,16 +180,112 @@ class TrainBatches:
     def __iter__(self):
         import torch
 
-        order = torch.randperm(len(self.y), generator=self.gen).to(self.x.device)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            if len(idx) < 2:  # a batch of one breaks BatchNorm in training mode
-                break
-            yield normalise(self.x[idx], self.mean, self.std), self.y[idx]
+        n, b = len(self.y), self.batch_size
+        # Drawn on the CPU from one generator, so a seed gives the same epoch on every device.
+        order = torch.randperm(n, generator=self.gen)
+        flips = (torch.rand(n, generator=self.gen) < 0.5).to(self.x.device) if self.flip else None
+        order = order.to(self.x.device)
+        used = 0 if b < 2 else n - 1 if n % b == 1 else n  # a batch of one breaks BatchNorm in training mode
+        for c0 in range(0, used, self.chunk):
+            idx = order[c0:min(c0 + self.chunk, used)]
+            xc = self.x[idx]
+            if flips is not None:
+                xc = torch.where(flips[c0:c0 + len(idx)].view(-1, 1, 1, 1), xc.flip(3), xc)
+            xc = normalise(xc.contiguous(memory_format=self.memory_format), self.mean, self.std)
+            yc = self.y[idx]
+            for i in range(0, len(idx), b):
+                yield xc[i:i + b], yc[i:i + b]
 
 
 def normalise(x_u8, mean, std):
     return (x_u8.float() / 255.0 - mean) / std
+
+
+@dataclass
+class Speed:
+    """How the worker trains a model on its device: bf16 autocast and channels_last, or not."""
+
+    bf16: bool = False
+    channels_last: bool = False
+    step_flops: float | None = None  # forward FLOPs of one training batch, where counted
+
+    def describe(self) -> str:
+        flops = f", {self.step_flops / 1e9:.3g} GFLOP forward per batch" if self.step_flops is not None else ""
+        return ("bf16 autocast" if self.bf16 else "float32") + (", channels_last" if self.channels_last else "") + flops
+
+
+def mixed_precision(device, enabled: bool = True):
+    """bf16 autocast on a GPU that has bf16 (no loss scaling needed, so a LEMUR `learn` runs
+    unchanged); float32 elsewhere or when not `enabled`."""
+    import contextlib
+
+    import torch
+
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        # One context spans many optimizer steps; autocast's cast cache would keep serving the
+        # bf16 copy of a weight from before the step, so it stays off.
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def forward_flops(model, sample) -> float | None:
+    """Forward FLOPs per sample, counted on one no-grad eval forward; None if it fails."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(sample)
+        return counter.get_total_flops() / len(sample)
+    except Exception:  # noqa: BLE001 - the training step will report the candidate's own error
+        return None
+    finally:
+        model.train(was_training)
+
+
+def choose_speed(model, sample, batch_size: int, device) -> Speed:
+    """bf16 and channels_last where they pay: on a GPU with bf16, for a model whose training
+    batch does at least HEAVY_STEP_FLOPS of forward work. Puts the model in channels_last
+    when that is chosen."""
+    import torch
+
+    if device.type != "cuda" or not torch.cuda.is_bf16_supported():
+        return Speed()
+    per_sample = forward_flops(model, sample)
+    if per_sample is None:
+        return Speed()
+    step = per_sample * batch_size
+    if step < HEAVY_STEP_FLOPS:
+        return Speed(step_flops=step)
+    return Speed(True, try_channels_last(model, sample, device), step)
+
+
+def try_channels_last(model, sample, device) -> bool:
+    """Puts a convolutional network in channels_last on a GPU (cuDNN's NHWC kernels use the
+    tensor cores without a layout change) when its forward accepts that layout; True if so.
+
+    The probe is one no-grad forward in eval mode, so it moves no BatchNorm statistics:
+    code such as `x.view(len(x), -1)` on a channels_last activation raises, and such a
+    network keeps the default layout rather than failing because of it.
+    """
+    import torch
+
+    if device.type != "cuda" or not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return False
+    was_training = model.training
+    try:
+        model.to(memory_format=torch.channels_last)
+        model.eval()
+        with torch.no_grad(), mixed_precision(device):
+            model(sample.contiguous(memory_format=torch.channels_last))
+        return True
+    except Exception:  # noqa: BLE001 - any failure here just means: keep the default layout
+        model.to(memory_format=torch.contiguous_format)
+        return False
+    finally:
+        model.train(was_training)
 
 
 def warm_up(device) -> None:
@@ -219,15 +336,31 @@ def default_train(model, data: TrainBatches, prm: dict) -> float | None:
     return value
 
 
-def predict(model, x_u8, mean, std, batch_size: int, num_classes: int):
+def uses_learn(model) -> bool:
+    """A LEMUR module trains itself through train_setup/learn."""
+    return callable(getattr(model, "train_setup", None)) and callable(getattr(model, "learn", None))
+
+
+def train_epoch(model, data: TrainBatches, prm: dict, lemur: bool) -> float | None:
+    """One epoch: the module's own `learn` (after its train_setup) or the default loop. The
+    caller holds the autocast context."""
+    if lemur:
+        model.train()
+        ret = model.learn(data)
+        return float(ret) if isinstance(ret, (int, float)) else None
+    return default_train(model, data, prm)
+
+
+def predict(model, x_u8, mean, std, batch_size: int, num_classes: int, channels_last: bool = False):
     import numpy as np
     import torch
 
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.eval()
     chunks = []
     with torch.no_grad():
         for start in range(0, len(x_u8), batch_size):
-            xb = normalise(x_u8[start:start + batch_size], mean, std)
+            xb = normalise(x_u8[start:start + batch_size].contiguous(memory_format=fmt), mean, std)
             logits = model(xb)
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(xb), num_classes):
                 shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -240,7 +373,8 @@ def predict(model, x_u8, mean, std, batch_size: int, num_classes: int):
 
 @dataclass
 class Data:
-    """The dataset as a worker holds it: uint8 images and int64 labels as tensors on `device`."""
+    """The dataset as a worker holds it: uint8 images and int64 labels as tensors on `device`.
+    `flip`: the handle allows random horizontal flips (natural images, not digits)."""
 
     x_train: object
     y_train: object
@@ -250,11 +384,12 @@ class Data:
     num_classes: int
     shape: tuple
     device: object
+    flip: bool = False
 
     def to(self, device) -> "Data":
         move = lambda t: t.to(device)  # noqa: E731
         return Data(move(self.x_train), move(self.y_train), move(self.x_test), move(self.mean), move(self.std),
-                    self.num_classes, self.shape, device)
+                    self.num_classes, self.shape, device, self.flip)
 
 
 def load_data(dataset_dir: str, device) -> Data:
@@ -271,8 +406,10 @@ def load_data(dataset_dir: str, device) -> Data:
                 x_test=as_tensor(load("test_x.npy")),
                 mean=torch.tensor(meta["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1),
                 std=torch.tensor(meta["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1),
-                num_classes=int(meta["num_classes"]), shape=tuple(int(v) for v in meta["shape"]), device=device)
-    log(f"dataset loaded: {len(data.y_train)} train, {len(data.x_test)} test images on {device}")
+                num_classes=int(meta["num_classes"]), shape=tuple(int(v) for v in meta["shape"]), device=device,
+                flip=meta.get("hflip") is True)
+    log(f"dataset loaded: {len(data.y_train)} train, {len(data.x_test)} test images on {device}"
+        f"{', random horizontal flips' if data.flip else ''}")
     return data
 
 
@@ -322,22 +459,20 @@ def run(workdir: str, dataset_dir: str, fields: dict, data: Data | None = None) 
         log(f"built Net with {fields['param_count']} parameters on {device}")
 
         phase = "train"
-        batches = TrainBatches(data.x_train, data.y_train, mean, std, s.batch_size, s.seed)
-        lemur = callable(getattr(model, "train_setup", None)) and callable(getattr(model, "learn", None))
-        log("training with the module's train_setup/learn" if lemur else "training with the default SGD loop")
+        lemur = uses_learn(model)
+        speed = choose_speed(model, normalise(data.x_train[:2], mean, std), s.batch_size, device)
+        batches = TrainBatches(data.x_train, data.y_train, mean, std, s.batch_size, s.seed, flip=data.flip,
+                               channels_last=speed.channels_last)
+        log(("training with the module's train_setup/learn" if lemur else "training with the default SGD loop")
+            + f" ({speed.describe()})")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = _clock()
-        if lemur:
-            model.train_setup(prm)
-        for _ in range(s.epochs):
+        with mixed_precision(device, speed.bf16):
             if lemur:
-                model.train()
-                ret = model.learn(batches)
-                loss = float(ret) if isinstance(ret, (int, float)) else None
-            else:
-                loss = default_train(model, batches, prm)
-            fields["final_loss"] = loss
+                model.train_setup(prm)
+            for _ in range(s.epochs):
+                fields["final_loss"] = train_epoch(model, batches, prm, lemur)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         fields["train_seconds"] = _clock() - t0
@@ -349,7 +484,8 @@ def run(workdir: str, dataset_dir: str, fields: dict, data: Data | None = None) 
                 raise Outcome("diverged", f"train: parameter {name} is NaN or infinite")
 
         phase = "predict"
-        labels = predict(model, data.x_test, mean, std, s.batch_size, num_classes)
+        with mixed_precision(device, speed.bf16):
+            labels = predict(model, data.x_test, mean, std, s.batch_size, num_classes, speed.channels_last)
         log(f"predicted {len(labels)} test images")
     except BaseException as exc:  # noqa: BLE001 - candidate code may raise anything, SystemExit included
         raise classify(exc, phase) from None

@@ -45,6 +45,9 @@ DATASET_NAMES: tuple[str, ...] = (
     "digits",
 )
 
+# Natural-image sets, where a mirrored image is still its class: the worker may flip them
+# at random while training. Digits (MNIST, SVHN, digits) and the synthetic prototypes are not.
+HFLIP_DATASETS = frozenset({"cifar10", "cifar100", "imagenette", "celeba-gender"})
 # Bump when the way a dataset is turned into arrays changes, so stale caches rebuild.
 _CACHE_VERSION = 1
 # Resolution ImageNette and CelebA are reduced to before caching.
@@ -127,6 +130,7 @@ def prepare_handle(ds: DatasetArrays, root: str | Path) -> Path:
     The folder holds train_x.npy, train_y.npy, test_x.npy and meta.json, and is
     named by the dataset and a hash of that content, so preparing the same
     arrays twice returns the same folder. Test labels are never written.
+    ``meta["hflip"]`` tells the worker whether random horizontal flips suit the set.
     """
     meta = {
         "name": ds.name,
@@ -136,6 +140,7 @@ def prepare_handle(ds: DatasetArrays, root: str | Path) -> Path:
         "std": [float(s) for s in ds.std],
         "n_train": int(len(ds.x_train)),
         "n_test": int(len(ds.x_test)),
+        "hflip": ds.name in HFLIP_DATASETS,
     }
     arrays = {
         "train_x.npy": np.ascontiguousarray(ds.x_train, dtype=np.uint8),

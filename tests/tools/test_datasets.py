@@ -264,6 +264,7 @@ def test_prepare_handle_holds_no_test_labels(tmp_path):
         "std": list(ds.std),
         "n_train": 300,
         "n_test": 200,
+        "hflip": False,  # synthetic prototypes are not mirror-symmetric classes
     }
     np.testing.assert_array_equal(np.load(handle / "train_x.npy"), ds.x_train)
     np.testing.assert_array_equal(np.load(handle / "train_y.npy"), ds.y_train)
@@ -284,3 +285,13 @@ def test_prepare_handle_is_idempotent_and_content_addressed(tmp_path):
     other = prepare_handle(load_dataset("synthetic", limit_train=100, limit_test=50, seed=1), tmp_path)
     assert other != first
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, other.name])
+
+
+def test_handle_allows_flips_for_natural_images_only(tmp_path):
+    from deltanas.tools.datasets import HFLIP_DATASETS, DatasetArrays
+
+    base = load_dataset("synthetic", limit_train=20, limit_test=10)
+    for name, flip in (("cifar10", True), ("mnist", False), ("svhn", False)):
+        ds = DatasetArrays(name, base.x_train, base.y_train, base.x_test, base.y_test, 10, base.mean, base.std)
+        meta = json.loads((prepare_handle(ds, tmp_path) / "meta.json").read_text())
+        assert meta["hflip"] is flip and (name in HFLIP_DATASETS) is flip
