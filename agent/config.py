@@ -126,6 +126,22 @@ class LearnConfig(_Section):
     cold_start_cycles: int = Field(0, ge=0)
     """Cycles proposed by the rule-based mutator before the model: their successful variants are
     the cold-start training pairs (a baseline, a variant that trained as well or better, the diff)."""
+    cold_start_from: list[str] = Field(default_factory=list)
+    """Paths to take cold-start pairs from before cycle 0 (a network, a better one on the same dataset,
+    the diff); a first adapter, `adapters/cold-start`, is trained on them and every later update keeps
+    them. Each path is recognised by what is there: a run directory (it holds archive.sqlite) or an
+    archive file gives its `ok` candidates that beat their parent; a LEMUR nn-dataset SQLite database
+    (tables nn and stat, e.g. `db/ab.nn.db`, or a folder holding `db/ab.nn.db`) or an nn-dataset
+    checkout (`ab/nn/nn/<Name>.py` and `ab/nn/stat/train/...`) gives pairs of its networks. A path that
+    cannot be read is recorded in the archive and the run goes on (agent/coldstart.py)."""
+    cold_start_max_pairs: int = Field(64, gt=0)
+    """At most this many pairs over all `cold_start_from` paths, the more accurate variants first."""
+    cold_start_max_diff_lines: int = Field(40, gt=0)
+    """Pairs whose diff changes more lines are left out (the propose prompt asks for at most 40)."""
+    lemur_task: str = "img-classification"
+    """LEMUR's task whose statistics rank its networks (the run's dataset picks the dataset)."""
+    lemur_epoch: int = Field(1, gt=0)
+    """LEMUR's accuracy after this many epochs ranks its networks; the run's proxy is one epoch."""
     min_examples: int = Field(1, gt=0)
     """Fewer successful trajectories than this and the update is skipped (and recorded as skipped)."""
     r: int = Field(32, gt=0)

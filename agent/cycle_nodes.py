@@ -1,4 +1,4 @@
-"""The outer graph's nodes: one cycle is baselines → parents → batched proposals →
+"""The outer graph's nodes: baselines → cold start, then one cycle is parents → batched proposals →
 (candidates) → gather → LoRA update. Each node is idempotent: run again after a crash or a resume,
 it finds its earlier work in the archive instead of doing it twice."""
 from __future__ import annotations
@@ -8,8 +8,10 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+from deltanas.agent import coldstart
 from deltanas.agent.deps import Deps
 from deltanas.agent.learning import training_set
 from deltanas.agent.llm.base import Prompt
@@ -19,6 +21,7 @@ from deltanas.agent.state import Proposal, RunState
 from deltanas.agent.stopping import RunStopped
 from deltanas.agent.store import CandidateRow
 from deltanas.tools import prompting
+from deltanas.tools.novelty import NoveltyIndex
 from deltanas.tools.trajectory import TOOL_SCHEMAS, proposal_step
 from deltanas.tools.zoo import get_baseline
 
@@ -174,15 +177,13 @@ def gather_trajectories(state: RunState, deps: Deps) -> dict[str, Any]:
 
 
 def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:
-    """After gather: train a LoRA adapter on the successful trajectories of every cycle so far,
-    then generate with it. Recorded in the archive as trained, skipped (and why) or failed;
-    a failed update leaves the previous adapter in use and the run going."""
+    """After gather: train a LoRA adapter on the successful trajectories of every cycle so far
+    (and the cold-start pairs, if any), then generate with it. Recorded in the archive as trained,
+    skipped (and why) or failed; a failed update leaves the previous adapter in use and the run going."""
     k = state["cycle"] - 1  # gather has moved the counter on
     cfg = deps.config.learn
     if not cfg.enabled:
         return {}
-    adapters_dir = deps.run_dir / "adapters"
-    out = adapters_dir / f"cycle-{k}"
     history = deps.store.adapters()
     done = {a["cycle"]: a for a in history}
     if k in done and done[k]["status"] in ("trained", "reused") and adapter_complete(deps.run_dir / done[k]["path"]):
@@ -196,8 +197,8 @@ def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:
     ids, examples = training_set(deps.store, cfg.rule, cfg.top_k, up_to_cycle=k)
     if len(examples) < cfg.min_examples:
         deps.store.put_adapter(k, "skipped", examples=len(examples),
-                               note=f"{len(examples)} successful trajectories (rule {cfg.rule}), fewer than "
-                                    f"learn.min_examples = {cfg.min_examples}")
+                               note=f"{len(examples)} successful trajectories (rule {cfg.rule}) and cold-start "
+                                    f"pairs, fewer than learn.min_examples = {cfg.min_examples}")
         return {}
     last = next((a for a in reversed(history) if a["status"] in ("trained", "reused") and a["cycle"] < k), None)
     if last is not None and last["example_ids"] == ids and adapter_complete(deps.run_dir / last["path"]):
@@ -205,18 +206,84 @@ def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:
         deps.store.put_adapter(k, "reused", path=last["path"], examples=len(ids), loss=last["loss"], steps=0,
                                seconds=0.0, note=f"trained on the same examples: {last['path']}", example_ids=ids)
         return {}
-    clear_partials(adapters_dir)
+    _train(deps, k, f"adapters/cycle-{k}", ids, examples, what=f"LoRA update after cycle {k}")
+    return {}
+
+
+COLD_START = -1  # the adapters table's cycle for the cold-start adapter, trained before cycle 0
+COLD_START_DIR = "adapters/cold-start"
+COLD_START_SOURCES = "cold_start:sources"  # meta key: what each learn.cold_start_from path gave
+
+
+def cold_start(state: RunState, deps: Deps) -> dict[str, Any]:
+    """Before cycle 0: teach the model deltas from pairs found outside this run (another run's
+    archive, LEMUR data: agent/coldstart.py), then generate with that adapter. The pairs are read
+    once and kept in the archive, and every later update trains on them too. A path that cannot be
+    read is recorded and the run goes on; the update is recorded like the others, under cycle -1."""
+    cfg = deps.config.learn
+    if not cfg.enabled or not cfg.cold_start_from:
+        return {}
+    adapters = deps.store.adapters()
+    done = next((a for a in adapters if a["cycle"] == COLD_START), None)
+    if done is not None:  # a resume: never trained twice
+        later = any(a["cycle"] > COLD_START and a["status"] in ("trained", "reused") for a in adapters)
+        if not later and done["status"] == "trained" and adapter_complete(deps.run_dir / done["path"]):
+            deps.llm.load_adapter(str(deps.run_dir / done["path"]))
+        return {}
+    if deps.store.get_meta(COLD_START_SOURCES) is None:
+        _store_cold_start_pairs(deps)
+    pairs = deps.store.pairs()
+    sources = coldstart.describe(deps.store.get_meta(COLD_START_SOURCES))
+    if deps.learner is None:
+        deps.store.put_adapter(COLD_START, "skipped", examples=len(pairs), note=f"{deps.learner_note} ({sources})")
+        return {}
+    if len(pairs) < cfg.min_examples:
+        deps.store.put_adapter(COLD_START, "skipped", examples=len(pairs),
+                               note=f"{len(pairs)} cold-start pairs, fewer than learn.min_examples = "
+                                    f"{cfg.min_examples}: {sources}")
+        return {}
+    _train(deps, COLD_START, COLD_START_DIR, [p["id"] for p in pairs], [p["example"] for p in pairs],
+           what="the cold-start LoRA update", note=sources)
+    return {}
+
+
+def _store_cold_start_pairs(deps: Deps) -> None:
+    """Read every `learn.cold_start_from` path once; keep the pairs as the training examples the
+    run would build (its prompt, mode and rules), and what each path gave."""
+    learn, s, n = deps.config.learn, deps.config.search, deps.config.novelty
+    index = NoveltyIndex(threshold=n.threshold, num_perm=n.num_perm, shingle=n.shingle)  # empty: parents only
+
+    def distinct(base: str, variant: str) -> bool:  # the run would call a closer variant a duplicate
+        return index.check(variant, base).novel
+
+    found, reports = coldstart.gather(
+        [str(Path(p).expanduser()) for p in learn.cold_start_from], dataset=deps.dataset.name,
+        task=learn.lemur_task, epoch=learn.lemur_epoch, max_diff_lines=learn.cold_start_max_diff_lines,
+        limit=learn.cold_start_max_pairs, allow_train_changes=s.allow_train_changes, distinct=distinct)
+    for r in reports:
+        if r["error"]:
+            log.warning("cold start: %s: %s", r["path"], r["error"])
+    deps.store.put_pairs([{"id": p.id, "origin": p.origin, "meta": p.meta(), "example": coldstart.pair_example(
+        p, in_shape=deps.dataset.in_shape, num_classes=deps.dataset.num_classes, mode=s.mode, goal=s.goal,
+        allow_train_changes=s.allow_train_changes)} for p in found])
+    deps.store.set_meta(COLD_START_SOURCES, reports)  # last: the marker that the pairs are all stored
+
+
+def _train(deps: Deps, cycle: int, rel: str, ids: list[str], examples: list[dict[str, Any]], *, what: str,
+           note: str = "") -> None:
+    """Train an adapter into `rel` (under the run directory), record the outcome under `cycle`,
+    and generate with it. A failure is recorded and the run goes on with the adapter in use."""
+    clear_partials(deps.run_dir / "adapters")
     deps.check_stop()
     try:
-        info = deps.learner(examples, out, deps.stop)
+        info = deps.learner(examples, deps.run_dir / rel, deps.stop)
     except RunStopped:
         raise
     except Exception as e:  # noqa: BLE001 - a failed update is recorded; the run goes on with the last adapter
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        log.warning("LoRA update after cycle %d failed: %s", k, text)
-        deps.store.put_adapter(k, "failed", examples=len(examples), note=f"{type(e).__name__}: {text}")
-        return {}
-    deps.store.put_adapter(k, "trained", path=f"adapters/cycle-{k}", examples=len(examples),
-                           loss=info.get("loss"), steps=info.get("steps"), seconds=info.get("seconds"), example_ids=ids)
-    deps.llm.load_adapter(str(out))
-    return {}
+        log.warning("%s failed: %s", what, text)
+        deps.store.put_adapter(cycle, "failed", examples=len(examples), note=f"{type(e).__name__}: {text}")
+        return
+    deps.store.put_adapter(cycle, "trained", path=rel, examples=len(examples), loss=info.get("loss"),
+                           steps=info.get("steps"), seconds=info.get("seconds"), example_ids=ids, note=note)
+    deps.llm.load_adapter(str(deps.run_dir / rel))

@@ -1,6 +1,7 @@
 """The search loop as a LangGraph state machine.
 
-    evaluate_baselines → select_parents → propose (one batched call)
+    evaluate_baselines → cold_start (pairs from another run or LEMUR → adapters/cold-start)
+        → select_parents → propose (one batched call)
         → candidate × N (Send) → gather_trajectories → lora_update → next cycle or END
 
     candidate:  apply ──ok──► novelty ──novel──► proxy_train ─► record
@@ -78,8 +79,10 @@ def build_graph(deps: Deps) -> StateGraph:
     g.add_node("candidate", build_candidate_graph(deps).compile())
     g.add_node("gather_trajectories", partial(cy.gather_trajectories, deps=deps))
     g.add_node("lora_update", partial(cy.lora_update, deps=deps))
+    g.add_node("cold_start", partial(cy.cold_start, deps=deps))
     g.add_edge(START, "evaluate_baselines")
-    g.add_conditional_edges("evaluate_baselines", partial(route_after_baselines, cycles=cycles))
+    g.add_edge("evaluate_baselines", "cold_start")
+    g.add_conditional_edges("cold_start", partial(route_after_baselines, cycles=cycles))
     g.add_edge("select_parents", "propose")
     g.add_conditional_edges("propose", fan_out, ["candidate"])
     g.add_edge("candidate", "gather_trajectories")

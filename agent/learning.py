@@ -13,6 +13,8 @@ Two forms leave the archive:
   answers, the repair turns), so it is trained on the same chat: a conversational
   prompt-completion pair whose completion is the answer that succeeded. The loss
   falls on that answer's tokens only, rendered with the tokenizer's own template.
+  The cold-start pairs of `learn.cold_start_from` (agent/coldstart.py) are stored
+  in the same form and join every update's examples.
 
 The success rule says which candidates count (`learn.rule`): `improved` (valid,
 novel, and at least as accurate as the parent), `valid` (valid and novel), or
@@ -105,8 +107,11 @@ def export_records(store: Store, *, successful_only: bool = False, rule: Rule = 
 
 
 def training_set(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> tuple[list[str], list[dict[str, Any]]]:
-    """(candidate ids, training pairs) from the successful candidates of every cycle up to `up_to_cycle`."""
-    ids, out = [], []
+    """(ids, training pairs): the cold-start pairs taken from outside the run (agent/coldstart.py), then
+    the successful candidates of every cycle up to `up_to_cycle`. Every update keeps the cold-start
+    pairs, as it keeps earlier cycles' successes: each adapter is trained afresh on all of them."""
+    pairs = store.pairs()
+    ids, out = [p["id"] for p in pairs], [p["example"] for p in pairs]
     for r in successful(store, rule, top_k, up_to_cycle=up_to_cycle):
         example = sft_example(store.get_trajectory(r.id) or [])
         if example is not None:

@@ -67,8 +67,11 @@ def run_metrics(store: Store) -> dict[str, Any]:
                       "note": a["note"]} if a else None)
         per_cycle.append(m)
     searched = [r for r in rows if r.cycle >= 0]
+    cold = adapters.get(-1)  # the cold-start update, before cycle 0 (learn.cold_start_from)
     return {"baselines": {r.id: r.accuracy for r in rows if r.cycle < 0}, "cycles": per_cycle,
-            "overall": cycle_metrics(searched)}
+            "overall": cycle_metrics(searched),
+            "cold_start": ({"status": cold["status"], "examples": cold["examples"], "loss": cold["loss"],
+                            "seconds": cold["seconds"], "note": cold["note"]} if cold else None)}
 
 
 def _cell(key: str, v: Any) -> str:
@@ -104,6 +107,8 @@ def markdown(metrics: dict[str, Any], run_dir: Path) -> str:
              "Recomputed from `archive.sqlite`; definitions in `deltanas/agent/report.py`.", "",
              "Baselines (first-epoch accuracy): " + ", ".join(
                  f"{k.removeprefix('base-')} {_cell('accuracy', v)}" for k, v in metrics["baselines"].items()), "",
+             *([f"Cold-start LoRA update (before cycle 0): {_cell('lora', metrics['cold_start'])}; "
+                f"{metrics['cold_start']['note'] or ''}", ""] if metrics.get("cold_start") else []),
              "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(metrics)]
     o = metrics["overall"]

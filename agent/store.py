@@ -56,7 +56,13 @@ CREATE TABLE IF NOT EXISTS adapters (   -- one LoRA update per finished cycle
     loss REAL, steps INTEGER, seconds REAL,
     note TEXT,
     created_at REAL NOT NULL,
-    example_ids TEXT                   -- JSON list of the candidates it learnt from
+    example_ids TEXT                   -- JSON list of the candidates (and cold-start pairs) it learnt from
+);
+CREATE TABLE IF NOT EXISTS pairs (      -- cold-start training pairs from outside the run (agent/coldstart.py)
+    id TEXT PRIMARY KEY,
+    origin TEXT NOT NULL,              -- the run directory, archive or LEMUR data it came from
+    example TEXT NOT NULL,             -- JSON: the prompt-completion example the LoRA updates train on
+    meta TEXT                          -- JSON: dataset, names, accuracies, diff lines
 );
 """
 
@@ -245,6 +251,25 @@ class Store:
         for a in out:
             a["example_ids"] = json.loads(a["example_ids"]) if a.get("example_ids") else None
         return out
+
+    # --- cold-start pairs -----------------------------------------------------------------
+    def put_pairs(self, pairs: list[dict]) -> None:
+        """Each pair is {"id", "origin", "example", "meta"}; a pair stored before keeps its place."""
+        with self._tx() as c:
+            c.executemany("INSERT INTO pairs VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                          "origin=excluded.origin, example=excluded.example, meta=excluded.meta",
+                          [(p["id"], p["origin"], json.dumps(p["example"]), json.dumps(p.get("meta")))
+                           for p in pairs])
+
+    def pairs(self) -> list[dict]:
+        """The stored pairs, in the order they were first stored."""
+        with self._lock:
+            try:
+                rows = self._conn.execute("SELECT * FROM pairs ORDER BY rowid").fetchall()
+            except sqlite3.OperationalError:  # an archive from before cold-start pairs, opened read-only
+                return []
+        return [{"id": r["id"], "origin": r["origin"], "example": json.loads(r["example"]),
+                 "meta": json.loads(r["meta"]) if r["meta"] else None} for r in rows]
 
     def cycles(self) -> list[dict]:
         with self._lock:
