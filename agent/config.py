@@ -38,6 +38,8 @@ class LLMConfig(_Section):
     """The paper uses 1024; the CPU demo caps answers lower so it finishes in minutes."""
     timeout_s: float = Field(600.0, gt=0)
     """Per-request timeout for server backends."""
+    gpu_memory: float = Field(0.5, gt=0, le=1)
+    """`vllm:` on a GPU: the engine's share of GPU memory; the rest is left to the LoRA trainer."""
 
     @field_validator("spec")
     @classmethod
