@@ -3,6 +3,7 @@
     python bench/generation_batch.py                         # hf:smollm2 on the CPU, 8 prompts
     python bench/generation_batch.py --model config --device cuda --prompts 64 --batch 64
     python bench/generation_batch.py --llm openai:smollm2@http://127.0.0.1:8000/v1
+    python bench/generation_batch.py --json                  # the figures as JSON on stdout, the prose on stderr
 
 A cycle's proposals go to the backend as one batch (`hf`: padded batched `generate`;
 `vllm`/`openai`: concurrent requests). The figure is output tokens per second for
@@ -17,6 +18,7 @@ package is installed, else a small byte-level one trained on the spot.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -100,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--layers", type=int, default=12, help="--model config: decoder layers")
     p.add_argument("--hidden", type=int, default=768, help="--model config: hidden size")
+    p.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout, the prose on stderr")
     a = p.parse_args(argv)
+    stdout = sys.stdout
+    if a.json:
+        sys.stdout = sys.stderr
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.model == "config":
         backend, n_params = config_backend(a.device, a.batch, a.layers, a.hidden)
@@ -121,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one at a time (baseline): {one_rate:8.1f} output tokens/s  ({one_tok} tokens in {one_s:.1f} s)")
     print(f"batched (batch {a.batch}):      {batch_rate:8.1f} output tokens/s  ({batch_tok} tokens in {batch_s:.1f} s)")
     print(f"speed-up: {batch_rate / one_rate:.1f}x (target >= 5x)")
+    if a.json:
+        print(json.dumps({"backend": label, "device": a.device, "prompts": a.prompts, "batch": a.batch,
+                          "one_tokens_per_s": one_rate, "batch_tokens_per_s": batch_rate,
+                          "speedup": batch_rate / one_rate, "one_tokens": one_tok, "batch_tokens": batch_tok}),
+              file=stdout)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Novelty at scale: ms per check against an archive of N candidates, LSH index beside full scans.
 
-    python bench/novelty_scale.py [--n 100000] [--checks 1000] [--scan-checks 30] [--real 4000] [--seed 0]
+    python bench/novelty_scale.py [--n 100000] [--checks 1000] [--scan-checks 30] [--real 4000] [--seed 0] [--json]
 
 The archive is built the way a run builds it: a candidate is archived only when
 `NoveltyIndex.check` finds it novel. Its candidates are
@@ -21,11 +21,13 @@ with an exact numpy scan on all of them (agreement wherever the best similarity
 reaches the threshold), and the linear scan, the baseline, on the first
 `--scan-checks`. Memory is what each index holds after a resume-style rebuild from
 the archive's signature bytes (`from_hashvalues` + `add`), traced with tracemalloc.
+`--json` prints the figures as one JSON object on stdout and the prose on stderr.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import platform
 import random
 import statistics
@@ -288,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real", type=int, default=4000, help="real mutated sources among the archive")
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout, the prose on stderr")
     args = ap.parse_args(argv)
+    stdout, indexes = sys.stdout, {}
+    if args.json:
+        sys.stdout = sys.stderr
     rng = random.Random(args.seed)
     index = NoveltyIndex(threshold=args.threshold)
     bands, rows = lsh_bands(args.threshold, index.num_perm)
@@ -331,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         ms = statistics.mean(times) * 1e3
         p99 = sorted(times)[min(len(times) - 1, int(0.99 * len(times)))] * 1e3
         print(f"{name:<72} {build_s:>8.2f} {held / 2**20:>10.1f} {len(times):>7} {ms:>9.3f} {p99:>7.3f}")
+        indexes[name] = {"build_s": build_s, "memory_mb": held / 2**20, "checks": len(times), "ms_per_check": ms,
+                         "p99_ms": p99}
         if make is Ours:
             ours_ms = ms
         if make is LinearScan:
@@ -348,10 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         missed = sum(1 for i in checked if got[i][1] < args.threshold)
         differ = sum(1 for i in checked if got[i] != exact[i])
         print(f"  {name}: {missed} of {len(checked)} missed, {differ} with another nearest id or similarity")
+        indexes[name].update(above_threshold=len(checked), missed=missed, differ=differ)
     print()
     print(f"RESULT novelty check at N={len(ids)}: {ours_ms:.3f} ms/check (LSH index) "
           f"against {scan_ms:.3f} ms/check (linear scan baseline), {scan_ms / ours_ms:.0f}x less; "
           f"signature {sig_s * 1e3:.3f} ms per source")
+    if args.json:
+        print(json.dumps({"n": len(ids), "checks": len(checks), "lsh_ms": ours_ms, "scan_ms": scan_ms,
+                          "signature_ms": sig_s * 1e3, "ours": Ours(index).name, "indexes": indexes}), file=stdout)
     return 0
 
 

@@ -3,7 +3,8 @@
     python bench/proxy_epoch.py                        # GPU: 50k CIFAR-shaped images
     python bench/proxy_epoch.py --variants             # also: what bf16 and channels_last each buy
     python bench/proxy_epoch.py --sandbox 5 --concurrent 4,8   # also: whole jobs in a warm sandbox
-    python bench/proxy_epoch.py --n 2048 --device cpu  # CPU size (tests/bench runs a smaller one)
+    python bench/proxy_epoch.py --n 2048 --device cpu  # CPU size (bench/summary.py runs a smaller one)
+    python bench/proxy_epoch.py --json                 # the figures as JSON on stdout, the prose on stderr
 
 Both sides train the same network on the same synthetic uint8 images (3x32x32, 10
 classes), with SGD (lr 0.01, momentum 0.9) and random horizontal flips:
@@ -29,6 +30,7 @@ read a wall clock, with torch's and cuDNN's start-up paid before the first one.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -205,7 +207,6 @@ def dataloader(make_net, arrays, device, batch: int, epochs: int, workers: int, 
 
 def write_handle(arrays, root) -> str:
     """A dataset handle as tools.datasets.prepare_handle writes it, flips allowed (CIFAR-like)."""
-    import json
     from pathlib import Path
 
     x, y, x_test = arrays
@@ -299,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--concurrent", default="", help="with --sandbox: also run the first small CNN as this many "
                     "jobs at once, sharing the GPU (comma-separated list)")
+    ap.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout, the prose on stderr")
     args = ap.parse_args(argv)
+    stdout = sys.stdout
+    if args.json:
+        sys.stdout = sys.stderr
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     args.batches = [int(b) for b in (args.batches or ("512,128" if on_gpu else "512")).split(",") if b]
@@ -317,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}")
     print(f"data: {args.n} train / {n_test} test synthetic uint8 images 3x32x32, 10 classes; device {device}")
     worker.warm_up(device)  # the worker pays this before its clock too
+    res = {"device": str(device), "gpu": gpu, "n": args.n, "n_test": n_test, "epochs": args.epochs, "resnet18": [],
+           "small": {}, "baseline_small": {}}
 
     resnet = lambda d: resnet18_cifar()  # noqa: E731
     for batch in args.batches:
@@ -328,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  batch {batch}: ours {mine.first:.3f} s/epoch vs DataLoader {base.first:.3f} s/epoch: "
               f"{base.first / mine.first:.1f}x faster (first epoch); "
               f"steady {mine.steady:.3f} vs {base.steady:.3f} s/epoch: {base.steady / mine.steady:.1f}x")
+        res["resnet18"].append({"batch": batch, "ours_first_s": mine.first, "ours_steady_s": mine.steady,
+                                "ours_note": mine.note, "baseline_first_s": base.first,
+                                "baseline_steady_s": base.steady, "speedup_first": base.first / mine.first})
 
     if args.variants:
         batch = args.batches[0]
@@ -351,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: per candidate {t.first:.3f} s epoch + {t.predict_s:.3f} s predict + {overhead:.3f} s "
               f"warm-worker overhead = {per_candidate:.3f} s -> {3600 / per_candidate:,.0f} candidates per device-hour "
               f"(one at a time)")
+        res["small"][name] = {"epoch_s": t.first, "predict_s": t.predict_s, "overhead_s": overhead,
+                              "per_candidate_s": per_candidate, "per_hour": 3600 / per_candidate, "note": t.note}
     if names:
         name = names[0]
         b = dataloader(lambda d: zoo_net(name, d), arrays, device, args.small_batch, 1, args.workers)
@@ -358,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         print(row(f"baseline: zoo {name}, DataLoader", b))
         print(f"  baseline {name}: {b.first:.3f} s epoch + {cold_overhead:.3f} s cold process = "
               f"{per_candidate:.3f} s -> {3600 / per_candidate:,.0f} candidates per device-hour")
+        res["baseline_small"][name] = {"epoch_s": b.first, "overhead_s": cold_overhead,
+                                       "per_candidate_s": per_candidate, "per_hour": 3600 / per_candidate}
 
     if args.sandbox:
         print(f"\nwhole jobs in a warm process sandbox ({args.n} train / {n_test} test images; "
@@ -366,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         sources.update({n: (get_baseline(n).source, args.small_batch) for n in names})
         sandbox_jobs(arrays, device, sources, args.sandbox, args.threads or 2,
                      [int(k) for k in args.concurrent.split(",") if k])
+    if args.json:
+        print(json.dumps(res), file=stdout)
     return 0
 
 

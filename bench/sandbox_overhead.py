@@ -1,6 +1,6 @@
 """Per-candidate sandbox overhead: warm workers against a fresh worker per candidate.
 
-    python bench/sandbox_overhead.py [--jobs 8] [--dataset mnist] [--backends process,docker] [--device cuda:0]
+    python bench/sandbox_overhead.py [--jobs 8] [--dataset mnist] [--backends process,docker] [--device cuda:0] [--json]
 
 For each backend that works here (process; docker where a daemon answers and the
 image exists) and each mode (cold: a new worker process or container per candidate;
@@ -8,11 +8,13 @@ warm: one worker, a fresh forked child per candidate), it runs the same small Le
 candidate `--jobs` times, one after another, and prints the per-candidate overhead:
 the job's wall time outside its own training (start-up, data, model build,
 prediction over `--test` images, read-back). The cold figure is the baseline each warm figure is set
-beside. A warm worker's first job, which pays its start-up, is shown apart.
+beside. A warm worker's first job, which pays its start-up, is shown apart. `--json` prints the
+figures as one JSON object on stdout and the table on stderr (`bench/summary.py` reads it).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -79,7 +81,11 @@ def main() -> int:
     ap.add_argument("--backends", default="process,docker")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda:N (a GPU job pays its CUDA context per candidate)")
+    ap.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout, the table on stderr")
     args = ap.parse_args()
+    stdout, res = sys.stdout, {"device": args.device, "jobs": args.jobs, "backends": {}}
+    if args.json:
+        sys.stdout = sys.stderr
 
     from deltanas.tools.datasets import load_dataset, prepare_handle
 
@@ -96,6 +102,7 @@ def main() -> int:
             sandbox, why = make_sandbox(backend, warm, tmp / f"work-{backend}-{warm}")
             if sandbox is None:
                 print(f"{backend:<8} skipped: {why}")
+                res["backends"][backend] = {"skipped": why}
                 break
             if not warm:
                 print(f"  ({backend}: {sandbox.isolation()[:150]}...)")
@@ -110,8 +117,13 @@ def main() -> int:
                 cold_median = med
             ratio = f"{cold_median / med:5.1f}x less" if warm and cold_median else "baseline"
             first_txt = f"{first[1]:.3f}s" if warm else "—"
+            res["backends"].setdefault(backend, {})[f"{'warm' if warm else 'cold'}_median_s"] = med
+            if warm:
+                res["backends"][backend]["warm_first_s"] = first[1]
             print(f"{backend:<8} {'warm' if warm else 'cold':<5} {med:>14.3f} s {min(over):>6.3f} {max(over):>6.3f} "
                   f"{first_txt:>10}  {ratio}")
+    if args.json:
+        print(json.dumps(res), file=stdout)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Output tokens per candidate: the delta answer against full-file generation, on the same baselines.
 
-    python bench/tokens.py [--mutations 50] [--steps 2,4] [--model smollm2] [--archive RUN_DIR ...]
+    python bench/tokens.py [--mutations 50] [--steps 2,4] [--model smollm2] [--archive RUN_DIR ...] [--json]
 
 For every zoo baseline it makes `--mutations` rule-based candidates (`tools/mutator.py`,
 `--steps` stacked mutations each, as the `mutate` backend proposes them) and counts,
@@ -14,11 +14,13 @@ The same candidate gives both answers, so the ratio compares like with like.
 With `--archive RUN_DIR` (repeatable) it also reads what a run really generated:
 `completion_tokens` per candidate (all attempts, repairs included) from the run's
 archive, by mode and proposer, and the first answers re-counted with the tokenizer
-(the `mutate` proposer counts words, not tokens).
+(the `mutate` proposer counts words, not tokens). `--json` prints the figures as one JSON
+object on stdout and the prose on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import random
 import statistics
@@ -117,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archive", action="append", default=[], type=Path, metavar="RUN_DIR",
                     help="also report the real completion tokens of a run (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout, the prose on stderr")
     args = ap.parse_args(argv)
+    stdout, per_baseline = sys.stdout, {}
+    if args.json:
+        sys.stdout = sys.stderr
     lo, hi = (int(x) for x in args.steps.split(","))
     tok = load_tokenizer(args.model)
 
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         md, mf = statistics.mean(delta), statistics.mean(full)
         print(f"{b.name:<10} {len(b.source.splitlines()):>10} {len(cands):>6} {changed:>14.1f} {mf:>23.0f} "
               f"{md:>13.0f} {md / mf:>11.1%}")
+        per_baseline[b.name] = {"candidates": len(cands), "changed_lines": changed, "full_tokens": mf,
+                                "delta_tokens": md, "ratio": md / mf}
     md, mf = statistics.mean(all_delta), statistics.mean(all_full)
     print(f"{'all':<10} {'':>10} {len(all_delta):>6} {'':>14} {mf:>23.0f} {md:>13.0f} {md / mf:>11.1%}")
     by_steps = []
@@ -164,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir in args.archive:
         print()
         print("\n".join(archive_report(run_dir, count)))
+    if args.json:
+        print(json.dumps({"model": args.model, "candidates": len(all_delta), "delta_tokens": md, "full_tokens": mf,
+                          "ratio": md / mf, "median_ratio": statistics.median(ratios),
+                          "per_baseline": per_baseline}), file=stdout)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Each benchmark under bench/ runs at a tiny size and prints its figure beside its baseline."""
+"""bench/tokens.py reading a run's archive. Every figure's own small run is in test_summary.py
+(bench/summary.py, which CI keeps); this is the one path the summary does not take."""
 from __future__ import annotations
 
 import os
@@ -18,24 +19,6 @@ def run_bench(script: str, *args: str) -> str:
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
-
-
-def test_novelty_scale_small():
-    out = run_bench("novelty_scale.py", "--n", "2000", "--real", "100", "--checks", "150", "--scan-checks", "10")
-    m = re.search(r"RESULT novelty check at N=(\d+): ([\d.]+) ms/check \(LSH index\) against ([\d.]+) ms/check "
-                  r"\(linear scan baseline\)", out)
-    assert m, out
-    n, lsh_ms, scan_ms = int(m[1]), float(m[2]), float(m[3])
-    assert n == 2000 and 0 < lsh_ms < scan_ms
-    assert re.search(r"signatures: [\d.]+ ms per real source", out)
-    # the index of this change agrees with the exact scan on every check at or above the threshold
-    above = int(re.search(r"exact answers at or above the threshold: (\d+) of 150 checks", out)[1])
-    assert above > 0
-    assert re.search(rf"NoveltyIndex: .*\(this change\): 0 of {above} missed, 0 with another", out), out
-    rows = {m[1]: float(m[2]) for m in re.finditer(r"^(.+?)\s+[\d.]+\s+[\d.]+\s+\d+\s+([\d.]+)\s+[\d.]+$", out, re.M)}
-    names = ["NoveltyIndex", "zero-miss bands", "previous index", "numpy scan", "linear scan"]
-    assert [next((k for k in rows if n in k), None) is not None for n in names] == [True] * 5, rows
-    assert all(ms > 0 for ms in rows.values())
 
 
 def _tokenizer_available() -> bool:
@@ -71,17 +54,13 @@ def _fake_run(run_dir: Path) -> None:
 
 
 @needs_smollm2
-def test_tokens_small(tmp_path):
+def test_tokens_reads_a_runs_archive(tmp_path):
     _fake_run(tmp_path / "run")
-    out = run_bench("tokens.py", "--mutations", "4", "--baselines", "lenet,resnet", "--archive", str(tmp_path / "run"))
+    out = run_bench("tokens.py", "--mutations", "2", "--baselines", "lenet", "--archive", str(tmp_path / "run"))
     m = re.search(r"RESULT output tokens per candidate: delta (\d+) against full-file (\d+) \(baseline\), "
                   r"([\d.]+)%", out)
-    assert m, out
-    delta, full, pct = int(m[1]), int(m[2]), float(m[3])
-    assert 0 < delta < full and abs(pct - 100 * delta / full) < 0.1
-    rows = re.findall(r"^(lenet|resnet)\s+(\d+)\s+4\s+[\d.]+\s+(\d+)\s+(\d+)\s+([\d.]+)%$", out, re.M)
-    assert [r[0] for r in rows] == ["lenet", "resnet"], out
-    assert all(int(r[3]) < int(r[2]) for r in rows)  # each baseline: delta answer shorter than the whole file
+    assert m, out  # the human output, which the summary does not read
+    assert re.search(r"^lenet\s+\d+\s+2\s", out, re.M), out
     # the archive part: real completion_tokens per mode, and the first answers re-counted
     assert re.search(r"delta\s+hf\s+1\s+1\s+100\s", out) and re.search(r"full\s+hf\s+1\s+1\s+200\s", out), out
     m = re.search(r"first answers: delta (\d+) tokens against full (\d+): ([\d.]+)%", out)
