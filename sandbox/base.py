@@ -29,6 +29,7 @@ class Limits:
     cpu_threads: int = 2
     max_output_bytes: int = 1_000_000
     max_processes: int = 256
+    gpu_memory_mb: int | None = None  # the job's share of its GPU (torch's allocator); None: no cap
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,7 @@ class Settings:
     device: str
     cpu_threads: int
     hyperparameters: dict
+    gpu_memory_mb: int | None = None
 
     @classmethod
     def from_job(cls, job: dict) -> "Settings":
@@ -140,7 +141,8 @@ class Settings:
         return cls(epochs=int(job.get("epochs", 1)), seed=int(job.get("seed", 0)),
                    batch_size=int(job.get("batch_size", 128)), device=str(job.get("device", "cpu")),
                    cpu_threads=int(limits.get("cpu_threads", 2)),
-                   hyperparameters=dict(job.get("hyperparameters") or {}))
+                   hyperparameters=dict(job.get("hyperparameters") or {}),
+                   gpu_memory_mb=int(limits["gpu_memory_mb"]) if limits.get("gpu_memory_mb") else None)
 
 
 # Float bytes of one prepared slice of the epoch: batches are gathered, flipped and normalised
@@ -286,6 +288,17 @@ def try_channels_last(model, sample, device) -> bool:
         return False
     finally:
         model.train(was_training)
+
+
+def cap_gpu_memory(device, mb: int) -> None:
+    """Hold this job to `mb` of its GPU, so candidates sharing the card are accounted for: past
+    its share, torch's allocator raises OutOfMemoryError here (an `oom` result for this candidate
+    alone) instead of taking memory its neighbours were promised. The CUDA context is outside it."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, mb * 2**20 / total), device)
+    log(f"GPU memory capped at {mb} MB of {total / 2**20:.0f} MB")
 
 
 def warm_up(device) -> None:
@@ -434,6 +447,8 @@ def run(workdir: str, dataset_dir: str, fields: dict, data: Data | None = None) 
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise Outcome("crashed", f"setup: cuda requested but not available (device {s.device!r})")
     device = torch.device(s.device)
+    if device.type == "cuda" and s.gpu_memory_mb:
+        cap_gpu_memory(device, s.gpu_memory_mb)
     if data is None or data.device != device:
         data = load_data(dataset_dir, device) if data is None else data.to(device)
         warm_up(device)

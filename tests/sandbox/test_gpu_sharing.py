@@ -1,0 +1,89 @@
+"""Several candidates on one GPU, with memory accounted: each job is held to its share, and
+one that needs more fails alone, as `oom`, while its neighbour trains. The GPU tests run on
+the device machine; CI has no GPU, so there they skip and say why. The share arithmetic and
+its refusals are tested everywhere."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from deltanas.agent.config import ConfigError, load_config
+from deltanas.agent.runtime import CUDA_CONTEXT_MB, gpu_share_mb
+from deltanas.sandbox.base import Limits
+from deltanas.sandbox.process import ProcessSandbox
+from deltanas.tools.proxy import evaluate_source
+
+from support import Arrays, write_handle
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+
+GREEDY = '''
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_shape, out_shape, prm, device):
+        super().__init__()
+        self.hoard = torch.empty(3 * 2**30, dtype=torch.uint8, device=device)  # 3 GB, over its share
+        self.head = nn.Linear(in_shape[1] * in_shape[2] * in_shape[3], out_shape[0])
+
+    def forward(self, x):
+        return self.head(x.flatten(1))
+'''
+
+SMALL = GREEDY.replace("        self.hoard = torch.empty(3 * 2**30, dtype=torch.uint8, device=device)  # 3 GB, over its share\n",
+                       "        self.hoard = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # within its share\n")
+
+
+def _cfg(**over):
+    return load_config(None, {"sandbox.device": "cuda:0", **over})
+
+
+def test_share_is_what_is_asked_or_an_equal_part_of_the_card():
+    assert gpu_share_mb(load_config(None, {})) is None  # CPU: nothing to share
+    assert gpu_share_mb(_cfg(), total_mb=80_000) is None  # one worker: the whole card
+    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4}), total_mb=80_000) == (80_000 - 4 * CUDA_CONTEXT_MB) // 4
+    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4, "sandbox.gpu_memory_mb": 2048}), total_mb=80_000) == 2048
+    assert gpu_share_mb(_cfg(**{"sandbox.gpu_memory_mb": 2048}), total_mb=80_000) == 2048
+
+
+def test_a_share_that_cannot_fit_is_refused_before_the_run():
+    with pytest.raises(ConfigError, match="do not fit on cuda:0"):
+        gpu_share_mb(_cfg(**{"sandbox.workers": 8, "sandbox.gpu_memory_mb": 10_000}), total_mb=80_000)
+    with pytest.raises(ConfigError, match="lower sandbox.workers"):
+        gpu_share_mb(_cfg(**{"sandbox.workers": 200}), total_mb=80_000)
+    with pytest.raises(ConfigError):
+        load_config(None, {"sandbox.gpu_memory_mb": 0})
+
+
+@cuda
+@pytest.mark.parametrize("warm", [True, False])
+def test_two_candidates_share_a_gpu_and_the_greedy_one_fails_alone(tmp_path, warm):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = Arrays("t", rng.integers(0, 256, (512, 1, 28, 28)).astype(np.uint8), rng.integers(0, 10, 512),
+                    rng.integers(0, 256, (64, 1, 28, 28)).astype(np.uint8), rng.integers(0, 10, 64), 10, [0.5], [0.3])
+    handle = write_handle(arrays, tmp_path / "ds")
+    sandbox = ProcessSandbox(tmp_path / "work", warm=warm, max_idle=2)
+    limits = Limits(timeout_s=300, gpu_memory_mb=1024)
+    out: dict[str, object] = {}
+
+    def one(name, source):
+        out[name] = evaluate_source(source, sandbox=sandbox, dataset=arrays, handle_dir=handle, candidate_id=name,
+                                    out_dir=tmp_path / name, device="cuda:0", limits=limits, batch_size=64)
+
+    try:
+        threads = [threading.Thread(target=one, args=a) for a in (("greedy", GREEDY), ("small", SMALL))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(400)
+    finally:
+        sandbox.close()
+    assert out["greedy"].status == "oom", out["greedy"]
+    assert "memory" in out["greedy"].error.lower()
+    assert out["small"].status == "ok" and out["small"].accuracy is not None, out["small"]
