@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="per-candidate wall-clock limit")
     r.add_argument("--device", help="proxy-training device: cpu, cuda, cuda:N")
     r.add_argument("--workers", type=_positive_int, help="candidates trained at once")
+    r.add_argument("--executor", choices=["local", "ray"],
+                   help="local sandbox slots, or one Ray actor per worker (one GPU each on cuda); needs deltanas[ray]")
+    r.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster to join (default: a local Ray instance)")
     r.add_argument("--max-new-tokens", type=_positive_int)
     r.add_argument("--seed", type=int)
     r.add_argument("--name", help="run name (default: run)")
@@ -163,6 +166,7 @@ def _run_overrides(a: argparse.Namespace) -> dict:
         "data.limit_train": a.limit_train, "data.limit_test": a.limit_test, "search.cycles": a.cycles, "search.candidates": a.candidates, "search.mode": a.mode,
         "search.seed": a.seed, "sandbox.type": a.sandbox, "sandbox.timeout_s": a.timeout,
         "sandbox.device": a.device, "sandbox.workers": a.workers, "llm.max_new_tokens": a.max_new_tokens,
+        "sandbox.executor": a.executor, "sandbox.ray_address": a.ray_address,
         "baselines": [b.strip() for b in a.baselines.split(",") if b.strip()] if a.baselines else None,
     }
 
@@ -174,12 +178,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.resume:
         if a.config or a.run_dir:
             raise CLIError("--resume takes its config from the run directory; drop --config/--run-dir")
-        allowed = {"search.cycles": a.cycles}
+        # Where candidates train does not change what a run is: a resume may move it onto Ray.
+        allowed = {"search.cycles": a.cycles, "sandbox.executor": a.executor, "sandbox.ray_address": a.ray_address}
         other = {k: v for k, v in _run_overrides(a).items() if v is not None and k not in allowed}
         if a.preset:
             other["--preset"] = a.preset
         if other:
-            raise CLIError(f"--resume can only extend --cycles; these would change the run: {', '.join(other)}")
+            raise CLIError(f"--resume can only extend --cycles (and pick --executor, --ray-address); these would change the run: {', '.join(other)}")
         run_dir = Path(a.resume)
         cfg = rundir.open_run_dir(run_dir, allowed)
     else:

@@ -114,7 +114,13 @@ class SandboxConfig(_Section):
     warm: bool = True
     """Keep workers up across candidates (a fresh forked child each); false starts one per candidate."""
     device: str = "cpu"
-    """`cpu`, `cuda` or `cuda:N` for the proxy training."""
+    """`cpu`, `cuda` or `cuda:N` for the proxy training (under Ray, `cuda`: the actor's own GPU)."""
+    executor: Literal["local", "ray"] = "local"
+    """`local`: `workers` sandbox slots on this machine. `ray`: `workers` Ray actors, each with its own
+    sandbox and one GPU (cuda) or `cpu_threads` CPUs, on one machine or a cluster (needs `deltanas[ray]`)."""
+    ray_address: str | None = None
+    """The Ray cluster to join (`ray.init(address=...)`, e.g. `auto` or `ray://head:10001`); unset: a
+    local Ray instance started for the run (or the one RAY_ADDRESS names)."""
 
 
 class LearnConfig(_Section):

@@ -16,7 +16,15 @@ from deltanas.tools.proxy import EvalOutcome, evaluate_source
 
 
 class Executor(Protocol):
+    """Trains candidates (from several threads at once) and scores them on the driver.
+    `RayExecutor` (agent/executor_ray.py) is the other implementation."""
+
     def evaluate(self, source: str, candidate_id: str, out_dir: Path) -> EvalOutcome: ...
+
+    def isolation(self) -> str:
+        """Where candidates run and under which isolation, in a sentence or two."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -46,6 +54,9 @@ class LocalExecutor:
                 candidate_id=candidate_id, out_dir=out_dir, hyperparameters=self.hyperparameters,
                 epochs=self.epochs, seed=self.seed, batch_size=self.batch_size, device=self.device,
                 limits=self.limits)
+
+    def isolation(self) -> str:
+        return self.sandbox.isolation()
 
     def close(self) -> None:
         self.stop.set()

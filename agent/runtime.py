@@ -6,9 +6,9 @@ import shutil
 import threading
 from pathlib import Path
 
-from deltanas.agent.config import Config, ConfigError
+from deltanas.agent.config import Config, ConfigError, SandboxConfig
 from deltanas.agent.deps import DatasetInfo, Deps
-from deltanas.agent.executor import LocalExecutor
+from deltanas.agent.executor import Executor, LocalExecutor
 from deltanas.agent.llm.base import LLMBackend
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.rundir import ARCHIVE_FILE
@@ -21,21 +21,25 @@ from deltanas.tools.novelty import NoveltyIndex
 def make_sandbox(cfg: Config, work_root: Path) -> Sandbox:
     """Docker where a daemon answers and the image exists (or where it is demanded), else
     the process sandbox."""
+    return sandbox_for(cfg.sandbox, work_root, max_idle=cfg.sandbox.workers)
+
+
+def sandbox_for(s: SandboxConfig, work_root: Path, *, max_idle: int) -> Sandbox:
+    """The sandbox `[sandbox]` asks for; also what each Ray actor builds for itself."""
     from deltanas.sandbox.docker import DockerUnavailable
     from deltanas.sandbox.image import select_backend
 
     try:
-        kind, _why = select_backend(cfg.sandbox.type, cfg.sandbox.image)
+        kind, _why = select_backend(s.type, s.image)
     except DockerUnavailable as e:
         raise ConfigError(str(e)) from None
     if kind == "docker":
         from deltanas.sandbox.docker import DockerSandbox
 
-        return DockerSandbox(work_root, image=cfg.sandbox.image, warm=cfg.sandbox.warm,
-                             max_idle=cfg.sandbox.workers)
+        return DockerSandbox(work_root, image=s.image, warm=s.warm, max_idle=max_idle)
     from deltanas.sandbox.process import ProcessSandbox
 
-    return ProcessSandbox(work_root, warm=cfg.sandbox.warm, max_idle=cfg.sandbox.workers)
+    return ProcessSandbox(work_root, warm=s.warm, max_idle=max_idle)
 
 
 def check_device(device: str) -> None:
@@ -64,6 +68,10 @@ def preflight(cfg: Config):
     """Every check that needs the machine, done before a run directory is created, so a run
     that cannot start leaves nothing behind. Returns the loaded dataset."""
     check_device(cfg.sandbox.device)
+    if cfg.sandbox.executor == "ray":
+        from deltanas.agent.executor_ray import import_ray
+
+        import_ray()
     from deltanas.agent.llm.factory import parse_llm_spec
 
     spec = parse_llm_spec(cfg.llm.spec)
@@ -146,6 +154,23 @@ def restore_adapter(deps: Deps) -> str | None:
     return None
 
 
+def make_executor(cfg: Config, ds, handle: Path, work_root: Path, stop: threading.Event,
+                  sandbox: Sandbox | None = None) -> Executor:
+    s = cfg.sandbox
+    limits = Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb, cpu_threads=s.cpu_threads,
+                    max_output_bytes=s.max_output_bytes)
+    common = dict(workers=s.workers, hyperparameters=cfg.train.hyperparameters(), epochs=cfg.train.epochs,
+                  batch_size=cfg.train.batch_size, device=s.device, limits=limits, seed=cfg.search.seed, stop=stop)
+    if s.executor == "ray":
+        if sandbox is not None:
+            raise ValueError("an injected sandbox runs here; the ray executor builds one in each actor")
+        from deltanas.agent.executor_ray import RayExecutor
+
+        return RayExecutor(s, ds, handle, work_root / "ray", address=s.ray_address, **common)
+    sb = sandbox if sandbox is not None else make_sandbox(cfg, work_root)
+    return LocalExecutor(sb, ds, handle, **common)
+
+
 def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, sandbox: Sandbox | None = None,
                dataset=None, learner=None) -> Deps:
     """Everything a run needs. `llm`, `sandbox`, `dataset` and `learner` can be injected (tests)."""
@@ -156,13 +181,7 @@ def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, san
     shutil.rmtree(work_root, ignore_errors=True)  # leftovers of a killed driver
     work_root.mkdir(parents=True)
     stop = threading.Event()
-    sb = sandbox if sandbox is not None else make_sandbox(cfg, work_root)
-    s = cfg.sandbox
-    limits = Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb, cpu_threads=s.cpu_threads,
-                    max_output_bytes=s.max_output_bytes)
-    executor = LocalExecutor(sb, ds, handle, workers=s.workers, hyperparameters=cfg.train.hyperparameters(),
-                             epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=s.device,
-                             limits=limits, seed=cfg.search.seed, stop=stop)
+    executor = make_executor(cfg, ds, handle, work_root, stop, sandbox)
     store = Store(run_dir / ARCHIVE_FILE)
     n = cfg.novelty
     index = NoveltyIndex(threshold=n.threshold, num_perm=n.num_perm, shingle=n.shingle)

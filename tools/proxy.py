@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deltanas.sandbox.base import Job, Limits, Sandbox
+from deltanas.sandbox.base import Job, Limits, Result, Sandbox
 from deltanas.tools import pyast
 from deltanas.tools.scoring import InvalidPredictions, load_predictions, score_predictions
 
@@ -80,10 +80,23 @@ def evaluate_source(source: str, *, sandbox: Sandbox, dataset, handle_dir: Path,
     are read); `handle_dir` is its prepared handle, the only data the sandbox sees.
     """
     t0 = time.perf_counter()
-    job = Job(candidate_id=candidate_id, source=source, dataset_dir=str(handle_dir),
-              hyperparameters=select_hyperparameters(source, hyperparameters), epochs=epochs, seed=seed,
-              batch_size=batch_size, device=device, limits=limits)
-    result = sandbox.run(job)
+    job = make_job(source, handle_dir=handle_dir, candidate_id=candidate_id, hyperparameters=hyperparameters,
+                   epochs=epochs, seed=seed, batch_size=batch_size, device=device, limits=limits)
+    return score_result(sandbox.run(job), source, dataset=dataset, out_dir=out_dir, started=t0)
+
+
+def make_job(source: str, *, handle_dir: Path, candidate_id: str, hyperparameters: dict | None = None,
+             epochs: int = 1, seed: int = 0, batch_size: int = 128, device: str = "cpu",
+             limits: Limits = Limits()) -> Job:
+    """The sandbox job for `source`: what runs wherever the sandbox is (here or a Ray actor)."""
+    return Job(candidate_id=candidate_id, source=source, dataset_dir=str(handle_dir),
+               hyperparameters=select_hyperparameters(source, hyperparameters), epochs=epochs, seed=seed,
+               batch_size=batch_size, device=device, limits=limits)
+
+
+def score_result(result: Result, source: str, *, dataset, out_dir: Path | None, started: float) -> EvalOutcome:
+    """The trusted half, always on the host that holds the test labels: scores the job's
+    predictions file (then removes it) and writes the candidate's files to `out_dir`."""
     status, error, accuracy = result.status, result.error, None
     preds_path = Path(result.predictions_path) if result.predictions_path else None
     try:
@@ -96,7 +109,7 @@ def evaluate_source(source: str, *, sandbox: Sandbox, dataset, handle_dir: Path,
     except InvalidPredictions as e:
         status, error = "invalid", str(e)
     outcome = EvalOutcome(status=status, accuracy=accuracy, param_count=result.param_count,
-                          train_seconds=result.train_seconds, total_seconds=time.perf_counter() - t0,
+                          train_seconds=result.train_seconds, total_seconds=time.perf_counter() - started,
                           error=error, log_tail=result.log_tail)
     if out_dir is not None:
         write_outcome(Path(out_dir), source, outcome, preds_path if accuracy is not None else None)
