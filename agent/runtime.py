@@ -42,12 +42,16 @@ def sandbox_for(s: SandboxConfig, work_root: Path, *, max_idle: int) -> Sandbox:
     return ProcessSandbox(work_root, warm=s.warm, max_idle=max_idle)
 
 
-def check_device(device: str) -> None:
+def check_device(device: str, *, here: bool = True) -> None:
+    """`here`: the device must exist on this machine (false under Ray, whose actors may train on
+    other nodes: the executor checks the cluster's GPUs instead)."""
     if device == "cpu" or device == "auto":
         return
     head, _, index = device.partition(":")
     if head != "cuda" or (index and not index.isdigit()):
         raise ConfigError(f"device {device!r}: use cpu, cuda or cuda:N")
+    if not here:
+        return
     import torch
 
     if not torch.cuda.is_available():
@@ -67,7 +71,7 @@ def load_run_dataset(cfg: Config):
 def preflight(cfg: Config):
     """Every check that needs the machine, done before a run directory is created, so a run
     that cannot start leaves nothing behind. Returns the loaded dataset."""
-    check_device(cfg.sandbox.device)
+    check_device(cfg.sandbox.device, here=cfg.sandbox.executor == "local")
     if cfg.sandbox.executor == "ray":
         from deltanas.agent.executor_ray import import_ray
 
@@ -174,7 +178,7 @@ def make_executor(cfg: Config, ds, handle: Path, work_root: Path, stop: threadin
 def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, sandbox: Sandbox | None = None,
                dataset=None, learner=None) -> Deps:
     """Everything a run needs. `llm`, `sandbox`, `dataset` and `learner` can be injected (tests)."""
-    check_device(cfg.sandbox.device)
+    check_device(cfg.sandbox.device, here=cfg.sandbox.executor == "local")
     ds = dataset if dataset is not None else load_run_dataset(cfg)
     handle = prepare_handle(ds, default_cache_dir() / "handles")
     work_root = run_dir / ".work"

@@ -324,3 +324,19 @@ def test_whole_run_with_the_ray_executor(tmp_path):
             result = json.loads((d / "candidates" / row.id / "result.json").read_text())
             assert result["accuracy"] == row.accuracy and (d / "candidates" / row.id / "predictions.npy").exists()
     assert not (d / ".work" / "ray").exists()  # the driver's scratch for predictions is gone
+
+
+def test_cuda_under_ray_is_checked_against_the_cluster_not_the_driver(local_ray, data, tmp_path):
+    import torch
+
+    from deltanas.agent.config import ConfigError
+    from deltanas.agent.runtime import check_device
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a driver without CUDA")
+    check_device("cuda", here=False)  # the GPUs may be on other nodes
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        check_device("cuda")
+    ds, handle = data
+    with pytest.raises(ConfigError, match=r"1 Ray actors need 1 GPU\(s\).*has 0"):
+        RayExecutor(SandboxConfig(type="process"), ds, handle, tmp_path / "d", workers=1, **{**JOB, "device": "cuda"})
