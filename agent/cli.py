@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-lora-rank", type=_positive_int, default=32)
     sv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     sv.add_argument("--max-model-len", type=_positive_int)
+    sv.add_argument("--seed", type=int, default=0, help="the engine's sampling seed")
     sv.add_argument("--print-command", action="store_true", help="print the server command and exit")
     sv.set_defaults(vllm_args=[])  # what follows `--` goes to vllm serve as it is (split off in main)
 
@@ -277,7 +278,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     try:
         p = serve.plan(a.model, run_dir=Path(a.run) if a.run else None, python=a.python, host=a.host, port=a.port,
                        max_lora_rank=a.max_lora_rank, dtype=a.dtype, max_model_len=a.max_model_len,
-                       extra=a.vllm_args)
+                       seed=a.seed, extra=a.vllm_args)
     except (serve.ServeError, ValueError) as e:
         raise CLIError(str(e)) from None
     if a.print_command:

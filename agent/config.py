@@ -40,6 +40,9 @@ class LLMConfig(_Section):
     """Per-request timeout for server backends."""
     gpu_memory: float = Field(0.5, gt=0, le=1)
     """`vllm:` on a GPU: the engine's share of GPU memory; the rest is left to the LoRA trainer."""
+    seed_requests: bool = False
+    """`openai:`: send the run's seed with each request. Off by default: vLLM's CPU engine dies on
+    per-request seeds; a server's own seed (`deltanas serve` sets one) still applies."""
 
     @field_validator("spec")
     @classmethod
@@ -121,6 +124,9 @@ class SandboxConfig(_Section):
     ray_address: str | None = None
     """The Ray cluster to join (`ray.init(address=...)`, e.g. `auto` or `ray://head:10001`); unset: a
     local Ray instance started for the run (or the one RAY_ADDRESS names)."""
+    gpu_memory_mb: int | None = Field(None, gt=0)
+    """On a GPU: each candidate's share of the card's memory; past it the candidate alone fails
+    as `oom`. Unset with `workers` > 1: an equal share of what is left after each worker's CUDA context."""
 
 
 class LearnConfig(_Section):

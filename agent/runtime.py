@@ -60,6 +60,28 @@ def check_device(device: str, *, here: bool = True) -> None:
         raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
+CUDA_CONTEXT_MB = 768  # a job child's own CUDA context and cuDNN/cuBLAS workspaces, outside its share
+
+
+def gpu_share_mb(cfg: Config, total_mb: int | None = None) -> int | None:
+    """Each candidate's GPU memory share: `sandbox.gpu_memory_mb`, or with several workers on one
+    GPU an equal part of what their CUDA contexts leave. A config that cannot fit is refused."""
+    s = cfg.sandbox
+    if not s.device.startswith("cuda") or s.executor == "ray" or (s.gpu_memory_mb is None and s.workers == 1):
+        return s.gpu_memory_mb  # under Ray each actor has a GPU of its own
+    if total_mb is None:
+        import torch
+
+        total_mb = torch.cuda.get_device_properties(torch.device(s.device)).total_memory // 2**20
+    free = total_mb - s.workers * CUDA_CONTEXT_MB
+    share = s.gpu_memory_mb if s.gpu_memory_mb is not None else free // s.workers
+    if share <= 0 or share * s.workers > free:
+        raise ConfigError(f"sandbox.workers = {s.workers} candidates of {share} MB each do not fit on {s.device} "
+                          f"({total_mb} MB, {CUDA_CONTEXT_MB} MB per worker's CUDA context): lower "
+                          "sandbox.workers or sandbox.gpu_memory_mb")
+    return share
+
+
 def load_run_dataset(cfg: Config):
     try:
         return load_dataset(cfg.data.dataset, data_dir=cfg.data.data_dir, download=cfg.data.download,
@@ -72,6 +94,7 @@ def preflight(cfg: Config):
     """Every check that needs the machine, done before a run directory is created, so a run
     that cannot start leaves nothing behind. Returns the loaded dataset."""
     check_device(cfg.sandbox.device, here=cfg.sandbox.executor == "local")
+    gpu_share_mb(cfg)
     if cfg.sandbox.executor == "ray":
         from deltanas.agent.executor_ray import import_ray
 
@@ -102,7 +125,7 @@ def make_llm(cfg: Config) -> LLMBackend:
 
     backend = make_backend(cfg.llm.spec, device=cfg.llm.device, batch_size=cfg.llm.batch_size,
                            seed=cfg.search.seed, timeout_s=cfg.llm.timeout_s, max_lora_rank=cfg.learn.r,
-                           gpu_memory=cfg.llm.gpu_memory)
+                           gpu_memory=cfg.llm.gpu_memory, seed_requests=cfg.llm.seed_requests)
     return CoalescingBackend(backend)
 
 
@@ -162,7 +185,7 @@ def make_executor(cfg: Config, ds, handle: Path, work_root: Path, stop: threadin
                   sandbox: Sandbox | None = None) -> Executor:
     s = cfg.sandbox
     limits = Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb, cpu_threads=s.cpu_threads,
-                    max_output_bytes=s.max_output_bytes)
+                    max_output_bytes=s.max_output_bytes, gpu_memory_mb=gpu_share_mb(cfg))
     common = dict(workers=s.workers, hyperparameters=cfg.train.hyperparameters(), epochs=cfg.train.epochs,
                   batch_size=cfg.train.batch_size, device=s.device, limits=limits, seed=cfg.search.seed, stop=stop)
     if s.executor == "ray":

@@ -75,7 +75,7 @@ def vllm_python(explicit: str | None = None) -> str:
 
 def plan(model: str, *, run_dir: Path | None = None, python: str | None = None, host: str = "127.0.0.1",
          port: int = 8000, max_lora_rank: int = 32, dtype: str = "bfloat16", max_model_len: int | None = None,
-         extra: list[str] | None = None) -> ServePlan:
+         seed: int = 0, extra: list[str] | None = None) -> ServePlan:
     """Everything `serve` will run, without running it (the model folder is materialised)."""
     from deltanas.agent.llm.serving import serving_folder
     from deltanas.agent.llm.vllm_local import adapter_rank, engine_rank
@@ -89,7 +89,7 @@ def plan(model: str, *, run_dir: Path | None = None, python: str | None = None, 
     rank = max([max_lora_rank, *(adapter_rank(Path(p)) for _, p in adapters)])
     argv = [py, "-m", _SERVER_MODULE, "--model", str(folder), "--served-model-name", model,
             "--host", host, "--port", str(port), "--dtype", dtype,
-            "--enable-lora", "--max-lora-rank", str(engine_rank(rank)), "--max-loras", "2"]
+            "--enable-lora", "--max-lora-rank", str(engine_rank(rank)), "--max-loras", "2", "--seed", str(seed)]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     if adapters:

@@ -10,6 +10,8 @@ best first-epoch accuracy, output tokens per candidate, generation seconds per
 candidate and wall time. Delta is the figure; full generation is its baseline.
 Arguments after `--` go to both runs as they are. LoRA updates are off unless
 `--lora` is given, so that the two modes differ in the prompt and answer only.
+Given the `--out` of an interrupted comparison, each unfinished run is resumed (its
+wall time is then not shown; generation seconds come from the archive).
 """
 from __future__ import annotations
 
@@ -32,12 +34,16 @@ ROWS = (("valid_rate", "valid rate", "{:.1%}"), ("applied_rate", "applied rate",
 
 def run_mode(mode: str, args: argparse.Namespace, extra: list[str], root: Path) -> dict:
     run_dir = root / mode
-    cmd = [sys.executable, "-m", "deltanas.agent.cli", "run", "--plain", "--run-dir", str(run_dir), "--mode", mode,
-           "--llm", args.llm, "--cycles", str(args.cycles), "--candidates", str(args.candidates),
-           "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), *extra]
-    cfg = root / f"{mode}.toml"
-    cfg.write_text(f"[learn]\nenabled = {'true' if args.lora else 'false'}\n")
-    cmd += ["--config", str(cfg)]
+    resumed = (run_dir / "archive.sqlite").is_file()
+    if resumed:  # --out of an interrupted comparison: finish that run rather than start again
+        cmd = [sys.executable, "-m", "deltanas.agent.cli", "run", "--plain", "--resume", str(run_dir)]
+    else:
+        cmd = [sys.executable, "-m", "deltanas.agent.cli", "run", "--plain", "--run-dir", str(run_dir), "--mode",
+               mode, "--llm", args.llm, "--cycles", str(args.cycles), "--candidates", str(args.candidates),
+               "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), *extra]
+        cfg = root / f"{mode}.toml"
+        cfg.write_text(f"[learn]\nenabled = {'true' if args.lora else 'false'}\n")
+        cmd += ["--config", str(cfg)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -49,7 +55,8 @@ def run_mode(mode: str, args: argparse.Namespace, extra: list[str], root: Path) 
     finally:
         store.close()
     n = overall["candidates"] or 1
-    return {**overall, "gen_per_candidate": overall["gen_seconds"] / n, "wall_s": wall, "run_dir": str(run_dir)}
+    return {**overall, "gen_per_candidate": overall["gen_seconds"] / n, "wall_s": None if resumed else wall,
+            "run_dir": str(run_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:

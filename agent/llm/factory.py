@@ -53,7 +53,7 @@ def parse_llm_spec(spec: str) -> LLMSpec:
 
 def make_backend(spec: LLMSpec | str, *, device: str = "auto", batch_size: int = 8, seed: int = 0,
                  api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 600.0, max_lora_rank: int = 32,
-                 gpu_memory: float = 0.5) -> LLMBackend:
+                 gpu_memory: float = 0.5, seed_requests: bool = False) -> LLMBackend:
     """Build the backend a spec names. Heavy libraries are imported only for the backend in use."""
     if isinstance(spec, str):
         spec = parse_llm_spec(spec)
@@ -72,7 +72,7 @@ def make_backend(spec: LLMSpec | str, *, device: str = "auto", batch_size: int =
         from deltanas.agent.llm.openai_compat import OpenAIBackend
 
         return OpenAIBackend(spec.model, spec.url, api_key=os.environ.get(api_key_env),
-                             concurrency=batch_size, timeout_s=timeout_s)
+                             concurrency=batch_size, timeout_s=timeout_s, seed_requests=seed_requests)
     if spec.type == "vllm":
         from deltanas.agent.llm.vllm_local import VLLMBackend
 

