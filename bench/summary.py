@@ -111,6 +111,11 @@ BENCHES = (
                   "> full (paper: 75.3% vs 50.6%)", "%",
                   lambda j: (100 * j["delta"]["valid_rate"], 100 * j["full"]["valid_rate"]),
                   lambda m, b: b is not None and m > b, "smoke: mutate, 2 candidates per mode"),)),
+    Bench("ray_scaling.py", ("--device", "cpu", "--workers", "1", "--candidates", "2", "--n", "512", "--kill"), 300,
+          (Figure("Ray executor: candidates/hour, an actor killed vs none", "scales with GPUs; a kill loses nothing",
+                  "/h", lambda j: (j["rows"][-1]["per_hour"] if all(r["recorded"] == r["candidates"] for r in j["rows"])
+                                   else 0.0, j["rows"][0]["per_hour"]),
+                  lambda m, b: m > 0, "smoke: 1 CPU actor; 0 if a candidate went unrecorded"),)),
     Bench("cpu_demo.py",
           ("--", "--llm", "mutate", "--cycles", "1", "--candidates", "1", "--limit-train", "512", "--limit-test", "256",
            "--sandbox", "process", "--baselines", "lenet"), 240,

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = ROOT / "bench" / "summary.py"
 SCRIPTS = {"proxy_epoch.py", "sandbox_overhead.py", "generation_batch.py", "novelty_scale.py", "tokens.py",
-           "compare_modes.py", "cpu_demo.py"}
+           "compare_modes.py", "cpu_demo.py", "ray_scaling.py"}
 
 
 def summary(*args: str, timeout: float = 600) -> tuple[int, dict]:
@@ -35,7 +35,7 @@ def test_every_figure_row_has_its_number_and_baseline(full_run):
     _, res = full_run
     rows = [r for r in res["rows"] if r["script"] in SCRIPTS]
     assert {r["script"] for r in rows} == SCRIPTS
-    assert len(rows) == 8  # proxy_epoch gives two figures: the epoch and candidates per device-hour
+    assert len(rows) == 9  # proxy_epoch gives two figures: the epoch and candidates per device-hour
     for r in rows:
         assert r["status"] == "ok", (r["script"], r["status"], r["tail"])
         assert isinstance(r["measured"], float) and r["measured"] > 0, r
@@ -58,6 +58,9 @@ def test_the_scripts_own_figures_hold_together(full_run):
     ours = nov["indexes"][nov["ours"]]
     assert ours["above_threshold"] > 0 and ours["missed"] == 0 and ours["differ"] == 0
     assert len(nov["indexes"]) == 5
+    # ray: every candidate recorded, with and without an actor killed mid-candidate, and the dead one replaced
+    ray_rows = data["ray_scaling.py"]["rows"]
+    assert [r["recorded"] for r in ray_rows] == [2, 2] and ray_rows[-1]["kill"] and ray_rows[-1]["replaced"] >= 1
     # tokens: each baseline's delta answer is shorter than its whole file
     tok = data["tokens.py"]
     assert set(tok["per_baseline"]) == {"lenet", "resnet"}

@@ -1,0 +1,118 @@
+"""Ray executor: candidate throughput against the number of GPUs, and a worker killed mid-candidate.
+
+    python bench/ray_scaling.py --device cuda --workers 1,2 --candidates 16
+    python bench/ray_scaling.py --device cpu --workers 1 --candidates 2 --n 512   # a CPU smoke run
+
+For each worker count the same candidates (the zoo's LeNet and ResNet, alternating) are
+trained for one epoch through `RayExecutor` (one actor per GPU, each with its own warm
+process sandbox), with as many in flight as there are actors, on a fresh local Ray
+instance. It prints candidates per hour for each count beside the one-worker baseline.
+With `--kill`, the largest count runs once more while one actor is SIGKILLed in the
+middle of a candidate: every candidate must still end with a recorded outcome.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def _dataset(n: int):
+    import numpy as np
+
+    from deltanas.tools.datasets import DatasetArrays
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, n + 1000)
+    x = rng.integers(0, 60, (n + 1000, 1, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(y):  # a learnable signal: a bright block at the class's place
+        x[i, 0, 2 * c:2 * c + 6, 4:10] = 250
+    return DatasetArrays(name="bench-synthetic", x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:],
+                         num_classes=10, mean=[0.2], std=[0.3])
+
+
+def run_once(workers: int, sources: list[str], ds, handle: Path, device: str, kill: bool) -> dict:
+    from deltanas.agent.config import SandboxConfig
+    from deltanas.agent.executor_ray import RayExecutor
+    from deltanas.sandbox.base import Limits
+    from deltanas.tools.proxy import DEFAULT_HYPERPARAMETERS
+
+    root = Path(tempfile.mkdtemp(prefix=f"deltanas-ray-bench-{workers}-"))
+    cfg = SandboxConfig(type="process", device=device, workers=workers)
+    started = time.perf_counter()
+    ex = RayExecutor(cfg, ds, handle, root / "work", workers=workers, hyperparameters=DEFAULT_HYPERPARAMETERS,
+                     epochs=1, batch_size=128, device=device, limits=Limits(timeout_s=600, cpu_threads=2))
+    ready = time.perf_counter() - started
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            busy = ex.busy()
+            if busy:
+                time.sleep(0.3)  # inside the candidate
+                pid = next(iter(ex.busy().values()), None)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    try:
+        t0 = time.perf_counter()
+        if kill:
+            threading.Thread(target=killer, daemon=True).start()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            outs = list(pool.map(lambda i: ex.evaluate(sources[i], f"c000-{i:03d}", root / f"c{i}"),
+                                 range(len(sources))))
+        wall = time.perf_counter() - t0
+    finally:
+        ex.close()
+    statuses: dict[str, int] = {}
+    for o in outs:
+        statuses[o.status] = statuses.get(o.status, 0) + 1
+    return {"workers": workers, "candidates": len(outs), "wall_s": wall, "start_s": ready,
+            "per_hour": 3600 * len(outs) / wall, "statuses": statuses, "killed": killed, "replaced": ex.replaced,
+            "recorded": sum(1 for i in range(len(sources)) if (root / f"c{i}" / "result.json").is_file())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--workers", default="1,2", help="worker (actor) counts to compare; the first is the baseline")
+    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--n", type=int, default=20000, help="training images per candidate")
+    p.add_argument("--kill", action="store_true", help="rerun the largest count, killing one actor mid-candidate")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    from deltanas.tools.datasets import prepare_handle
+    from deltanas.tools.zoo import get_baseline
+
+    ds = _dataset(a.n)
+    handle = prepare_handle(ds, Path(tempfile.mkdtemp(prefix="deltanas-ray-handle-")))
+    sources = [get_baseline("lenet" if i % 2 == 0 else "resnet").source for i in range(a.candidates)]
+    counts = [int(w) for w in a.workers.split(",")]
+    rows = [run_once(w, sources, ds, handle, a.device, kill=False) for w in counts]
+    if a.kill:
+        rows.append({**run_once(counts[-1], sources, ds, handle, a.device, kill=True), "kill": True})
+    if a.json:
+        print(json.dumps({"rows": rows, "device": a.device, "n": a.n}))  # one line: other libraries print too
+    base = rows[0]["per_hour"]
+    out = sys.stderr if a.json else sys.stdout
+    print(f"{a.candidates} candidates (lenet/resnet), {a.n} training images each, device {a.device}", file=out)
+    for r in rows:
+        tag = " (one actor killed mid-candidate)" if r.get("kill") else ""
+        print(f"workers {r['workers']}: {r['per_hour']:8.0f} candidates/hour ({r['wall_s']:.1f} s, actors ready in "
+              f"{r['start_s']:.1f} s) {r['per_hour'] / base:.2f}x the 1-worker baseline; outcomes {r['statuses']}, "
+              f"recorded {r['recorded']}/{r['candidates']}, replaced {r['replaced']}{tag}", file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
