@@ -77,7 +77,7 @@ class VLLMBackend:
         self._lora = None
         self.active_adapter: str | None = None
         kwargs = dict(model=str(self.folder), tokenizer=str(self.folder), enable_lora=True,
-                      max_lora_rank=self.max_lora_rank, max_loras=2, max_num_seqs=max(batch_size, 1),
+                      max_lora_rank=self.max_lora_rank, max_loras=2, max_num_seqs=batch_size,
                       seed=seed, dtype=dtype)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
@@ -105,7 +105,7 @@ class VLLMBackend:
         base = (self.seed if sampling.seed is None else sampling.seed) + 1_000_003 * self._calls
         self._calls += 1
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                 top_k=sampling.top_k if sampling.top_k > 0 else 0,
+                                 top_k=max(0, sampling.top_k),  # 0: off
                                  max_tokens=sampling.max_new_tokens,
                                  seed=base + i if self._seed_requests else None)
                   for i in range(len(prompts))]
