@@ -69,7 +69,7 @@ def synthetic(n_train: int = 512, n_test: int = 128, seed: int = 0) -> Arrays:
     return Arrays("synthetic", xtr, ytr, xte, yte, 10, [0.2], [0.3])
 
 
-LIMITS = Limits(timeout_s=120, memory_mb=3000, cpu_threads=1)
+LIMITS = Limits(timeout_s=600, memory_mb=3000, cpu_threads=1)  # generous: a loaded CI machine starts workers slowly
 JOB = dict(hyperparameters={"lr": 0.05, "momentum": 0.9}, epochs=1, batch_size=64, device="cpu", limits=LIMITS,
            seed=3)
 
