@@ -24,7 +24,7 @@ from deltanas.agent.stopping import RunStopped  # noqa: E402
 from deltanas.sandbox.base import Limits  # noqa: E402
 from deltanas.sandbox.process import ProcessSandbox  # noqa: E402
 
-from support import Arrays, write_handle  # noqa: E402
+from support import Arrays, synthetic, write_handle  # noqa: E402
 
 SMALL_CNN = '''
 import time
@@ -50,23 +50,6 @@ class Net(nn.Module):
 
 def cnn(sleep: float = 0.0) -> str:
     return SMALL_CNN.replace("SLEEP", repr(sleep))
-
-
-def synthetic(n_train: int = 512, n_test: int = 128, seed: int = 0) -> Arrays:
-    """A bright block whose position is the class, over noise: learnable in one epoch."""
-    rng = np.random.default_rng(seed)
-
-    def draw(n):
-        y = rng.integers(0, 10, n)
-        x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
-        for i, k in enumerate(y):
-            r, c = divmod(int(k), 4)
-            x[i, 0, 2 + 8 * r:8 + 8 * r, 2 + 7 * c:7 + 7 * c] = 230
-        return x, y.astype(np.int64)
-
-    xtr, ytr = draw(n_train)
-    xte, yte = draw(n_test)
-    return Arrays("synthetic", xtr, ytr, xte, yte, 10, [0.2], [0.3])
 
 
 LIMITS = Limits(timeout_s=600, memory_mb=3000, cpu_threads=1)  # generous: a loaded CI machine starts workers slowly
