@@ -124,6 +124,9 @@ class SandboxConfig(_Section):
     ray_address: str | None = None
     """The Ray cluster to join (`ray.init(address=...)`, e.g. `auto` or `ray://head:10001`); unset: a
     local Ray instance started for the run (or the one RAY_ADDRESS names)."""
+    cuda_graphs: bool = True
+    """On a GPU: replay each candidate's training steps as a CUDA graph where that is safe (the same
+    weights, far fewer kernel launches; sandbox/graphs.py). A loop a graph cannot hold runs eagerly."""
     gpu_memory_mb: int | None = Field(None, gt=0)
     """On a GPU: each candidate's share of the card's memory; past it the candidate alone fails
     as `oom`. Unset with `workers` > 1: an equal share of what is left after each worker's CUDA context."""

@@ -31,13 +31,14 @@ class Executor(Protocol):
 class LocalExecutor:
     def __init__(self, sandbox: Sandbox, dataset, handle_dir: Path, *, workers: int, hyperparameters: dict,
                  epochs: int, batch_size: int, device: str, limits: Limits, seed: int = 0,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, cuda_graphs: bool = True):
         self.sandbox = sandbox
         self.dataset = dataset
         self.handle_dir = handle_dir
         self.hyperparameters = hyperparameters
         self.epochs = epochs
         self.batch_size = batch_size
+        self.cuda_graphs = cuda_graphs
         self.device = device
         self.limits = limits
         self.seed = seed
@@ -53,7 +54,7 @@ class LocalExecutor:
                 source, sandbox=self.sandbox, dataset=self.dataset, handle_dir=self.handle_dir,
                 candidate_id=candidate_id, out_dir=out_dir, hyperparameters=self.hyperparameters,
                 epochs=self.epochs, seed=self.seed, batch_size=self.batch_size, device=self.device,
-                limits=self.limits)
+                limits=self.limits, cuda_graphs=self.cuda_graphs)
 
     def isolation(self) -> str:
         return self.sandbox.isolation()

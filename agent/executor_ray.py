@@ -170,11 +170,11 @@ class RayExecutor:
 
     def __init__(self, sandbox_cfg: SandboxConfig, dataset, handle_dir: Path, work_root: Path, *, workers: int,
                  hyperparameters: dict, epochs: int, batch_size: int, device: str, limits: Limits, seed: int = 0,
-                 stop: threading.Event | None = None, address: str | None = None):
+                 stop: threading.Event | None = None, address: str | None = None, cuda_graphs: bool = True):
         ray = import_ray()
         self.dataset, self.handle_dir = dataset, Path(handle_dir)
         self.job_args = dict(hyperparameters=hyperparameters, epochs=epochs, seed=seed, batch_size=batch_size,
-                             device=device, limits=limits)
+                             device=device, limits=limits, cuda_graphs=cuda_graphs)
         self.work_root = Path(work_root)  # the driver's side: predictions on their way to scoring
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.stop = stop if stop is not None else threading.Event()

@@ -73,11 +73,14 @@ def gpu_share_mb(cfg: Config, total_mb: int | None = None) -> int | None:
         import torch
 
         total_mb = torch.cuda.get_device_properties(torch.device(s.device)).total_memory // 2**20
-    free = total_mb - s.workers * CUDA_CONTEXT_MB
+    # A warm worker on a GPU holds two CUDA contexts: its running job's, and the spare child's that
+    # readies the next job (sandbox/warm.py).
+    contexts = s.workers * (2 if s.warm else 1)
+    free = total_mb - contexts * CUDA_CONTEXT_MB
     share = s.gpu_memory_mb if s.gpu_memory_mb is not None else free // s.workers
     if share <= 0 or share * s.workers > free:
         raise ConfigError(f"sandbox.workers = {s.workers} candidates of {share} MB each do not fit on {s.device} "
-                          f"({total_mb} MB, {CUDA_CONTEXT_MB} MB per worker's CUDA context): lower "
+                          f"({total_mb} MB, {CUDA_CONTEXT_MB} MB for each of {contexts} CUDA contexts): lower "
                           "sandbox.workers or sandbox.gpu_memory_mb")
     return share
 
@@ -187,7 +190,8 @@ def make_executor(cfg: Config, ds, handle: Path, work_root: Path, stop: threadin
     limits = Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb, cpu_threads=s.cpu_threads,
                     max_output_bytes=s.max_output_bytes, gpu_memory_mb=gpu_share_mb(cfg))
     common = dict(workers=s.workers, hyperparameters=cfg.train.hyperparameters(), epochs=cfg.train.epochs,
-                  batch_size=cfg.train.batch_size, device=s.device, limits=limits, seed=cfg.search.seed, stop=stop)
+                  batch_size=cfg.train.batch_size, device=s.device, limits=limits, seed=cfg.search.seed, stop=stop,
+                  cuda_graphs=s.cuda_graphs)
     if s.executor == "ray":
         if sandbox is not None:
             raise ValueError("an injected sandbox runs here; the ray executor builds one in each actor")

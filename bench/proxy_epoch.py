@@ -113,9 +113,10 @@ class Timing:
 
 
 def ours(make_net, arrays, device, batch: int, epochs: int, *, force: tuple[bool, bool] | None = None,
-         cudnn_benchmark: bool = False, seed: int = 0) -> Timing:
+         cudnn_benchmark: bool = False, graphs: bool = True, seed: int = 0) -> Timing:
     """The worker's path: the steps of `worker.run` between the model's build and its predictions.
-    `force`: (bf16, channels_last) instead of the worker's own choice."""
+    `force`: (bf16, channels_last) instead of the worker's own choice; `graphs`: the worker's CUDA-graph
+    replay of the steps (on a GPU), or every step launched from Python."""
     torch.backends.cudnn.benchmark = cudnn_benchmark
     x, y, x_test = arrays
     torch.manual_seed(seed)
@@ -142,10 +143,9 @@ def ours(make_net, arrays, device, batch: int, epochs: int, *, force: tuple[bool
     with worker.mixed_precision(device, speed.bf16):
         sync(device)
         t0 = time.perf_counter()
-        if lemur:
-            model.train_setup(prm)
+        learn = worker.make_learn(model, prm, lemur)
         for _ in range(epochs):
-            loss = worker.train_epoch(model, batches, prm, lemur)
+            loss = worker.train_epoch(learn, model, batches, graphs and device.type == "cuda")
             sync(device)
             times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
@@ -156,6 +156,7 @@ def ours(make_net, arrays, device, batch: int, epochs: int, *, force: tuple[bool
     assert len(labels) == len(x_test) and (loss is None or np.isfinite(loss))
     how = "worker's choice" if force is None else "forced"
     note = ", ".join([f"{speed.describe()} ({how})", "own learn()" if lemur else "default loop"]
+                     + (["CUDA graph" if graphs else "no CUDA graph"] if device.type == "cuda" else [])
                      + (["cudnn.benchmark"] if cudnn_benchmark else []))
     return Timing(times, predict_s, setup_s, note)
 
@@ -254,9 +255,10 @@ def sandbox_jobs(arrays, device, sources: dict[str, tuple[str, int]], jobs: int,
             walls = [r.total_seconds for r in results]
             trains = [r.train_seconds for r in results]
             med = statistics.median(walls)
+            outside = statistics.median(w - t for w, t in zip(walls, trains))
             print(f"  job {name:<9} batch {batch:<4} train {statistics.median(trains):.3f} s (min {min(trains):.3f}), "
-                  f"whole job {med:.3f} s (min {min(walls):.3f}, max {max(walls):.3f}), median of {jobs} -> "
-                  f"{3600 / med:,.0f} candidates per device-hour, one at a time")
+                  f"whole job {med:.3f} s (min {min(walls):.3f}, max {max(walls):.3f}), outside training "
+                  f"{outside:.3f} s, median of {jobs} -> {3600 / med:,.0f} candidates per device-hour, one at a time")
         name = [n for n in sources if n != "resnet18"][:1]
         for k in concurrent if name else []:
             source, batch = sources[name[0]]
@@ -342,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         batch = args.batches[0]
         print(f"\nvariants of ours (ResNet-18, batch {batch}):")
+        print(row("worker's choice, no CUDA graph", ours(resnet, arrays, device, batch, args.epochs, graphs=False)))
         for label, force in (("bf16, NCHW", (True, False)), ("float32, channels_last", (False, True)),
                              ("float32, NCHW", (False, False))):
             print(row(label, ours(resnet, arrays, device, batch, args.epochs, force=force)))
@@ -354,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         t = ours(lambda d, name=name: zoo_net(name, d), arrays, device, args.small_batch, args.epochs)
         print(row(f"ours: zoo {name}", t))
         if args.variants:
+            print(row(f"  {name}: no CUDA graph", ours(lambda d, name=name: zoo_net(name, d), arrays, device,
+                                                        args.small_batch, args.epochs, graphs=False)))
             for label, force in (("bf16, channels_last", (True, True)), ("bf16, NCHW", (True, False))):
                 print(row(f"  {name}: {label}", ours(lambda d, name=name: zoo_net(name, d), arrays, device,
                                                      args.small_batch, args.epochs, force=force)))

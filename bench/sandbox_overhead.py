@@ -8,7 +8,10 @@ warm: one worker, a fresh forked child per candidate), it runs the same small Le
 candidate `--jobs` times, one after another, and prints the per-candidate overhead:
 the job's wall time outside its own training (start-up, data, model build,
 prediction over `--test` images, read-back). The cold figure is the baseline each warm figure is set
-beside. A warm worker's first job, which pays its start-up, is shown apart. `--json` prints the
+beside. A warm worker's first job, which pays its start-up, is shown apart. On a GPU a warm worker
+readies each job's child ahead of it (CUDA context, dataset, warm-up step: sandbox/warm.py); the
+`warm, no spare` row turns that off. A spare is readied while the job before it runs, so it hides
+its start-up fully only behind jobs at least that long (`--train`). `--json` prints the
 figures as one JSON object on stdout and the table on stderr (`bench/summary.py` reads it).
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Net(nn.Module):
 '''
 
 
-def make_sandbox(backend: str, warm: bool, root: Path):
+def make_sandbox(backend: str, warm: bool, root: Path, spare: bool | None = None):
     if backend == "docker":
         from deltanas.sandbox.docker import DEFAULT_IMAGE, DockerSandbox, docker_available, image_available
 
@@ -50,10 +53,10 @@ def make_sandbox(backend: str, warm: bool, root: Path):
             return None, why
         if not image_available(DEFAULT_IMAGE):
             return None, f"image {DEFAULT_IMAGE} missing (deltanas sandbox build)"
-        return DockerSandbox(root, warm=warm), ""
+        return DockerSandbox(root, warm=warm, spare=spare), ""
     from deltanas.sandbox.process import ProcessSandbox
 
-    return ProcessSandbox(root, warm=warm), ""
+    return ProcessSandbox(root, warm=warm, spare=spare), ""
 
 
 def measure(sandbox, handle: Path, jobs: int, limit: dict, device: str) -> list[tuple[float, float]]:
@@ -96,10 +99,13 @@ def main() -> int:
     print(f"dataset: {ds.name}, {len(ds.y_train)} train / {len(ds.y_test)} test images; "
           f"{args.jobs} jobs of a LeNet on {args.device}, {args.threads} thread(s) each\n")
     print(f"{'backend':<8} {'mode':<5} {'overhead median':>16} {'min':>7} {'max':>7} {'first job':>10}  vs cold")
+    modes = [("cold", False, None), ("warm", True, None)]
+    if args.device.startswith("cuda"):
+        modes.append(("warm, no spare", True, False))
     for backend in args.backends.split(","):
         cold_median = None
-        for warm in (False, True):
-            sandbox, why = make_sandbox(backend, warm, tmp / f"work-{backend}-{warm}")
+        for mode, warm, spare in modes:
+            sandbox, why = make_sandbox(backend, warm, tmp / f"work-{backend}-{len(mode)}", spare)
             if sandbox is None:
                 print(f"{backend:<8} skipped: {why}")
                 res["backends"][backend] = {"skipped": why}
@@ -117,10 +123,11 @@ def main() -> int:
                 cold_median = med
             ratio = f"{cold_median / med:5.1f}x less" if warm and cold_median else "baseline"
             first_txt = f"{first[1]:.3f}s" if warm else "—"
-            res["backends"].setdefault(backend, {})[f"{'warm' if warm else 'cold'}_median_s"] = med
+            key = mode.replace(", ", "_").replace(" ", "_")
+            res["backends"].setdefault(backend, {})[f"{key}_median_s"] = med
             if warm:
-                res["backends"][backend]["warm_first_s"] = first[1]
-            print(f"{backend:<8} {'warm' if warm else 'cold':<5} {med:>14.3f} s {min(over):>6.3f} {max(over):>6.3f} "
+                res["backends"][backend][f"{key}_first_s"] = first[1]
+            print(f"{backend:<8} {mode:<5} {med:>14.3f} s {min(over):>6.3f} {max(over):>6.3f} "
                   f"{first_txt:>10}  {ratio}")
     if args.json:
         print(json.dumps(res), file=stdout)

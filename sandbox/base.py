@@ -43,6 +43,7 @@ class Job:
     batch_size: int = 128
     device: str = "cpu"  # "cpu" or "cuda:<index>"
     limits: Limits = field(default_factory=Limits)
+    cuda_graphs: bool = True  # on a GPU, replay the training steps as a CUDA graph where safe (sandbox/graphs.py)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -45,7 +45,7 @@ from typing import Any
 from deltanas.sandbox.base import Job, Result
 from deltanas.sandbox.jobfiles import (DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back,
                                        tree_size)
-from deltanas.sandbox.pool import WarmPool, WorkerKey
+from deltanas.sandbox.pool import WarmPool, WorkerKey, spare_flag
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
 
 DEFAULT_IMAGE = "deltanas-sandbox:base"
@@ -63,6 +63,7 @@ IN_CONTAINER_GRACE_S = 30  # the in-container kill lands this long after the hos
 API_TIMEOUT_S = 60
 WORKDIR_SLACK_BYTES = 1 << 20
 WARM_BASE_MB = 1024  # a warm worker's own memory (Python, torch) on top of its jobs' limit and the dataset
+WARM_SPARE_MB = 2048  # the spare child (CUDA libraries and context) waiting beside the running job
 WARM_EXTRA_PIDS = 64  # the warm worker's own threads, on top of its jobs' process limit
 ALIVE_CHECK_S = 1.0
 
@@ -168,9 +169,10 @@ class DockerSandbox:
     name = "docker"
 
     def __init__(self, work_root: Path, image: str = DEFAULT_IMAGE, client=None, keep: bool = False,
-                 warm: bool = True, max_idle: int = 4):
+                 warm: bool = True, max_idle: int = 4, spare: bool | None = None):
         """`warm`: jobs go to warm worker containers (a fresh forked child per job); False starts
-        a new container per job."""
+        a new container per job. `spare`: a warm worker readies each job's child ahead of it
+        (sandbox/warm.py); None: on a GPU only."""
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.image = image
@@ -191,6 +193,7 @@ class DockerSandbox:
         self.swept_at_start = sweep(self.client)
         self._mounts_base = self._python_mounts()
         self.warm = warm
+        self.spare = spare
         self._pool = WarmPool(self.work_root / "warm", self._launch, self._job_limits,
                               open_dir=self._open_worker_dir, max_idle=max_idle,
                               keep_root=self.work_root if keep else None)
@@ -388,10 +391,12 @@ class DockerSandbox:
         data_mb = sum(f.stat().st_size for f in Path(key.dataset_dir).iterdir() if f.is_file()) >> 20
         memory = int(key.memory_mb) + WARM_BASE_MB + data_mb
         inner = "cuda:0" if key.device.startswith("cuda") else key.device
+        if self.spare or (self.spare is None and inner.startswith("cuda")):
+            memory += WARM_SPARE_MB + data_mb
         args = self._common_args(work_dir, key.dataset_dir, key.device, key.cpu_threads, seed=0)
         args["environment"][SANDBOX_INIT_ENV] = "1"  # its parent is the container's init
         args.update(command=[self._python(), "-m", "deltanas.sandbox.warm", WORK_MOUNT, DATA_MOUNT, inner,
-                             "--private-tmp"],
+                             "--private-tmp", *spare_flag(self.spare)],
                     log_config=LogConfig(type="none"), auto_remove=True,
                     pids_limit=int(key.max_processes) + WARM_EXTRA_PIDS, mem_limit=f"{memory}m",
                     memswap_limit=f"{memory}m", ulimits=[Ulimit(name="core", soft=0, hard=0)])

@@ -54,6 +54,11 @@ class WorkerKey:
                    int(lim.max_processes))
 
 
+def spare_flag(spare: bool | None) -> list[str]:
+    """The warm worker's spare-child flag: forced on, forced off, or its own choice (on a GPU)."""
+    return [] if spare is None else ["--spare" if spare else "--no-spare"]
+
+
 class Handle(Protocol):
     """A started warm worker, as its backend sees it."""
 

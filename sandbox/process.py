@@ -41,6 +41,7 @@ from pathlib import Path
 
 from deltanas.sandbox.base import Job, Result
 from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
+from deltanas.sandbox.pool import spare_flag
 from deltanas.sandbox.pool import WarmPool, WorkerKey
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
 
@@ -202,10 +203,12 @@ class ProcessSandbox:
     name = "process"
 
     def __init__(self, work_root: Path, python: str = sys.executable, use_namespaces: bool | None = None,
-                 keep: bool = False, use_bwrap: bool | None = None, warm: bool = True, max_idle: int = 4):
+                 keep: bool = False, use_bwrap: bool | None = None, warm: bool = True, max_idle: int = 4,
+                 spare: bool | None = None):
         """`use_bwrap` (and `use_namespaces`, the fallback without it): None uses it where it
         works, True requires it, False turns it off. `warm`: jobs go to warm workers (a fresh
-        forked child per job); False starts a new worker process per job."""
+        forked child per job); False starts a new worker process per job. `spare`: a warm worker
+        readies each job's child ahead of it (sandbox/warm.py); None: on a GPU only."""
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.python = python
@@ -226,6 +229,7 @@ class ProcessSandbox:
         self._lock = threading.Lock()
         self._meta = DatasetMetaCache()
         self.warm = warm
+        self.spare = spare
         self._pool = WarmPool(self.work_root / "warm", self._launch, self._job_limits, max_idle=max_idle,
                               keep_root=self.work_root if keep else None)
 
@@ -334,6 +338,7 @@ class ProcessSandbox:
             cmd = [*warm, str(work_dir), str(data), key.device]
             if self.network_isolated:
                 cmd = [*NETNS_PREFIX, *cmd]
+        cmd += spare_flag(self.spare)
         log_path = work_dir.parent / f"{work_dir.name}.log"  # outside the dir the jobs can see
         env = self._base_env(work_dir, key.cpu_threads, seed=0)
         with open(log_path, "wb") as log:

@@ -134,6 +134,7 @@ class Settings:
     cpu_threads: int
     hyperparameters: dict
     gpu_memory_mb: int | None = None
+    cuda_graphs: bool = True
 
     @classmethod
     def from_job(cls, job: dict) -> "Settings":
@@ -142,7 +143,8 @@ class Settings:
                    batch_size=int(job.get("batch_size", 128)), device=str(job.get("device", "cpu")),
                    cpu_threads=int(limits.get("cpu_threads", 2)),
                    hyperparameters=dict(job.get("hyperparameters") or {}),
-                   gpu_memory_mb=int(limits["gpu_memory_mb"]) if limits.get("gpu_memory_mb") else None)
+                   gpu_memory_mb=int(limits["gpu_memory_mb"]) if limits.get("gpu_memory_mb") else None,
+                   cuda_graphs=job.get("cuda_graphs", True) is not False)
 
 
 # Float bytes of one prepared slice of the epoch: batches are gathered, flipped and normalised
@@ -303,8 +305,10 @@ def cap_gpu_memory(device, mb: int) -> None:
 
 def warm_up(device) -> None:
     """Pays torch's lazy start-up (the optimizer's first use imports torch._dynamo: ~0.9 s
-    here; on a GPU the context and cuDNN) before the clock starts, so train_seconds
-    measures the candidate's training alone."""
+    here; on a GPU the context, cuDNN, cuBLAS and the kernels a small CNN's step loads on first
+    use, in float32 and in bf16 channels_last, and a CUDA graph capture) before the clock starts,
+    so train_seconds measures the candidate's training alone. A spare warm child runs it before
+    its job arrives (sandbox/warm.py)."""
     import torch
 
     conv = torch.nn.Conv2d(1, 2, 3).to(device)
@@ -313,8 +317,40 @@ def warm_up(device) -> None:
                                              torch.zeros(2, dtype=torch.int64, device=device))
     loss.backward()
     opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cuda":
+        return
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(16, 10)).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
+    x = torch.zeros(8, 3, 16, 16, device=device)
+    y = torch.zeros(8, dtype=torch.int64, device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(net(x), y).backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 3)
+        opt.step()
+
+    step()
+    with mixed_precision(device):
+        net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        step()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+            graph.capture_begin()
+            step()
+            graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+    with torch.no_grad():
+        net.eval()(x)
+    torch.cuda.synchronize(device)
 
 
 def load_candidate(path: str):
@@ -327,26 +363,37 @@ def load_candidate(path: str):
     return module
 
 
-def default_train(model, data: TrainBatches, prm: dict) -> float | None:
-    import torch
+class DefaultLoop:
+    """The loop for a network without train_setup/learn: SGD (lr, momentum from the job's
+    hyperparameters; its momentum kept across epochs) on cross-entropy, one step per batch."""
 
-    opt = torch.optim.SGD(model.parameters(), lr=float(prm.get("lr", 0.01)),
-                          momentum=float(prm.get("momentum", 0.9)))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    model.train()
-    last = None
-    for x, y in data:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        last = loss.detach()
-    if last is None:
-        return None
-    value = float(last)
-    if not math.isfinite(value):
-        raise Outcome("diverged", f"train: loss became {value}")
-    return value
+    def __init__(self, model, prm: dict):
+        import torch
+
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=float(prm.get("lr", 0.01)),
+                                   momentum=float(prm.get("momentum", 0.9)))
+        self.loss_fn = torch.nn.CrossEntropyLoss()
+
+    def learn(self, data):
+        self.model.train()
+        last = None
+        for x, y in data:
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            self.opt.step()
+            last = loss.detach()
+        return last
+
+
+def make_learn(model, prm: dict, lemur: bool):
+    """The epoch function: a LEMUR module's own learn (after its train_setup), else DefaultLoop's.
+    Call it inside the autocast context, as train_setup may build what the steps use."""
+    if lemur:
+        model.train_setup(prm)
+        return model.learn
+    return DefaultLoop(model, prm).learn
 
 
 def uses_learn(model) -> bool:
@@ -354,14 +401,31 @@ def uses_learn(model) -> bool:
     return callable(getattr(model, "train_setup", None)) and callable(getattr(model, "learn", None))
 
 
-def train_epoch(model, data: TrainBatches, prm: dict, lemur: bool) -> float | None:
-    """One epoch: the module's own `learn` (after its train_setup) or the default loop. The
-    caller holds the autocast context."""
-    if lemur:
-        model.train()
-        ret = model.learn(data)
-        return float(ret) if isinstance(ret, (int, float)) else None
-    return default_train(model, data, prm)
+def loss_value(ret) -> float | None:
+    """The loss a training loop returned (a number or a one-element tensor), else None."""
+    import torch
+
+    if isinstance(ret, torch.Tensor) and ret.numel() == 1:
+        return float(ret)
+    if isinstance(ret, (int, float)) and not isinstance(ret, bool):
+        return float(ret)
+    return None
+
+
+def train_epoch(learn, model, data: TrainBatches, cuda_graphs: bool) -> float | None:
+    """One epoch of `learn` (the module's own, after its train_setup, or DefaultLoop's), its steps
+    replayed as a CUDA graph when `cuda_graphs` (sandbox/graphs.py). The caller holds the autocast
+    context."""
+    if cuda_graphs:
+        from deltanas.sandbox import graphs
+
+        ret = graphs.run_epoch(learn, data, model, log)
+    else:
+        ret = learn(data)
+    value = loss_value(ret)
+    if value is not None and not math.isfinite(value):
+        raise Outcome("diverged", f"train: loss became {value}")
+    return value
 
 
 def predict(model, x_u8, mean, std, batch_size: int, num_classes: int, channels_last: bool = False):
@@ -483,11 +547,11 @@ def run(workdir: str, dataset_dir: str, fields: dict, data: Data | None = None) 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = _clock()
+        graphed = device.type == "cuda" and s.cuda_graphs
         with mixed_precision(device, speed.bf16):
-            if lemur:
-                model.train_setup(prm)
+            learn = make_learn(model, prm, lemur)
             for _ in range(s.epochs):
-                fields["final_loss"] = train_epoch(model, batches, prm, lemur)
+                fields["final_loss"] = train_epoch(learn, model, batches, graphed)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         fields["train_seconds"] = _clock() - t0

@@ -73,7 +73,7 @@ def select_hyperparameters(source: str, given: dict | None) -> dict[str, float]:
 def evaluate_source(source: str, *, sandbox: Sandbox, dataset, handle_dir: Path, candidate_id: str,
                     out_dir: Path | None = None, hyperparameters: dict | None = None, epochs: int = 1,
                     seed: int = 0, batch_size: int = 128, device: str = "cpu",
-                    limits: Limits = Limits()) -> EvalOutcome:
+                    limits: Limits = Limits(), cuda_graphs: bool = True) -> EvalOutcome:
     """Proxy-trains `source` in `sandbox` and scores it on the host.
 
     `dataset` is a `deltanas.tools.datasets.DatasetArrays` (y_test and num_classes
@@ -81,17 +81,18 @@ def evaluate_source(source: str, *, sandbox: Sandbox, dataset, handle_dir: Path,
     """
     t0 = time.perf_counter()
     job = make_job(source, handle_dir=handle_dir, candidate_id=candidate_id, hyperparameters=hyperparameters,
-                   epochs=epochs, seed=seed, batch_size=batch_size, device=device, limits=limits)
+                   epochs=epochs, seed=seed, batch_size=batch_size, device=device, limits=limits,
+                   cuda_graphs=cuda_graphs)
     return score_result(sandbox.run(job), source, dataset=dataset, out_dir=out_dir, started=t0)
 
 
 def make_job(source: str, *, handle_dir: Path, candidate_id: str, hyperparameters: dict | None = None,
              epochs: int = 1, seed: int = 0, batch_size: int = 128, device: str = "cpu",
-             limits: Limits = Limits()) -> Job:
+             limits: Limits = Limits(), cuda_graphs: bool = True) -> Job:
     """The sandbox job for `source`: what runs wherever the sandbox is (here or a Ray actor)."""
     return Job(candidate_id=candidate_id, source=source, dataset_dir=str(handle_dir),
                hyperparameters=select_hyperparameters(source, hyperparameters), epochs=epochs, seed=seed,
-               batch_size=batch_size, device=device, limits=limits)
+               batch_size=batch_size, device=device, limits=limits, cuda_graphs=cuda_graphs)
 
 
 def score_result(result: Result, source: str, *, dataset, out_dir: Path | None, started: float) -> EvalOutcome:

@@ -45,7 +45,10 @@ def _cfg(**over):
 def test_share_is_what_is_asked_or_an_equal_part_of_the_card():
     assert gpu_share_mb(load_config(None, {})) is None  # CPU: nothing to share
     assert gpu_share_mb(_cfg(), total_mb=80_000) is None  # one worker: the whole card
-    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4}), total_mb=80_000) == (80_000 - 4 * CUDA_CONTEXT_MB) // 4
+    # Warm workers: each holds its job's CUDA context and its spare child's.
+    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4}), total_mb=80_000) == (80_000 - 8 * CUDA_CONTEXT_MB) // 4
+    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4, "sandbox.warm": False}),
+                        total_mb=80_000) == (80_000 - 4 * CUDA_CONTEXT_MB) // 4
     assert gpu_share_mb(_cfg(**{"sandbox.workers": 4, "sandbox.gpu_memory_mb": 2048}), total_mb=80_000) == 2048
     assert gpu_share_mb(_cfg(**{"sandbox.gpu_memory_mb": 2048}), total_mb=80_000) == 2048
 

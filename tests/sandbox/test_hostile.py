@@ -75,11 +75,12 @@ def _docker_ready() -> str:
     return ""
 
 
-@pytest.fixture(scope="module", params=["process", "process-cold", "docker", "docker-cold"])
+@pytest.fixture(scope="module", params=["process", "process-cold", "process-spare", "docker", "docker-cold"])
 def sandbox(request, run_dir):
     os.environ["DELTANAS_TEST_SECRET"] = SECRET  # the driver's environment must not reach a job
     kind, _, mode = request.param.partition("-")
     warm = mode != "cold"
+    spare = True if mode == "spare" else None  # on the CPU a warm worker readies no spare unless told to
     if kind == "docker":
         why = _docker_ready()
         if why:
@@ -90,7 +91,7 @@ def sandbox(request, run_dir):
     else:
         from deltanas.sandbox.process import ProcessSandbox
 
-        sb = ProcessSandbox(run_dir / f".work-{request.param}", warm=warm)
+        sb = ProcessSandbox(run_dir / f".work-{request.param}", warm=warm, spare=spare)
     yield sb
     sb.close()
     os.environ.pop("DELTANAS_TEST_SECRET", None)
@@ -124,7 +125,7 @@ def need_fs_isolation(sandbox) -> None:
                     "(isolation() says so)")
 
 
-WARM_ONLY = pytest.mark.parametrize("sandbox", ["process", "docker"], indirect=True)  # tests of the warm worker
+WARM_ONLY = pytest.mark.parametrize("sandbox", ["process", "process-spare", "docker"], indirect=True)  # tests of the warm worker
 
 
 # -- processes: the candidate prints "PROC pid pgid pid-namespace" for each of its processes ------------------------
@@ -513,6 +514,31 @@ def test_killing_the_worker_fails_only_that_job(sandbox, data):
     assert r.status == "crashed" and "worker died" in r.error, r.error
     assert r.accuracy is None and r.predictions_path is None
     assert run(sandbox, data, GOOD).status == "ok"
+
+
+@WARM_ONLY
+def test_killing_or_stopping_the_next_jobs_child_ahead_of_time_costs_nothing(sandbox, data):
+    """With a spare child waiting for the next job, a candidate that kills or stops every sibling
+    process it can see hits the spare: the next job still runs, on a fresh child if need be."""
+    for sig in ("SIGSTOP", "SIGKILL"):
+        r = run(sandbox, data, f'''
+import os, signal
+me, parent = os.getpid(), os.getppid()
+for name in os.listdir("/proc"):
+    if name.isdigit() and int(name) != me:
+        try:
+            with open(f"/proc/{{name}}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent:
+            os.kill(int(name), signal.{sig})
+''' + GOOD)
+        assert r.status == "ok", r.error + r.log_tail
+        assert ("spare child: readied ahead of its job" in r.log_tail) == (sandbox.spare is True), r.log_tail
+        after = run(sandbox, data, GOOD)
+        assert after.status == "ok", after.error + after.log_tail
+        assert np.array_equal(np.load(after.predictions_path), np.load(r.predictions_path))
 
 
 @WARM_ONLY

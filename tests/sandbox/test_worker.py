@@ -240,7 +240,7 @@ def test_chunked_preparation_yields_the_same_batches(monkeypatch, n):
 @pytest.mark.slow
 def test_cpu_run_matches_a_plain_float32_loop(tmp_path):
     """The worker's CPU result is what a plain loop gives: the seed's order, normalised float32
-    batches, SGD (one optimizer per epoch), no flips, no autocast."""
+    batches, SGD (one optimizer for the run, so momentum carries across epochs), no flips, no autocast."""
     handle = _handle(tmp_path / "ds")
     workdir = tmp_path / "w"
     workdir.mkdir()
@@ -266,8 +266,8 @@ def test_cpu_run_matches_a_plain_float32_loop(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        opt = torch.optim.SGD(fc.parameters(), lr=0.05, momentum=0.5)
         for _ in range(2):
-            opt = torch.optim.SGD(fc.parameters(), lr=0.05, momentum=0.5)
             order = torch.randperm(len(y), generator=gen)
             for start in range(0, len(y), 32):
                 idx = order[start:start + 32]
@@ -315,7 +315,7 @@ def test_zoo_learn_gets_the_batches_and_trains_as_on_a_plain_list():
     assert worker.uses_learn(via_worker)
     torch.manual_seed(1)  # dropout draws
     with worker.mixed_precision(cpu):
-        assert worker.train_epoch(via_worker, batches, prm, lemur=True) is None  # the zoo's learn returns nothing
+        assert worker.train_epoch(via_worker.learn, via_worker, batches, cuda_graphs=False) is None  # the zoo's learn returns nothing
     torch.manual_seed(1)
     via_list.train()
     via_list.learn(plain)
@@ -380,8 +380,8 @@ def test_gpu_learn_gets_resident_float32_batches_in_bf16():
     start = [p.detach().clone() for p in net.parameters()]
     batches = Spy(x, y, mean, std, 64, seed=0, flip=True, channels_last=True)
     with worker.mixed_precision(dev):
-        net.train_setup(prm)
-        worker.train_epoch(net, batches, prm, lemur=True)
+        learn = worker.make_learn(net, prm, lemur=True)
+        worker.train_epoch(learn, net, batches, cuda_graphs=False)
         with torch.no_grad():
             assert net(worker.normalise(x[:4], mean, std)).dtype == torch.bfloat16
     assert seen == [("cuda", torch.float32, True)] * 8
@@ -411,7 +411,7 @@ def test_gpu_channels_last_is_refused_by_a_view_and_training_still_runs():
     batches = worker.TrainBatches(x, y, torch.zeros(1, 3, 1, 1, device=dev), torch.ones(1, 3, 1, 1, device=dev),
                                   16, seed=0)
     with worker.mixed_precision(dev):
-        loss = worker.default_train(net, batches, {"lr": 0.01})
+        loss = worker.train_epoch(worker.make_learn(net, {"lr": 0.01}, lemur=False), net, batches, cuda_graphs=True)
     assert loss is not None and np.isfinite(loss)
 
 
