@@ -14,6 +14,7 @@ from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.rundir import ARCHIVE_FILE
 from deltanas.agent.store import Store
 from deltanas.sandbox.base import Limits, Sandbox
+from deltanas.sandbox.warm import SPARES
 from deltanas.tools.datasets import DatasetUnavailable, default_cache_dir, load_dataset, prepare_handle
 from deltanas.tools.novelty import NoveltyIndex
 
@@ -73,9 +74,9 @@ def gpu_share_mb(cfg: Config, total_mb: int | None = None) -> int | None:
         import torch
 
         total_mb = torch.cuda.get_device_properties(torch.device(s.device)).total_memory // 2**20
-    # A warm worker on a GPU holds two CUDA contexts: its running job's, and the spare child's that
-    # readies the next job (sandbox/warm.py).
-    contexts = s.workers * (2 if s.warm else 1)
+    # A warm worker on a GPU holds 1 + SPARES CUDA contexts: its running job's, and those of the
+    # spare children that ready the next jobs (sandbox/warm.py).
+    contexts = s.workers * (1 + SPARES if s.warm else 1)
     free = total_mb - contexts * CUDA_CONTEXT_MB
     share = s.gpu_memory_mb if s.gpu_memory_mb is not None else free // s.workers
     if share <= 0 or share * s.workers > free:

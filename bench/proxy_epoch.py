@@ -45,10 +45,11 @@ import torch.nn as nn
 from deltanas.sandbox import worker
 from deltanas.tools.zoo import DEFAULT_PRM, get_baseline
 
-# Per-candidate cost outside the training epoch, from bench/RESULTS.md (bench/sandbox_overhead.py,
-# 2026-11-28): a warm worker's forked child (CUDA context, model build, prediction of 1,000 images,
-# read-back) against a cold worker process per candidate; on an H200, and on the 2-core CPU machine.
-OVERHEAD_S = {"cuda": (0.867, 9.238), "cpu": (0.069, 1.995)}
+# Per-candidate cost outside the training epoch, from bench/RESULTS.md (bench/sandbox_overhead.py):
+# a warm worker's child (readied ahead on a GPU: CUDA context, warm-up; then model build, prediction
+# of 1,000 images, read-back) against a cold worker process per candidate; on an H200 (2026-11-29),
+# and on the 2-core CPU machine (2026-11-28).
+OVERHEAD_S = {"cuda": (0.253, 9.389), "cpu": (0.069, 1.995)}
 
 RESNET18_SOURCE = '''
 import torch.nn as nn
@@ -178,13 +179,16 @@ class PILArrays(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
-def dataloader(make_net, arrays, device, batch: int, epochs: int, workers: int, seed: int = 0) -> Timing:
-    """The conventional loop: CPU transforms in DataLoader workers, pinned memory, float32."""
+def dataloader(make_net, arrays, device, batch: int, epochs: int, workers: int, seed: int = 0,
+               crop: bool = False) -> Timing:
+    """The conventional loop: CPU transforms in DataLoader workers, pinned memory, float32.
+    `crop`: also RandomCrop(32, padding=4) first, as the common CIFAR recipes do."""
     import torchvision.transforms as T
 
     x, y, _ = arrays
     torch.manual_seed(seed)
-    transform = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.5,) * 3, (0.29,) * 3)])
+    transform = T.Compose([*([T.RandomCrop(32, padding=4)] if crop else []), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize((0.5,) * 3, (0.29,) * 3)])
     loader = torch.utils.data.DataLoader(PILArrays(x, y, transform), batch_size=batch, shuffle=True,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     model = make_net(device).to(device)
@@ -203,7 +207,8 @@ def dataloader(make_net, arrays, device, batch: int, epochs: int, workers: int, 
             opt.step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return Timing(times, note=f"float32, {workers} workers, pin_memory={device.type == 'cuda'}")
+    return Timing(times, note=f"float32, {workers} workers, pin_memory={device.type == 'cuda'}"
+                  + (", RandomCrop + flip" if crop else ""))
 
 
 def write_handle(arrays, root) -> str:
@@ -251,14 +256,19 @@ def sandbox_jobs(arrays, device, sources: dict[str, tuple[str, int]], jobs: int,
         first = run("start", *next(iter(sources.values())))
         print(f"  worker start-up job: {first.total_seconds:.2f} s (left out below)")
         for name, (source, batch) in sources.items():
+            t0 = time.perf_counter()
             results = [run(f"{name}-{i}", source, batch) for i in range(jobs)]
+            seq = time.perf_counter() - t0
             walls = [r.total_seconds for r in results]
             trains = [r.train_seconds for r in results]
             med = statistics.median(walls)
             outside = statistics.median(w - t for w, t in zip(walls, trains))
             print(f"  job {name:<9} batch {batch:<4} train {statistics.median(trains):.3f} s (min {min(trains):.3f}), "
                   f"whole job {med:.3f} s (min {min(walls):.3f}, max {max(walls):.3f}), outside training "
-                  f"{outside:.3f} s, median of {jobs} -> {3600 / med:,.0f} candidates per device-hour, one at a time")
+                  f"{outside:.3f} s, median of {jobs}; {jobs} back to back in {seq:.2f} s -> "
+                  f"{3600 * jobs / seq:,.0f} candidates per device-hour, one at a time")
+            print("    its last job's log: " + "\n    ".join(ln for ln in results[-1].log_tail.splitlines()
+                                                            if ln.startswith("[worker"))[-1400:])
         name = [n for n in sources if n != "resnet18"][:1]
         for k in concurrent if name else []:
             source, batch = sources[name[0]]
@@ -298,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the same for a cold process per candidate, the baseline (default: RESULTS.md's)")
     ap.add_argument("--sandbox", type=int, default=0, metavar="JOBS",
                     help="also run ResNet-18 and the small CNNs as JOBS whole jobs each in a warm process sandbox")
+    ap.add_argument("--recipe", action="store_true",
+                    help="also the common CIFAR recipe as a baseline (batch 128, 2 DataLoader workers, random crop "
+                         "and flip: kuangliu/pytorch-cifar's train.py settings) against ours at each batch")
     ap.add_argument("--variants", action="store_true", help="also time ours without channels_last, without bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--concurrent", default="", help="with --sandbox: also run the first small CNN as this many "
@@ -328,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
            "small": {}, "baseline_small": {}}
 
     resnet = lambda d: resnet18_cifar()  # noqa: E731
+    mines = []
     for batch in args.batches:
         print(f"\nResNet-18 (torchvision, 32x32 stem), batch {batch} both sides, {args.epochs} epoch(s) each:")
         mine = ours(resnet, arrays, device, batch, args.epochs)
@@ -340,6 +354,15 @@ def main(argv: list[str] | None = None) -> int:
         res["resnet18"].append({"batch": batch, "ours_first_s": mine.first, "ours_steady_s": mine.steady,
                                 "ours_note": mine.note, "baseline_first_s": base.first,
                                 "baseline_steady_s": base.steady, "speedup_first": base.first / mine.first})
+        mines.append(mine)
+    if args.recipe:
+        recipe = dataloader(resnet, arrays, device, 128, args.epochs, 2, crop=True)
+        print(row("baseline: CIFAR recipe, batch 128", recipe))
+        for batch, mine in zip(args.batches, mines):
+            print(f"  recipe (batch 128, 2 workers, crop + flip) {recipe.first:.3f} s/epoch vs ours at batch {batch} "
+                  f"{mine.first:.3f} s/epoch: {recipe.first / mine.first:.1f}x (first epoch); steady "
+                  f"{recipe.steady:.3f} vs {mine.steady:.3f}: {recipe.steady / mine.steady:.1f}x")
+        res["recipe"] = {"first_s": recipe.first, "steady_s": recipe.steady}
 
     if args.variants:
         batch = args.batches[0]

@@ -6,8 +6,8 @@ For every zoo baseline it makes `--mutations` rule-based candidates (`tools/muta
 `--steps` stacked mutations each, as the `mutate` backend proposes them) and counts,
 with the model's own tokenizer (SmolLM2-135M-Instruct's by default, loaded offline
 from its GGUF), the tokens of the answer each mode asks for (`prompts/system.j2`):
-- delta: the unified diff against model.py in one ```diff fence (3 lines of context,
-  as `make_diff` writes it);
+- delta: the unified diff against model.py in one ```diff fence, with the context lines
+  `make_diff` writes (`DIFF_CONTEXT`, one; `--context` for another count);
 - full, the baseline: the whole new model.py in one ```python fence.
 The same candidate gives both answers, so the ratio compares like with like.
 
@@ -28,7 +28,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from deltanas.tools.mutator import NoMutation, make_diff, mutate_source
+from deltanas.tools.mutator import DIFF_CONTEXT, NoMutation, make_diff, mutate_source
 from deltanas.tools.zoo import list_baselines
 
 
@@ -44,8 +44,8 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(loc.path, **kwargs)
 
 
-def delta_answer(base: str, new: str) -> str:
-    return f"```diff\n{make_diff(base, new)}```\n"
+def delta_answer(base: str, new: str, context: int = DIFF_CONTEXT) -> str:
+    return f"```diff\n{make_diff(base, new, context=context)}```\n"
 
 
 def full_answer(new: str) -> str:
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archive", action="append", default=[], type=Path, metavar="RUN_DIR",
                     help="also report the real completion tokens of a run (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--context", type=int, default=DIFF_CONTEXT, help="context lines per hunk side in the delta answer")
     ap.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout, the prose on stderr")
     args = ap.parse_args(argv)
     stdout, per_baseline = sys.stdout, {}
@@ -137,17 +138,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.mutations} candidates per baseline, {lo}-{hi} stacked rule-based mutations each")
     print(f"{'baseline':<10} {'file lines':>10} {'cands':>6} {'changed lines':>14} {'full tokens (baseline)':>23} "
           f"{'delta tokens':>13} {'delta/full':>11}")
-    all_delta, all_full, ratios = [], [], []
+    all_delta, all_full, all_wide, ratios = [], [], [], []
     for b in baselines:
         cands = candidates(b.source, args.mutations, (lo, hi), rng)
         if not cands:
             print(f"{b.name:<10} no mutation applies")
             continue
-        delta = [count(delta_answer(b.source, c)) for c in cands]
+        delta = [count(delta_answer(b.source, c, args.context)) for c in cands]
+        wide = [count(delta_answer(b.source, c, 3)) for c in cands]
         full = [count(full_answer(c)) for c in cands]
         changed = statistics.mean(changed_lines(make_diff(b.source, c)) for c in cands)
         all_delta += delta
         all_full += full
+        all_wide += wide
         ratios += [d / f for d, f in zip(delta, full)]
         md, mf = statistics.mean(delta), statistics.mean(full)
         print(f"{b.name:<10} {len(b.source.splitlines()):>10} {len(cands):>6} {changed:>14.1f} {mf:>23.0f} "
@@ -156,25 +159,27 @@ def main(argv: list[str] | None = None) -> int:
                                 "delta_tokens": md, "ratio": md / mf}
     md, mf = statistics.mean(all_delta), statistics.mean(all_full)
     print(f"{'all':<10} {'':>10} {len(all_delta):>6} {'':>14} {mf:>23.0f} {md:>13.0f} {md / mf:>11.1%}")
+    mw = statistics.mean(all_wide)
+    print(f"the same candidates with 3 context lines per hunk side (diff -u): {mw:.0f} tokens, {mw / mf:.1%} of full")
     by_steps = []
     for k in range(1, 5):
         d = f = 0
         for b in baselines:
             for c in candidates(b.source, max(1, args.mutations // 5), (k, k), rng):
-                d, f = d + count(delta_answer(b.source, c)), f + count(full_answer(c))
+                d, f = d + count(delta_answer(b.source, c, args.context)), f + count(full_answer(c))
         by_steps.append(f"{k}: {d / f:.1%}" if f else f"{k}: -")
     print(f"delta/full by stacked mutations per candidate ({max(1, args.mutations // 5)} per baseline each): "
           + ", ".join(by_steps))
     print(f"per-candidate ratio: median {statistics.median(ratios):.1%}, max {max(ratios):.1%}, "
           f"{sum(r <= 0.25 for r in ratios) / len(ratios):.0%} of candidates at or under 25%")
-    print(f"RESULT output tokens per candidate: delta {md:.0f} against full-file {mf:.0f} (baseline), "
-          f"{md / mf:.1%} (target <= 25%)")
+    print(f"RESULT output tokens per candidate: delta {md:.0f} ({args.context} context line(s)) against full-file "
+          f"{mf:.0f} (baseline), {md / mf:.1%} (target <= 25%)")
     for run_dir in args.archive:
         print()
         print("\n".join(archive_report(run_dir, count)))
     if args.json:
         print(json.dumps({"model": args.model, "candidates": len(all_delta), "delta_tokens": md, "full_tokens": mf,
-                          "ratio": md / mf, "median_ratio": statistics.median(ratios),
+                          "ratio": md / mf, "context": args.context, "ratio_context3": mw / mf, "median_ratio": statistics.median(ratios),
                           "per_baseline": per_baseline}), file=stdout)
     return 0
 

@@ -199,6 +199,11 @@ def run_epoch(learn, batches, model, log):
     returns what `learn` returns."""
     import torch
 
+    # The warm-up steps run on a side stream, so the first steps' gradients accumulate across
+    # streams; torch warns about the extra synchronisation, which is all it costs here.
+    quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if quiet is not None:
+        quiet(False)
     graphed = GraphedBatches(batches, model)
     try:
         try:

@@ -15,12 +15,14 @@ and then serves jobs one at a time. Each job runs in a fresh forked child, which
   the parent keeps the dataset in host memory and the child moves it over.
 
 On a GPU (or with --spare) the child is a spare, forked ahead of its job: while
-one job trains, the next child already creates its CUDA context, moves the
-dataset to the device and runs a warm-up step, then waits for its job on a
-socket. So a job's overhead no longer includes the CUDA start-up (about 0.7 s
-on an H200). The spare is forked from this parent, never from a candidate, is
-not dumpable (another candidate cannot ptrace it), and is left alone by the
-clean-up after a job. If a candidate kills it, the next job gets a fresh child.
+jobs train, the next SPARES children already create their CUDA context, move
+the dataset to the device and run warm-up steps, then wait for their job on a
+socket. So a job's overhead no longer includes the CUDA start-up and the first
+use of cuDNN and cuBLAS (1.2-1.7 s on an H200, longer than a small CNN's whole
+job, hence two of them). A spare is forked from this parent, never from a
+candidate, is not dumpable (another candidate cannot ptrace it), and is left
+alone by the clean-up after a job. If a candidate kills one, the next job goes
+to the other or to a fresh child.
 
 The parent never runs candidate code. It is a child subreaper, so whatever the
 candidate leaves behind (daemons, double forks, a fork bomb) is re-parented to
@@ -51,6 +53,7 @@ from deltanas.sandbox import worker
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 MAX_LINE = 64 * 1024
+SPARES = 2  # children readied ahead of their jobs, with --spare (runtime.py counts their CUDA contexts)
 KILL_ROUNDS = 200  # sweeps of the leftover processes before the worker gives up on itself
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 
@@ -145,9 +148,13 @@ def _set_limits(msg: dict) -> None:
 
 
 def _detach(channel: Channel) -> None:
-    """The first steps of a forked child: off the control channel, its own session, dies with
-    this worker, first in line for the out-of-memory killer, default signal handling."""
+    """The first steps of a forked child: off the control channel and the other spares' sockets
+    (a candidate must not be able to hand a spare a job of its own making), its own session, dies
+    with this worker, first in line for the out-of-memory killer, default signal handling."""
     channel.close_in_child()
+    for end in list(_SPARE_ENDS):
+        end.close()
+    _SPARE_ENDS.clear()
     os.setsid()
     _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))  # not inherited: the child dies with this worker
     try:
@@ -197,6 +204,9 @@ def _run_job(job_dir: str, dataset_dir: str, data, msg: dict, note: str = "") ->
     worker.serve(job_dir, dataset_dir, data)
 
 
+_SPARE_ENDS: set = set()  # this worker's ends of its spares' sockets
+
+
 class Spare:
     """A child forked ahead of its job (see the module's docstring). The parent keeps one end of
     a socket pair; the job's message goes down it."""
@@ -213,6 +223,11 @@ class Spare:
             self._serve(channel, child_end, dataset_dir, data, device)
         child_end.close()
         self.sock = parent_end
+        _SPARE_ENDS.add(parent_end)
+
+    def _close(self) -> None:
+        _SPARE_ENDS.discard(self.sock)
+        self.sock.close()
 
     @staticmethod
     def _serve(channel: Channel, sock, dataset_dir: str, data, device: str) -> None:
@@ -234,7 +249,7 @@ class Spare:
                 buf += chunk
             sock.close()
             msg = json.loads(buf)
-            note = (f"spare child: readied ahead of its job ({ready}, {readied - t0:.2f}s), "
+            note = (f"spare child: readied ahead of its job in {readied - t0:.2f}s ({ready}), "
                     f"then waited {time.monotonic() - readied:.2f}s for it")
             _run_job(msg["dir"], dataset_dir, data, msg, note)
         except BaseException:  # noqa: BLE001 - no result file: the host reports a crash
@@ -253,7 +268,7 @@ class Spare:
         import socket
 
         if not self.alive():
-            self.sock.close()
+            self._close()
             return False
         try:
             os.kill(self.pid, signal.SIGCONT)  # an earlier candidate may have stopped it
@@ -261,12 +276,12 @@ class Spare:
         except OSError:
             return False
         finally:
-            self.sock.close()
+            self._close()
         return True
 
     def discard(self) -> None:
         try:
-            self.sock.close()
+            self._close()
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
         except (OSError, ChildProcessError):
@@ -283,15 +298,22 @@ def _ready_device(data, device: str):
         dev = torch.device(device)
         if dev.type != "cuda":
             return data, "nothing to ready on the CPU"
+        t0 = time.perf_counter()
+        torch.empty(1, device=dev)
+        t1 = time.perf_counter()
         on_device = data.to(dev)
+        torch.cuda.synchronize(dev)
+        t2 = time.perf_counter()
         worker.warm_up(dev)
-        return on_device, f"CUDA context, dataset and warm-up step on {dev}"
+        t3 = time.perf_counter()
+        return on_device, (f"on {dev}: CUDA context {t1 - t0:.2f}s, dataset {t2 - t1:.2f}s, "
+                           f"warm-up steps {t3 - t2:.2f}s")
     except BaseException as exc:  # noqa: BLE001 - see the docstring
         return data, f"readying {device} failed: {worker._describe(exc)}"
 
 
-def _descendants(keep: int | None = None) -> tuple[list[int], list[int]]:
-    """(live, zombie) processes below this one, found through /proc, except `keep` and its own."""
+def _descendants(keep: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+    """(live, zombie) processes below this one, found through /proc, except those in `keep` and theirs."""
     me = os.getpid()
     parent: dict[int, int] = {}
     state: dict[int, str] = {}
@@ -307,7 +329,7 @@ def _descendants(keep: int | None = None) -> tuple[list[int], list[int]]:
     below, frontier = [], [me]
     while frontier:
         p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c != keep]
+        kids = [c for c, pp in parent.items() if pp == p and c not in keep]
         below += kids
         frontier += kids
     return [p for p in below if state[p] != "Z"], [p for p in below if state[p] == "Z"]
@@ -323,9 +345,9 @@ def _reap() -> None:
             return
 
 
-def clean_up(private_tmp: bool, keep: int | None = None) -> bool:
+def clean_up(private_tmp: bool, keep: frozenset[int] = frozenset()) -> bool:
     """Kills every process the candidate left and reaps it; True when none is left. `keep`: the
-    spare waiting for the next job (forked by this worker, not by the candidate)."""
+    spares waiting for the next jobs (forked by this worker, not by the candidate)."""
     for _ in range(KILL_ROUNDS):
         live, _zombies = _descendants(keep)
         _reap()
@@ -398,16 +420,21 @@ def _wait_child(channel: Channel, pid: int, timeout_s: float) -> tuple[int | Non
 
 def serve_jobs(channel: Channel, work_dir: str, dataset_dir: str, data, private_tmp: bool,
                device: str | None = None) -> None:
-    """Runs jobs until the driver closes the channel. `device`: keep a spare child ready on it."""
-    spare = Spare(channel, dataset_dir, data, device) if device else None
+    """Runs jobs until the driver closes the channel. `device`: keep SPARES children ready on it."""
+    spares: list[Spare] = []
     try:
-        _serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device, spare)
+        _serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device, spares)
     finally:
-        if spare is not None:
+        for spare in spares:
             spare.discard()
 
 
-def _serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device, spare) -> None:
+def _serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device, spares: list) -> None:
+    def top_up() -> None:
+        while device and len(spares) < SPARES:
+            spares.append(Spare(channel, dataset_dir, data, device))
+
+    top_up()
     while True:
         msg = channel.read()
         if msg is None:
@@ -417,17 +444,20 @@ def _serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device, spare
             channel.send({"job": name, "rc": None, "killed": "", "clean": True, "error": "no such job"})
             continue
         job_dir = os.path.join(work_dir, name)
-        if spare is not None and spare.start(job_dir, msg):
-            pid = spare.pid
-        else:
-            if spare is not None:
+        pid = None
+        while spares and pid is None:  # the oldest spare is the readiest
+            spare = spares.pop(0)
+            if spare.start(job_dir, msg):
+                pid = spare.pid
+            else:
                 spare.discard()
+        if pid is None:
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
                 _child(channel, job_dir, dataset_dir, data, msg)
-        spare = Spare(channel, dataset_dir, data, device) if device else None  # readies while this job runs
+        top_up()  # the next jobs' children ready while this one runs
         status, killed = _wait_child(channel, pid, float(msg["timeout_s"]))
         if status is None:
             try:
@@ -439,7 +469,7 @@ def _serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device, spare
             except (ProcessLookupError, PermissionError):
                 pass
             _, status = os.waitpid(pid, 0)
-        clean = clean_up(private_tmp, keep=spare.pid if spare is not None else None)
+        clean = clean_up(private_tmp, keep=frozenset(sp.pid for sp in spares))
         if killed == "gone":
             return
         channel.send({"job": name, "rc": os.waitstatus_to_exitcode(status), "killed": killed, "clean": clean})

@@ -480,7 +480,7 @@ def _malformed(what: str, target: str) -> DiffError:
         what,
         hint=(
             f"Your diff is malformed: {what}. Every hunk starts with an @@ line and contains "
-            f"2-3 unchanged context lines from {target} around the '+'/'-' lines. {FORMAT_RULES}"
+            f"an unchanged context line from {target} above and below the '+'/'-' lines. {FORMAT_RULES}"
         ),
     )
 
@@ -494,7 +494,7 @@ def _too_large(what: str, size: int, max_bytes: int) -> DiffError:
         f"{what} is {size} bytes, over the {max_bytes}-byte limit",
         hint=(
             f"Your {what} is too large ({size} bytes, the limit is {max_bytes}). Send a small diff "
-            "that changes only the lines that need changing, with 2-3 context lines per hunk."
+            "that changes only the lines that need changing, with one context line above and below each change."
         ),
     )
 

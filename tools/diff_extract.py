@@ -29,7 +29,7 @@ EXAMPLE_DIFF = """\
 
 FORMAT_RULES = (
     "Lines starting with a space are unchanged context copied exactly from the source, "
-    "'-' lines are removed, '+' lines are added. Include 2-3 context lines around each change."
+    "'-' lines are removed, '+' lines are added. Include one unchanged context line above and below each change."
 )
 
 DIFF_FENCE_TAGS = frozenset({"diff", "patch", "udiff", "git"})

@@ -57,9 +57,11 @@ def _fake_run(run_dir: Path) -> None:
 def test_tokens_reads_a_runs_archive(tmp_path):
     _fake_run(tmp_path / "run")
     out = run_bench("tokens.py", "--mutations", "2", "--baselines", "lenet", "--archive", str(tmp_path / "run"))
-    m = re.search(r"RESULT output tokens per candidate: delta (\d+) against full-file (\d+) \(baseline\), "
-                  r"([\d.]+)%", out)
-    assert m, out  # the human output, which the summary does not read
+    m = re.search(r"RESULT output tokens per candidate: delta (\d+) \(1 context line\(s\)\) against full-file "
+                  r"(\d+) \(baseline\), ([\d.]+)%", out)
+    assert m and int(m[1]) < int(m[2]), out  # the human output, which the summary does not read
+    wide = re.search(r"3 context lines per hunk side \(diff -u\): (\d+) tokens", out)
+    assert wide and int(wide[1]) > int(m[1]), out
     assert re.search(r"^lenet\s+\d+\s+2\s", out, re.M), out
     # the archive part: real completion_tokens per mode, and the first answers re-counted
     assert re.search(r"delta\s+hf\s+1\s+1\s+100\s", out) and re.search(r"full\s+hf\s+1\s+1\s+200\s", out), out

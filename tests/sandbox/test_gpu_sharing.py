@@ -13,6 +13,7 @@ from deltanas.agent.config import ConfigError, load_config
 from deltanas.agent.runtime import CUDA_CONTEXT_MB, gpu_share_mb
 from deltanas.sandbox.base import Limits
 from deltanas.sandbox.process import ProcessSandbox
+from deltanas.sandbox.warm import SPARES
 from deltanas.tools.proxy import evaluate_source
 
 from support import Arrays, write_handle
@@ -45,8 +46,9 @@ def _cfg(**over):
 def test_share_is_what_is_asked_or_an_equal_part_of_the_card():
     assert gpu_share_mb(load_config(None, {})) is None  # CPU: nothing to share
     assert gpu_share_mb(_cfg(), total_mb=80_000) is None  # one worker: the whole card
-    # Warm workers: each holds its job's CUDA context and its spare child's.
-    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4}), total_mb=80_000) == (80_000 - 8 * CUDA_CONTEXT_MB) // 4
+    # Warm workers: each holds its job's CUDA context and those of its spare children.
+    contexts = 4 * (1 + SPARES)
+    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4}), total_mb=80_000) == (80_000 - contexts * CUDA_CONTEXT_MB) // 4
     assert gpu_share_mb(_cfg(**{"sandbox.workers": 4, "sandbox.warm": False}),
                         total_mb=80_000) == (80_000 - 4 * CUDA_CONTEXT_MB) // 4
     assert gpu_share_mb(_cfg(**{"sandbox.workers": 4, "sandbox.gpu_memory_mb": 2048}), total_mb=80_000) == 2048

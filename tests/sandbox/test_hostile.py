@@ -542,6 +542,23 @@ for name in os.listdir("/proc"):
 
 
 @WARM_ONLY
+def test_a_job_holds_no_socket_to_the_next_jobs_child(sandbox, data):
+    """A spare waits for its job on a socket; no candidate may hold one, or it could hand a spare a
+    job of its own making."""
+    r = run(sandbox, data, probe('''
+socks = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+            socks.append(fd)
+    except OSError:
+        pass
+seen.append("sockets " + (",".join(socks) if socks else "none"))
+'''))
+    assert r.status == "crashed" and "sockets none" in r.error, r.error
+
+
+@WARM_ONLY
 def test_stopping_the_worker_ends_in_a_timeout(sandbox, data, monkeypatch):
     monkeypatch.setattr(pool, "REPLY_GRACE_S", 2.0)
     t0 = time.monotonic()

@@ -319,8 +319,9 @@ def test_make_diff_format():
     old = "a\nb\nc\nd\ne\nf\ng\nh\n"
     new = old.replace("d\n", "D\n")
     diff = make_diff(old, new, path="pkg/model.py")
-    assert diff.splitlines()[:3] == ["--- a/pkg/model.py", "+++ b/pkg/model.py", "@@ -1,7 +1,7 @@"]
-    assert diff.count("\n ") == 6  # three context lines either side
+    assert diff.splitlines() == ["--- a/pkg/model.py", "+++ b/pkg/model.py", "@@ -3,3 +3,3 @@", " c", "-d", "+D", " e"]
+    wide = make_diff(old, new, context=3)
+    assert wide.splitlines()[2] == "@@ -1,7 +1,7 @@" and wide.count("\n ") == 6  # three context lines either side
     assert make_diff(old, old) == ""
     no_eol = make_diff("x = 1\ny = 2", "x = 1\ny = 3")
     assert no_eol.endswith("+y = 3\n\\ No newline at end of file\n")
