@@ -46,6 +46,7 @@ from deltanas.sandbox.base import Job, Result
 from deltanas.sandbox.jobfiles import (DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back,
                                        tree_size)
 from deltanas.sandbox.pool import WarmPool, WorkerKey, spare_flag
+from deltanas.sandbox.warm import SPARES
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
 
 DEFAULT_IMAGE = "deltanas-sandbox:base"
@@ -63,7 +64,7 @@ IN_CONTAINER_GRACE_S = 30  # the in-container kill lands this long after the hos
 API_TIMEOUT_S = 60
 WORKDIR_SLACK_BYTES = 1 << 20
 WARM_BASE_MB = 1024  # a warm worker's own memory (Python, torch) on top of its jobs' limit and the dataset
-WARM_SPARE_MB = 2048  # the spare child (CUDA libraries and context) waiting beside the running job
+WARM_SPARE_MB = 2048  # a spare child (CUDA libraries and context) waiting beside the running job
 WARM_EXTRA_PIDS = 64  # the warm worker's own threads, on top of its jobs' process limit
 ALIVE_CHECK_S = 1.0
 
@@ -392,7 +393,7 @@ class DockerSandbox:
         memory = int(key.memory_mb) + WARM_BASE_MB + data_mb
         inner = "cuda:0" if key.device.startswith("cuda") else key.device
         if self.spare or (self.spare is None and inner.startswith("cuda")):
-            memory += WARM_SPARE_MB + data_mb
+            memory += SPARES * (WARM_SPARE_MB + data_mb)
         args = self._common_args(work_dir, key.dataset_dir, key.device, key.cpu_threads, seed=0)
         args["environment"][SANDBOX_INIT_ENV] = "1"  # its parent is the container's init
         args.update(command=[self._python(), "-m", "deltanas.sandbox.warm", WORK_MOUNT, DATA_MOUNT, inner,

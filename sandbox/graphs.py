@@ -23,6 +23,10 @@ or the worker's default loop.
    usual, eagerly. Every batch gets exactly one step, in order, and what the loop does after
    its `for` runs once, as it would.
 
+Replayed batches never reach the loop, so only a loop that would run its body once for every
+batch is captured: one plain `for` over the batches, nothing in its body that stops or skips
+(`loop_shape` reads the source). A loop that stops after the captured batch keeps that step.
+
 A capture that fails (a host sync such as `.item()` or `if tensor:`, a host tensor copied
 in, an optimizer that is not capturable) raises out of the loop. `run_epoch` then ends the
 capture and calls the loop again on the batches from that one on, eagerly (so code before
@@ -55,6 +59,79 @@ def _token(v, depth: int = 0):
     return (type(v).__name__, id(v))
 
 
+def loop_shape(learn) -> str:
+    """Why `learn`'s source is not one plain `for` over its batches, or "" when it is.
+
+    Replayed batches never reach the loop, so the loop must be one that would run its body once
+    per batch to the end: `for x, y in data:` (or `enumerate(data)` with the index unused), with no
+    `break`, `continue`, `return` or `yield` in the body, and the batches used nowhere else (no
+    `next`, `zip`, `islice`). Anything else, or a source that cannot be read, runs eagerly."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        fn = getattr(learn, "__func__", learn)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return "its source cannot be read"
+    func = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+    args = [a.arg for a in func.args.args] if func is not None else []
+    if isinstance(learn, type(loop_shape)) or not args:
+        data = args[0] if args else None
+    else:
+        data = args[1] if len(args) > 1 else None  # a bound method: skip self
+    if data is None:
+        return "it takes no batches"
+    loops = [n for n in ast.walk(func) if isinstance(n, (ast.For, ast.AsyncFor, ast.While))]
+    over = []
+    for n in loops:
+        it = getattr(n, "iter", None)
+        if isinstance(it, ast.Name) and it.id == data:
+            over.append((n, None))
+        elif (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "enumerate" and it.args
+              and isinstance(it.args[0], ast.Name) and it.args[0].id == data and isinstance(n.target, ast.Tuple)
+              and n.target.elts and isinstance(n.target.elts[0], ast.Name)):
+            over.append((n, n.target.elts[0].id))
+    if len(over) != 1 or len(loops) != 1:
+        return "it is not one plain for-loop over its batches"
+    loop, index = over[0]
+    uses = sum(1 for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == data)
+    if uses != 1:
+        return "it uses its batches outside its for-loop"
+    inside = {id(n) for stmt in loop.body for n in ast.walk(stmt)}
+    outer = {n.id for n in ast.walk(func) if isinstance(n, ast.Name) and id(n) not in inside} | set(args)
+    for stmt in loop.body:
+        for n in ast.walk(stmt):
+            if isinstance(n, (ast.Break, ast.Continue, ast.Return, ast.Yield, ast.YieldFrom)):
+                return "its loop can stop or skip early"
+            if index is not None and isinstance(n, ast.Name) and n.id == index:
+                return "its loop uses the batch index"
+            if _carries(n, outer):
+                return "its loop carries a value from batch to batch"
+    return ""
+
+
+_MUTATORS = frozenset({"append", "extend", "insert", "add", "update", "setdefault", "pop", "clear", "remove"})
+
+
+def _carries(n, outer: set) -> bool:
+    """A statement that makes one batch's step depend on the host side of the last: `n += 1`,
+    `total = total + loss`, `losses.append(loss)` or `seen[k] = v` on a local from outside the loop."""
+    import ast
+
+    if isinstance(n, ast.AugAssign):
+        return True
+    if isinstance(n, ast.Assign):
+        names = {t.id for t in n.targets if isinstance(t, ast.Name)}
+        if names & {v.id for v in ast.walk(n.value) if isinstance(v, ast.Name)}:
+            return True
+        return any(isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id in outer
+                   and t.value.id != "self" for t in n.targets)
+    return (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in _MUTATORS
+            and isinstance(n.func.value, ast.Name) and n.func.value.id in outer and n.func.value.id != "self")
+
+
 def host_state(model) -> tuple:
     """What a CUDA graph would freeze on the host side of a training step."""
     import random
@@ -76,6 +153,7 @@ class GraphedBatches:
         self.batches = batches
         self.model = model
         self.capturing = False
+        self.loop_returned = False  # the loop returned (maybe before the last batch) rather than raised
         self.pending: list = []  # the batch being captured, handed back to an eager retry
         self.it = None
         self.gen = None
@@ -114,10 +192,12 @@ class GraphedBatches:
                 self.pending = [(x, y)]
                 break
             side.wait_stream(main)
-            with torch.cuda.stream(side):
-                self.eager += 1
-                yield x, y
-            main.wait_stream(side)
+            try:
+                with torch.cuda.stream(side):
+                    self.eager += 1
+                    yield x, y
+            finally:  # also when the loop stops here: later work on the main stream follows this step
+                main.wait_stream(side)
             states.append(host_state(self.model))
             if len(states) >= 2 and states[-1] != states[-2]:
                 self.why_eager = "the training step changes host state (a counter, host randomness or a schedule)"
@@ -135,24 +215,29 @@ class GraphedBatches:
         stream = torch.cuda.Stream()
         torch.cuda.synchronize()
         stream.wait_stream(main)
+        stopped = False
         with torch.cuda.stream(stream):
             graph.capture_begin()
             self.capturing = True
             try:
                 yield static_x, static_y
-            except GeneratorExit:  # closed while capturing: the loop raised
-                self.capturing = False
-                try:
-                    graph.capture_end()
-                except Exception:  # noqa: BLE001 - the capture was invalid; the loop already has its error
-                    pass
-                raise
+            except GeneratorExit:
+                if not self.loop_returned:  # the loop raised inside the capture: drop it
+                    self.capturing = False
+                    try:
+                        graph.capture_end()
+                    except Exception:  # noqa: BLE001 - the capture was invalid; the loop already has its error
+                        pass
+                    raise
+                stopped = True  # the loop stopped after this batch: its step stands
             graph.capture_end()  # raises when the capture was invalidated: the caller retries eagerly
             self.capturing = False
         main.wait_stream(stream)
         self.pending = []
         graph.replay()
         self.replayed += 1
+        if stopped:
+            return
         for x, y in self.it:
             if x.shape == static_x.shape and y.shape == static_y.shape:
                 static_x.copy_(x)
@@ -204,10 +289,15 @@ def run_epoch(learn, batches, model, log):
     quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
     if quiet is not None:
         quiet(False)
+    why = loop_shape(learn)
+    if why:
+        log(f"training steps: eager ({why})")
+        return learn(batches)
     graphed = GraphedBatches(batches, model)
     try:
         try:
             ret = learn(graphed)
+            graphed.loop_returned = True
         except Exception as exc:
             if not graphed.capturing:
                 raise

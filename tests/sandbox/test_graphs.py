@@ -7,7 +7,6 @@ CPU: the host-state summary that decides it."""
 from __future__ import annotations
 
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -152,6 +151,37 @@ def test_a_loop_a_graph_cannot_hold_runs_eagerly_with_one_step_per_batch(cls, wh
         assert fast.eval()(torch.zeros(4, 1, 8, 8, device=dev)).shape == (4, 10)
 
 
+def _stopping_after(n: int):
+    class Stops(Small):
+        """A LEMUR-style loop that stops after n batches."""
+
+        def train_setup(self, prm):
+            self.optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+        def learn(self, train_data):
+            self.train()
+            for i, (inputs, labels) in enumerate(train_data):
+                if i == n:
+                    break
+                self.optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(self(inputs), labels).backward()
+                self.optimizer.step()
+
+    return Stops
+
+
+@cuda
+@pytest.mark.parametrize("n", [2, graphs.WARMUP_STEPS + 1, graphs.WARMUP_STEPS + 3])
+def test_a_loop_that_stops_early_gets_exactly_its_steps(n, deterministic):
+    """Stopping in the warm-up, right after the captured batch, or among the replays."""
+    dev = torch.device("cuda")
+    eager, _ = _train(_stopping_after(n), dev, graphed=False)
+    fast, _ = _train(_stopping_after(n), dev, graphed=True)
+    _assert_same_weights(eager, fast)
+    assert fast.bn.num_batches_tracked.item() == n
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
 @cuda
 def test_a_genuine_error_in_the_loop_propagates_and_leaves_no_capture_open():
     dev = torch.device("cuda")
@@ -167,11 +197,10 @@ def test_a_genuine_error_in_the_loop_propagates_and_leaves_no_capture_open():
 
 
 @cuda
-def test_the_zoo_learn_is_replayed_and_trains():
+def test_the_zoo_learn_is_replayed_and_trains(tmp_path):
     from deltanas.tools.zoo import DEFAULT_PRM, get_baseline
 
-    module = type(sys)("zoo_lenet")
-    exec(compile(get_baseline("lenet").source, "<lenet>", "exec"), module.__dict__)
+    module = _load(get_baseline("lenet").source, tmp_path)  # from a file, as the worker loads it
     dev = torch.device("cuda")
     torch.manual_seed(0)
     net = module.Net((64, 1, 28, 28), (10,), dict(DEFAULT_PRM), dev).to(dev)
@@ -191,6 +220,56 @@ def test_the_zoo_learn_is_replayed_and_trains():
     assert all(line.startswith("training steps: CUDA graph, 29 steps replayed") for line in lines), lines
     labels = worker.predict(net, x[:512].to(dev), mean, std, 128, 10)
     assert (labels == y[:512].numpy()).mean() > 0.9
+
+
+def _load(source: str, tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(source)
+    return worker.load_candidate(str(path))
+
+
+LOOP_HEAD = """
+import torch
+
+
+class Net(torch.nn.Module):
+    def learn(self, train_data):
+        self.train()
+"""
+
+
+@pytest.mark.parametrize("body, why", [
+    ("        for x, y in train_data:\n            self.step(x, y)\n", ""),
+    ("        for i, (x, y) in enumerate(train_data):\n            self.step(x, y)\n        return 1\n", ""),
+    ("        for i, (x, y) in enumerate(train_data):\n            if i == 50:\n                break\n"
+     "            self.step(x, y)\n", "stop or skip early"),
+    ("        for x, y in train_data:\n            if x is None:\n                continue\n            self.step(x, y)\n",
+     "stop or skip early"),
+    ("        for i, (x, y) in enumerate(train_data):\n            self.step(x, y, warm=i < 10)\n", "batch index"),
+    ("        for (x, y), _ in zip(train_data, range(5)):\n            self.step(x, y)\n", "one plain for-loop"),
+    ("        it = iter(train_data)\n        for _ in range(5):\n            self.step(*next(it))\n",
+     "one plain for-loop"),
+    ("        for x, y in train_data:\n            for p in self.parameters():\n                p.grad = None\n",
+     "one plain for-loop"),
+    ("        for x, y in train_data:\n            self.step(x, y)\n        self.seen = len(train_data)\n",
+     "outside its for-loop"),
+    ("        n = 0\n        for x, y in train_data:\n            self.step(x, y)\n            n += 1\n", "carries"),
+    ("        total = 0\n        for x, y in train_data:\n            total = total + self.step(x, y)\n", "carries"),
+    ("        seen = []\n        for x, y in train_data:\n            seen.append(self.step(x, y))\n", "carries"),
+    ("        last = None\n        for x, y in train_data:\n            last = self.step(x, y)\n        return last\n", ""),
+])
+def test_only_one_plain_loop_over_the_batches_is_captured(body, why, tmp_path):
+    """Replayed batches never reach the loop: a loop that would stop, skip or count does not get a graph."""
+    net = _load(LOOP_HEAD + body, tmp_path).Net()
+    got = graphs.loop_shape(net.learn)
+    assert (why in got and got) if why else got == "", got
+    assert graphs.loop_shape(worker.DefaultLoop(Small(), {}).learn) == ""
+
+
+def test_a_loop_without_readable_source_runs_eagerly():
+    namespace: dict = {}
+    exec("def learn(train_data):\n    for b in train_data:\n        pass\n", namespace)
+    assert graphs.loop_shape(namespace["learn"]) == "its source cannot be read"
 
 
 def test_host_state_sees_counters_randomness_and_schedules_but_not_weights():

@@ -87,7 +87,7 @@ def sandbox(request, run_dir):
             pytest.skip(why)
         from deltanas.sandbox.docker import DockerSandbox
 
-        sb = DockerSandbox(run_dir / f".work-{request.param}", warm=warm)
+        sb = DockerSandbox(run_dir / f".work-{request.param}", warm=warm, spare=spare)
     else:
         from deltanas.sandbox.process import ProcessSandbox
 
@@ -125,7 +125,8 @@ def need_fs_isolation(sandbox) -> None:
                     "(isolation() says so)")
 
 
-WARM_ONLY = pytest.mark.parametrize("sandbox", ["process", "process-spare", "docker"], indirect=True)  # tests of the warm worker
+# Tests of the warm worker, also with spare children readied ahead of the jobs (on the CPU only when asked for).
+WARM_ONLY = pytest.mark.parametrize("sandbox", ["process", "process-spare", "docker", "docker-spare"], indirect=True)
 
 
 # -- processes: the candidate prints "PROC pid pgid pid-namespace" for each of its processes ------------------------
