@@ -416,6 +416,7 @@ def train_epoch(learn, model, data: TrainBatches, cuda_graphs: bool) -> float | 
     """One epoch of `learn` (the module's own, after its train_setup, or DefaultLoop's), its steps
     replayed as a CUDA graph when `cuda_graphs` (sandbox/graphs.py). The caller holds the autocast
     context."""
+    model.train()
     if cuda_graphs:
         from deltanas.sandbox import graphs
 
