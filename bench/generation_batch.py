@@ -59,11 +59,8 @@ def config_backend(device: str, batch: int, layers: int, hidden: int):
                       num_key_value_heads=max(1, hidden // 192), max_position_embeddings=8192)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    net = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-    b = HFBackend.__new__(HFBackend)  # the backend's own generate path, around a model it did not load
-    b.model_name, b.device, b.batch_size, b.seed, b._calls = "config", device, batch, 0, 0
-    b._adapters, b.active_adapter, b._model = {}, None, net
-    b._tokenizer = b._prepare_tokenizer(tok)
+    net = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    b = HFBackend.around(net, tok, name="config", device=device, batch_size=batch)  # the backend's own generate path
     return b, sum(p.numel() for p in net.parameters())
 
 

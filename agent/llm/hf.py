@@ -113,21 +113,36 @@ class HFBackend:
 
         hf_logging.disable_progress_bar()  # the run's own view shows progress; tqdm bars would garble it
 
-        self.model_name = model
+        self._fields(model, _pick_device(device), batch_size, seed)
         self.location = resolve_model(model)
-        self.device = _pick_device(device)
-        self.batch_size = batch_size
-        self.seed = seed
-        self._calls = 0
-        self._adapters: dict[str, str] = {}  # adapter name -> path
-        self.active_adapter: str | None = None
-
         started = time.perf_counter()
         tok, net = load_pretrained(model, self.device, _pick_dtype(dtype, self.device))
         self._model = net.eval()
         self._tokenizer = self._prepare_tokenizer(tok)
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s in %.1f s", model, self.device, self.load_seconds)
+
+    @classmethod
+    def around(cls, net, tok, *, name: str, device: str, batch_size: int = 8, seed: int = 0) -> "HFBackend":
+        """The backend around a model and tokenizer already in memory and on `device` (a model built
+        from a config, for a benchmark on a machine without model files)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        b = cls.__new__(cls)
+        b._fields(name, device, batch_size, seed)
+        b.location, b.load_seconds = None, 0.0
+        b._model = net.eval()
+        b._tokenizer = b._prepare_tokenizer(tok)
+        return b
+
+    def _fields(self, name: str, device: str, batch_size: int, seed: int) -> None:
+        self.model_name = name
+        self.device = device
+        self.batch_size = batch_size
+        self.seed = seed
+        self._calls = 0
+        self._adapters: dict[str, str] = {}  # adapter name -> path
+        self.active_adapter: str | None = None
 
     def _prepare_tokenizer(self, tok):
         if not tok.chat_template:
