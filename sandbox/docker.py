@@ -174,7 +174,7 @@ class DockerSandbox:
         """`warm`: jobs go to warm worker containers (a fresh forked child per job); False starts
         a new container per job. `spare`: a warm worker readies each job's child ahead of it
         (sandbox/warm.py); None: on a GPU only."""
-        self.work_root = Path(work_root)
+        self.work_root = Path(work_root).resolve()  # bind mounts need absolute paths (a run dir may be relative)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.image = image
         self.keep = keep

@@ -195,3 +195,15 @@ def test_containers_of_a_dead_driver_are_swept_at_start(client, run_dir, tmp_pat
         assert orphan.id not in [c.id for c in client.containers.list(all=True)]
     finally:
         sb.close()
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_relative_work_root_works(run_dir, data, tmp_path, monkeypatch, warm):
+    """`deltanas run` puts its run dir at a relative path (runs/run); bind mounts need absolute ones."""
+    monkeypatch.chdir(tmp_path)
+    sb = DockerSandbox(Path("runs") / "run" / ".work", warm=warm)
+    try:
+        r = run(sb, data, GOOD)
+        assert r.status == "ok", r.error + r.log_tail
+    finally:
+        sb.close()
