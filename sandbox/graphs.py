@@ -78,12 +78,10 @@ def loop_shape(learn) -> str:
         return "its source cannot be read"
     func = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
     args = [a.arg for a in func.args.args] if func is not None else []
-    if isinstance(learn, type(loop_shape)) or not args:
-        data = args[0] if args else None
-    else:
-        data = args[1] if len(args) > 1 else None  # a bound method: skip self
-    if data is None:
+    batch_args = args[1:] if inspect.ismethod(learn) else args  # a bound method's first is self
+    if not batch_args:
         return "it takes no batches"
+    data = batch_args[0]
     loops = [n for n in ast.walk(func) if isinstance(n, (ast.For, ast.AsyncFor, ast.While))]
     over = []
     for n in loops:
