@@ -336,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, GPU {gpu}; python {sys.version.split()[0]}, "
           f"torch {torch.__version__}")
     print(f"data: {args.n} train / {n_test} test synthetic uint8 images 3x32x32, 10 classes; device {device}")
-    worker.warm_up(device)  # the worker pays this before its clock too
+    worker.warm_up(device)  # the worker pays this before its clock too (a spare child before its job)
+    warmed = worker.warm_up_wide(device, args.batches[0], args.n, n_test)
+    if device.type == "cuda":
+        print(f"warmed up as a spare child is: {warmed}")
     res = {"device": str(device), "gpu": gpu, "n": args.n, "n_test": n_test, "epochs": args.epochs, "resnet18": [],
            "small": {}, "baseline_small": {}}
 

@@ -18,8 +18,11 @@ On a GPU (or with --spare) the child is a spare, forked ahead of its job: while
 jobs train, the next SPARES children already create their CUDA context, move
 the dataset to the device and run warm-up steps, then wait for their job on a
 socket. So a job's overhead no longer includes the CUDA start-up and the first
-use of cuDNN and cuBLAS (1.2-1.7 s on an H200, longer than a small CNN's whole
-job, hence two of them). A spare is forked from this parent, never from a
+use of cuDNN and cuBLAS (1.6-2.0 s on an H200, longer than a small CNN's whole
+job, hence two of them). Unless its job is already waiting, a spare also warms
+a ResNet-class network's step at the last job's batch size and at the epoch's
+last, smaller batch (`worker.warm_up_wide`): cuDNN loads kernels per shape on
+first use. A spare is forked from this parent, never from a
 candidate, is not dumpable (another candidate cannot ptrace it), and is left
 alone by the clean-up after a job. If a candidate kills one, the next job goes
 to the other or to a fresh child.
@@ -211,7 +214,7 @@ class Spare:
     """A child forked ahead of its job (see the module's docstring). The parent keeps one end of
     a socket pair; the job's message goes down it."""
 
-    def __init__(self, channel: Channel, dataset_dir: str, data, device: str):
+    def __init__(self, channel: Channel, dataset_dir: str, data, device: str, batch: int | None):
         import socket
 
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -220,7 +223,7 @@ class Spare:
         self.pid = os.fork()
         if self.pid == 0:
             parent_end.close()
-            self._serve(channel, child_end, dataset_dir, data, device)
+            self._serve(channel, child_end, dataset_dir, data, device, batch)
         child_end.close()
         self.sock = parent_end
         _SPARE_ENDS.add(parent_end)
@@ -230,8 +233,9 @@ class Spare:
         self.sock.close()
 
     @staticmethod
-    def _serve(channel: Channel, sock, dataset_dir: str, data, device: str) -> None:
-        """The spare's life: ready its device, wait for a job, run it; never returns."""
+    def _serve(channel: Channel, sock, dataset_dir: str, data, device: str, batch: int | None) -> None:
+        """The spare's life: ready its device (for jobs of `batch` images per step, the last
+        job's), wait for a job, run it; never returns."""
         try:
             _detach(channel)
             null = os.open(os.devnull, os.O_RDWR)
@@ -239,7 +243,7 @@ class Spare:
                 os.dup2(null, fd)
             os.close(null)
             t0 = time.monotonic()
-            data, ready = _ready_device(data, device)
+            data, ready = _ready_device(data, device, batch, lambda: bool(select.select([sock], [], [], 0)[0]))
             readied = time.monotonic()
             buf = b""
             while not buf.endswith(b"\n"):
@@ -288,10 +292,23 @@ class Spare:
             pass
 
 
-def _ready_device(data, device: str):
-    """In a spare: the CUDA context, the dataset on the device and a warm-up step, before any job;
-    returns (the data, what was done). On failure the host copy is kept and the job's own set-up
-    meets (and reports) the error."""
+def _batch_size(job_dir: str) -> int | None:
+    """The batch size in a job's job.json (written by the host; read before the job runs)."""
+    try:
+        with open(os.path.join(job_dir, "job.json"), encoding="utf-8") as f:
+            value = json.load(f).get("batch_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _ready_device(data, device: str, batch: int | None, job_waiting):
+    """In a spare: the CUDA context, the dataset on the device and the warm-up steps, before any
+    job; returns (the data, what was done). The wide warm-up (for a ResNet-class network at
+    `batch`, the step's batch size it expects) comes last, and only while `job_waiting()` is
+    false: behind jobs shorter than a spare's readying (a small CNN's) it would delay them more
+    than it saves. On failure the host copy is kept and the job's own set-up meets (and reports)
+    the error."""
     try:
         import torch
 
@@ -306,8 +323,13 @@ def _ready_device(data, device: str):
         t2 = time.perf_counter()
         worker.warm_up(dev)
         t3 = time.perf_counter()
+        if job_waiting():
+            return on_device, (f"on {dev}: CUDA context {t1 - t0:.2f}s, dataset {t2 - t1:.2f}s, "
+                               f"warm-up steps {t3 - t2:.2f}s, no wide warm-up (its job was waiting)")
+        wide = worker.warm_up_wide(dev, batch, len(on_device.y_train), len(on_device.x_test))
+        t4 = time.perf_counter()
         return on_device, (f"on {dev}: CUDA context {t1 - t0:.2f}s, dataset {t2 - t1:.2f}s, "
-                           f"warm-up steps {t3 - t2:.2f}s")
+                           f"warm-up steps {t3 - t2:.2f}s, wide ({wide}) {t4 - t3:.2f}s")
     except BaseException as exc:  # noqa: BLE001 - see the docstring
         return data, f"readying {device} failed: {worker._describe(exc)}"
 
@@ -430,9 +452,11 @@ def serve_jobs(channel: Channel, work_dir: str, dataset_dir: str, data, private_
 
 
 def _serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device, spares: list) -> None:
+    batch = None  # the last job's batch size: the next spares warm its shapes
+
     def top_up() -> None:
         while device and len(spares) < SPARES:
-            spares.append(Spare(channel, dataset_dir, data, device))
+            spares.append(Spare(channel, dataset_dir, data, device, batch))
 
     top_up()
     while True:
@@ -444,6 +468,7 @@ def _serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device, spare
             channel.send({"job": name, "rc": None, "killed": "", "clean": True, "error": "no such job"})
             continue
         job_dir = os.path.join(work_dir, name)
+        batch = _batch_size(job_dir) or batch
         pid = None
         while spares and pid is None:  # the oldest spare is the readiest
             spare = spares.pop(0)

@@ -307,8 +307,8 @@ def warm_up(device) -> None:
     """Pays torch's lazy start-up (the optimizer's first use imports torch._dynamo: ~0.9 s
     here; on a GPU the context, cuDNN, cuBLAS and the kernels a small CNN's step loads on first
     use, in float32 and in bf16 channels_last, and a CUDA graph capture) before the clock starts,
-    so train_seconds measures the candidate's training alone. A spare warm child runs it before
-    its job arrives (sandbox/warm.py)."""
+    so train_seconds measures the candidate's training alone. A spare warm child, readied before
+    its job arrives (sandbox/warm.py), also runs `warm_up_wide`."""
     import torch
 
     conv = torch.nn.Conv2d(1, 2, 3).to(device)
@@ -351,6 +351,74 @@ def warm_up(device) -> None:
     with torch.no_grad():
         net.eval()(x)
     torch.cuda.synchronize(device)
+
+
+# The wide warm-up's batch when the job's is not known yet, the largest it warms, and the free GPU
+# memory below which it warms only WIDE_WARM_SMALL_BATCH, so that spares readied beside running
+# candidates on a shared GPU take little of it (its peak at batch 512 is 0.83 GB).
+WIDE_WARM_BATCH, WIDE_WARM_MAX_BATCH, WIDE_WARM_SMALL_BATCH, WIDE_WARM_MIN_FREE = 512, 1024, 64, 16 << 30
+
+
+def warm_up_wide(device, batch: int | None, n_train: int, n_test: int) -> str:
+    """bf16 channels_last steps of a ResNet-like stack with the widths (64 to 512) and strides of a
+    ResNet-18 on 32x32 images, at the shapes a job will meet: a training step at `batch` and at
+    the epoch's last, smaller batch (n_train % batch), inference at `batch` and at the test set's
+    last batch; its memory is given back after. cuDNN picks kernels by shape, and a candidate's
+    first epoch of a heavy network otherwise loads them itself: on an H200 ResNet-18's first epoch
+    took 1.11-1.17 s after `warm_up` alone, 0.97-0.98 s after this at batch 512 only, and 0.91-0.97 s
+    with the last batch's shape too (bench/RESULTS.md). Returns what it warmed. Best effort:
+    running out of memory skips the rest."""
+    import torch
+
+    if device.type != "cuda":
+        return "not on a GPU"
+    if not torch.cuda.is_bf16_supported():
+        return "no bf16 on this GPU"
+    nn = torch.nn
+
+    class Residual(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                                      nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+            self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                          if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.short(x))
+
+    batch = min(batch or WIDE_WARM_BATCH, WIDE_WARM_MAX_BATCH)
+    if torch.cuda.mem_get_info(device)[0] < WIDE_WARM_MIN_FREE:
+        batch = min(batch, WIDE_WARM_SMALL_BATCH)
+    train = [b for b in dict.fromkeys([batch, n_train % batch]) if b > 1]
+    infer = [b for b in dict.fromkeys([batch, n_test % batch]) if b > 0]
+    done = []
+    net = opt = None
+    try:
+        net = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                            Residual(64, 64, 1), Residual(64, 128, 2), Residual(128, 256, 2), Residual(256, 512, 2),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
+        net = net.to(device, memory_format=torch.channels_last)
+        opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
+        with mixed_precision(device):
+            for b in train:
+                x = torch.zeros(b, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(net(x), torch.zeros(b, dtype=torch.int64, device=device)).backward()
+                opt.step()
+                done.append(f"step {b}")
+            net.eval()
+            with torch.no_grad():
+                for b in infer:
+                    net(torch.zeros(b, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last))
+                    done.append(f"inference {b}")
+        torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        done.append("out of GPU memory")
+    finally:
+        net = opt = x = None
+        torch.cuda.empty_cache()
+    return ", ".join(done)
 
 
 def load_candidate(path: str):

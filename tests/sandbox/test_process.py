@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from deltanas.sandbox.base import Job, Limits, Sandbox
 from deltanas.sandbox.process import ProcessSandbox
@@ -190,3 +191,48 @@ def test_a_warm_worker_outlives_the_thread_whose_job_started_it(data, tmp_path):
         assert sb._pool.started == 1
     finally:
         sb.close()
+
+
+def test_a_spare_reads_the_batch_size_from_the_hosts_job_file_and_nothing_else(tmp_path):
+    from deltanas.sandbox.warm import _batch_size
+
+    cases = {"ok": ({"batch_size": 256}, 256), "bool": ({"batch_size": True}, None),
+             "zero": ({"batch_size": 0}, None), "text": ({"batch_size": "512"}, None),
+             "list": ([1, 2], None), "none": ({}, None)}
+    for name, (content, want) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "job.json").write_text(json.dumps(content))
+        assert _batch_size(str(tmp_path / name)) == want, name
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "job.json").write_text("{not json")
+    assert _batch_size(str(tmp_path / "garbage")) is None
+    assert _batch_size(str(tmp_path / "missing")) is None
+
+
+def test_the_wide_warm_up_is_for_gpus_only():
+    from deltanas.sandbox import worker
+
+    assert worker.warm_up_wide(torch.device("cpu"), 512, 50_000, 10_000) == "not on a GPU"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_spares_warm_the_shapes_of_the_last_jobs_batch(data, tmp_path):
+    """Spares readied before any job warm the default batch; those forked after a job warm that
+    job's batch and the last, smaller batches of its epoch and of its predictions. A spare whose
+    job is already waiting skips the wide warm-up."""
+    _, handle = data  # 512 train and 128 test images
+    sb = ProcessSandbox(tmp_path / "work", warm=True)
+    logs = []
+    try:
+        for i in range(3):
+            time.sleep(4 if i else 0)  # later spares are ready before their jobs come
+            r = sb.run(Job(candidate_id=f"s{i}", source=SMALL_CNN, dataset_dir=str(handle), batch_size=48,
+                           device="cuda:0", limits=LIMITS))
+            assert r.status == "ok", (r.error, r.log_tail)
+            logs.append(r.log_tail)
+    finally:
+        sb.close()
+    # The first two spares start with the worker, at the first job: the first has it waiting.
+    assert "no wide warm-up (its job was waiting)" in logs[0], logs[0]
+    assert "wide (step 512, inference 512, inference 128)" in logs[1], logs[1]
+    assert "wide (step 48, step 32, inference 48, inference 32)" in logs[2], logs[2]
