@@ -28,8 +28,10 @@ from deltanas.tools import prompting
 from deltanas.tools.zoo import get_baseline, list_baselines
 
 
-def prompts(n: int) -> list[Prompt]:
-    names = [b.name for b in list_baselines()]
+def prompts(n: int, parents: int | None = None) -> list[Prompt]:
+    """`n` proposal prompts, their parents taken in turn from the first `parents` zoo baselines
+    (all of them by default). A cycle's tournament selection repeats its best parents."""
+    names = [b.name for b in list_baselines()][:parents]
     out = []
     for i in range(n):
         src = get_baseline(names[i % len(names)]).source
@@ -99,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--layers", type=int, default=12, help="--model config: decoder layers")
     p.add_argument("--hidden", type=int, default=768, help="--model config: hidden size")
+    p.add_argument("--parents", type=int, default=None,
+                   help="distinct parents among the prompts (default: every zoo baseline, one prompt each in turn)")
+    p.add_argument("--plain", action="store_true",
+                   help="hf: also time the batch without computing the prompts' shared tokens once")
     p.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout, the prose on stderr")
     a = p.parse_args(argv)
     stdout = sys.stdout
@@ -113,22 +119,36 @@ def main(argv: list[str] | None = None) -> int:
 
         backend = make_backend(a.llm, device=a.device, batch_size=a.batch)
         label = a.llm
-    ps = prompts(a.prompts)
+    ps = prompts(a.prompts, a.parents)
     sampling = Sampling(temperature=0.0, max_new_tokens=a.max_new_tokens, seed=0)
     timed(backend, ps[:1], Sampling(temperature=0.0, max_new_tokens=4), True)  # warm-up: kernels, caches
     one_s, one_tok = timed(backend, ps, sampling, one_at_a_time=True)
     batch_s, batch_tok = timed(backend, ps, sampling, one_at_a_time=False)
+    plain = None
+    if a.plain and getattr(backend, "name", "") == "hf":
+        from deltanas.agent.llm import hf
+
+        keep, hf.MIN_SHARED_PREFIX = hf.MIN_SHARED_PREFIX, 1 << 30
+        try:
+            plain = timed(backend, ps, sampling, one_at_a_time=False)
+        finally:
+            hf.MIN_SHARED_PREFIX = keep
     backend.close()
     one_rate, batch_rate = one_tok / one_s, batch_tok / batch_s
-    print(f"backend: {label} on {a.device}; {a.prompts} proposal prompts, greedy, up to {a.max_new_tokens} tokens each")
+    print(f"backend: {label} on {a.device}; {a.prompts} proposal prompts "
+          f"({len({p.base_source for p in ps})} distinct parents), greedy, up to {a.max_new_tokens} tokens each")
     print(f"one at a time (baseline): {one_rate:8.1f} output tokens/s  ({one_tok} tokens in {one_s:.1f} s)")
     how = f"batch {a.batch}" if getattr(backend, "name", "") == "hf" else f"all {a.prompts} at once"
     print(f"batched ({how}):      {batch_rate:8.1f} output tokens/s  ({batch_tok} tokens in {batch_s:.1f} s)")
+    if plain is not None:
+        print(f"batched, the shared tokens computed per row: {plain[1] / plain[0]:8.1f} output tokens/s  "
+              f"({plain[1]} tokens in {plain[0]:.1f} s): {one_rate and plain[1] / plain[0] / one_rate:.1f}x")
     print(f"speed-up: {batch_rate / one_rate:.1f}x (target >= 5x)")
     if a.json:
         print(json.dumps({"backend": label, "device": a.device, "prompts": a.prompts, "batch": a.batch,
                           "one_tokens_per_s": one_rate, "batch_tokens_per_s": batch_rate,
-                          "speedup": batch_rate / one_rate, "one_tokens": one_tok, "batch_tokens": batch_tok}),
+                          "speedup": batch_rate / one_rate, "one_tokens": one_tok, "batch_tokens": batch_tok,
+                          "plain_tokens_per_s": plain and plain[1] / plain[0]}),
               file=stdout)
     return 0
 

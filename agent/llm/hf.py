@@ -2,7 +2,10 @@
 
 The prompt is rendered with the tokenizer's own chat template, the same one a
 LoRA trainer uses, so training and generation see identical text. Prompts are
-generated in length-sorted chunks of `batch_size` with left padding.
+generated in length-sorted chunks of `batch_size` with left padding. A chunk's
+prompts share their leading tokens (the system prompt at least, the parent's code
+too when they share a parent): those are computed once, their key/value cache
+copied to every row, and each row's own tokens follow it after its padding.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# A chunk whose prompts all start with at least this many equal tokens computes them once.
+MIN_SHARED_PREFIX = 32
 
 # Offline models shipped inside PyPI packages: alias -> (package, file inside it).
 ALIASES = {
@@ -99,6 +105,27 @@ def load_pretrained(model: str, device: str, dtype=None):
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {model!r} offline from {location.path}: {e}") from None
     return tok, net.to(device)
+
+
+def shared_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens all rows share, leaving every row at least one of its own
+    (generation needs a last token to continue from); 0 for a single row."""
+    if len(rows) < 2:
+        return 0
+    return min(len(os.path.commonprefix(rows)), min(len(r) for r in rows) - 1)
+
+
+def layout(rows: list[list[int]], shared: int, pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and attention mask of a chunk: the `shared` leading tokens, then each row's
+    padding, then its own tokens, so that every row ends at the right edge (left padding when
+    `shared` is 0). Positions come from the mask, so a row's own tokens follow the prefix."""
+    width = max(len(r) for r in rows) - shared
+    ids, mask = [], []
+    for r in rows:
+        pad = width - (len(r) - shared)
+        ids.append(r[:shared] + [pad_id] * pad + r[shared:])
+        mask.append([1] * shared + [0] * pad + [1] * (len(r) - shared))
+    return ids, mask
 
 
 class HFBackend:
@@ -196,10 +223,18 @@ class HFBackend:
         import torch
 
         started = time.perf_counter()
-        enc = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        rows = [self._tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        shared = shared_prefix(rows)
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        ids, mask = layout(rows, shared, self._tokenizer.pad_token_id)
+        enc = {"input_ids": torch.tensor(ids, device=self.device),
+               "attention_mask": torch.tensor(mask, device=self.device)}
         eos = self._eos_ids()
         kwargs = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": self._tokenizer.pad_token_id,
                   "eos_token_id": sorted(eos)}
+        if shared:
+            kwargs.update(self._prefix_cache(enc["input_ids"][:1, :shared], len(rows)))
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
                           top_p=sampling.top_p)
@@ -220,9 +255,21 @@ class HFBackend:
                 completion_tokens=len(ids) if cut is None else cut + 1,  # the EOS counts, as servers count it
                 seconds=seconds / len(texts),
                 meta={"batch_size": len(texts), "batch_seconds": seconds, "finished": cut is not None,
-                      "adapter": self.active_adapter},
+                      "adapter": self.active_adapter, "shared_prefix_tokens": shared},
             ))
         return out
+
+    def _prefix_cache(self, prefix, rows: int) -> dict:
+        """generate()'s cache argument: the key/value cache of `prefix` (1 x P tokens), computed
+        once and repeated for `rows` rows. transformers 5 names it `cache`, 4 `past_key_values`."""
+        import torch
+
+        with torch.inference_mode():
+            out = self._model(input_ids=prefix, use_cache=True)
+        key = "cache" if "cache" in out else "past_key_values"
+        cache = out[key]
+        cache.batch_repeat_interleave(rows)
+        return {key: cache}
 
     def load_adapter(self, path: str) -> None:
         """Switch to the LoRA adapter saved at `path` (a peft `save_pretrained` folder)."""

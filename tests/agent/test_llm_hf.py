@@ -138,3 +138,61 @@ def test_smollm2_generates_with_its_own_template():
     assert out.text.strip() and out.completion_tokens <= 16
     assert "4" in out.text or "four" in out.text.lower()
     backend.close()
+
+
+def test_shared_prefix_leaves_every_row_a_token_and_layout_pads_between():
+    from deltanas.agent.llm.hf import layout, shared_prefix
+
+    assert shared_prefix([[1, 2, 3]]) == 0  # one row: nothing to share
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps its last token
+    assert shared_prefix([[7, 2], [1, 2]]) == 0
+    ids, mask = layout([[1, 2, 3, 4], [1, 2, 3, 5, 6]], 3, 0)
+    assert ids == [[1, 2, 3, 0, 4], [1, 2, 3, 5, 6]]
+    assert mask == [[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]]
+    ids, mask = layout([[1, 2], [3, 4, 5]], 0, 9)  # nothing shared: plain left padding
+    assert ids == [[9, 1, 2], [3, 4, 5]] and mask == [[0, 1, 1], [1, 1, 1]]
+
+
+SHARED = [Prompt(messages=[{"role": "system", "content": "You edit PyTorch networks. " * 12},
+                           {"role": "user", "content": q}])
+          for q in ("Widen the first convolution.", "Add dropout.", "Swap ReLU for GELU in the classifier.")]
+
+
+@pytest.mark.slow
+@needs_tinycoder
+def test_a_shared_prefix_is_computed_once_and_changes_no_token(tiny_pair, monkeypatch):
+    a, _ = tiny_pair
+    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    calls = []
+    real = a.model.forward
+    monkeypatch.setattr(a.model, "forward", lambda *args, **kw: calls.append(kw["input_ids"].shape) or real(*args, **kw))
+    batched = a.generate(SHARED, greedy)
+    assert {c.meta["shared_prefix_tokens"] for c in batched if c.meta["batch_size"] == 2} == {calls[0][1]}
+    assert calls[0][0] == 1 and calls[0][1] >= 32  # the shared tokens, once, one row
+    monkeypatch.setattr(a.model, "forward", real)
+    single = [a.generate([p], greedy)[0] for p in SHARED]
+    assert all(c.meta["shared_prefix_tokens"] == 0 for c in single)
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in single]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_shared_prefix_batch_matches_one_at_a_time():
+    """Two real proposal prompts of one parent: the batch computes their common tokens once and
+    greedy decoding gives the same tokens as each prompt alone."""
+    from deltanas.tools.zoo import get_baseline
+
+    backend = HFBackend("smollm2", batch_size=2, seed=0)
+    src = get_baseline("lenet").source
+    ps = [Prompt(messages=prompting.propose_messages(parent_source=src, dataset="mnist", in_shape=(1, 1, 28, 28),
+                                                     num_classes=10, parent_accuracy=acc), base_source=src)
+          for acc in (0.97, 0.42)]
+    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    batched = backend.generate(ps, greedy)
+    single = [backend.generate([p], greedy)[0] for p in ps]
+    backend.close()
+    assert batched[0].meta["shared_prefix_tokens"] > 300
+    assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in single]
+    assert [c.text for c in batched] == [c.text for c in single]
