@@ -18,7 +18,7 @@ On a GPU (or with --spare) the child is a spare, forked ahead of its job: while
 jobs train, the next SPARES children already create their CUDA context, move
 the dataset to the device and run warm-up steps, then wait for their job on a
 socket. So a job's overhead no longer includes the CUDA start-up and the first
-use of cuDNN and cuBLAS (1.6-2.0 s on an H200, longer than a small CNN's whole
+use of cuDNN and cuBLAS (1.7-2.1 s on an H200, longer than a small CNN's whole
 job, hence two of them). Unless its job is already waiting, a spare also warms
 a ResNet-class network's step at the last job's batch size and at the epoch's
 last, smaller batch (`worker.warm_up_wide`): cuDNN loads kernels per shape on

@@ -267,8 +267,8 @@ class HFBackend:
         started = time.perf_counter()
         rows = [self._tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         plan = plan_prefixes(rows)
-        ids, mask = layout(rows, plan, self._tokenizer.pad_token_id)
-        enc = {"input_ids": torch.tensor(ids, device=self.device),
+        token_ids, mask = layout(rows, plan, self._tokenizer.pad_token_id)
+        enc = {"input_ids": torch.tensor(token_ids, device=self.device),
                "attention_mask": torch.tensor(mask, device=self.device)}
         eos = self._eos_ids()
         kwargs = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": self._tokenizer.pad_token_id,
