@@ -170,6 +170,13 @@ def layout(rows: list[list[int]], plan: PrefixPlan, pad_id: int) -> tuple[list[l
     return ids, mask
 
 
+def _cache_of(out) -> tuple[str, object]:
+    """A forward pass's key/value cache and the name transformers gives it (5: `cache`, 4:
+    `past_key_values`), which is also the name generate() takes it under."""
+    key = "cache" if "cache" in out else "past_key_values"
+    return key, out[key]
+
+
 class HFBackend:
     name = "hf"
 
@@ -303,16 +310,14 @@ class HFBackend:
     def _prefix_cache(self, ids, mask, plan: PrefixPlan) -> dict:
         """generate()'s cache argument for a chunk laid out by `layout`: the shared tokens computed
         once (one row), then each group's extension (one row per group) on top of them, then every
-        row given its group's cache. transformers 5 names the argument `cache`, 4 `past_key_values`."""
+        row given its group's cache."""
         import torch
 
         first = [plan.group.index(g) for g in range(len(plan.group_len))]  # a row of each group
         key, cache = None, None
         with torch.inference_mode():
             if plan.shared:
-                out = self._model(input_ids=ids[:1, :plan.shared], use_cache=True)
-                key = "cache" if "cache" in out else "past_key_values"
-                cache = out[key]
+                key, cache = _cache_of(self._model(input_ids=ids[:1, :plan.shared], use_cache=True))
             if plan.grouped:
                 cache_arg = {}
                 if cache is not None:
@@ -320,10 +325,8 @@ class HFBackend:
                     cache_arg = {key: cache}
                 m = mask[first, :plan.cached]
                 positions = (m.cumsum(-1) - 1).clamp(min=0)[:, plan.shared:]
-                out = self._model(input_ids=ids[first, plan.shared:plan.cached], attention_mask=m,
-                                  position_ids=positions, use_cache=True, **cache_arg)
-                key = "cache" if "cache" in out else "past_key_values"
-                cache = out[key]
+                key, cache = _cache_of(self._model(input_ids=ids[first, plan.shared:plan.cached], attention_mask=m,
+                                                   position_ids=positions, use_cache=True, **cache_arg))
                 cache.batch_select_indices(torch.tensor(plan.group, device=ids.device))
             else:
                 cache.batch_repeat_interleave(len(plan.group))
