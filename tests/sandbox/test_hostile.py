@@ -110,6 +110,13 @@ def run(sandbox, data, source, limits=LIMITS, **kw):
                            limits=limits, **kw))
 
 
+def started(sandbox, data, limits) -> None:
+    """Runs a good job under `limits` first, so a warm worker for them is up (and its spare
+    readied) before a test times how fast a job is killed: what is timed is the kill, not
+    the start of a worker, which takes several seconds on a loaded two-core machine."""
+    assert run(sandbox, data, GOOD, limits=limits).status == "ok"
+
+
 def probe(body: str) -> str:
     """A candidate that reports what it saw through its error line, then stops."""
     return "import os, socket\nseen = []\n" + body + "\nraise RuntimeError('SEEN ' + ' | '.join(seen))\n"
@@ -207,6 +214,7 @@ def test_wrong_output_shape_is_invalid_and_a_shape_mismatch_crashes(sandbox, dat
 
 def test_infinite_loop_at_import_is_killed_fast(sandbox, data):
     src = f"import os\n{PROC_LINE}\nwhile True:\n    pass\n"
+    started(sandbox, data, HANG)
     t0 = time.monotonic()
     r = run(sandbox, data, src, limits=HANG)
     assert r.status == "timeout"
@@ -562,6 +570,7 @@ seen.append("sockets " + (",".join(socks) if socks else "none"))
 @WARM_ONLY
 def test_stopping_the_worker_ends_in_a_timeout(sandbox, data, monkeypatch):
     monkeypatch.setattr(pool, "REPLY_GRACE_S", 2.0)
+    started(sandbox, data, HANG)
     t0 = time.monotonic()
     r = run(sandbox, data, "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\nimport time\ntime.sleep(60)\n",
             limits=HANG)

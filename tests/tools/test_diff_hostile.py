@@ -182,7 +182,7 @@ def test_huge_input_is_refused_before_any_work():
     start = time.perf_counter()
     failed(apply_model_output(BASE, huge), DiffCode.TOO_LARGE)
     failed(apply_diff(BASE, huge), DiffCode.TOO_LARGE)
-    assert time.perf_counter() - start < 0.05
+    assert time.perf_counter() - start < 0.25  # refused on its length alone: no parsing
 
 
 def test_result_over_the_limit_is_refused():
