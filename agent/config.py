@@ -31,6 +31,9 @@ class LLMConfig(_Section):
     """Where an in-process model runs: `auto`, `cpu`, `cuda`, `cuda:N`."""
     batch_size: int = Field(8, gt=0)
     """Prompts per batched generate call."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`hf:` weights' type. `auto`: bf16 on a GPU, and on a CPU with bf16 matrix instructions
+    (AMX or AVX512-BF16); fp32 on other CPUs."""
     temperature: float = Field(0.35, ge=0)
     top_k: int = Field(50, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)

@@ -127,7 +127,7 @@ def preflight(cfg: Config):
 def make_llm(cfg: Config) -> LLMBackend:
     from deltanas.agent.llm.factory import make_backend
 
-    backend = make_backend(cfg.llm.spec, device=cfg.llm.device, batch_size=cfg.llm.batch_size,
+    backend = make_backend(cfg.llm.spec, device=cfg.llm.device, dtype=cfg.llm.dtype, batch_size=cfg.llm.batch_size,
                            seed=cfg.search.seed, timeout_s=cfg.llm.timeout_s, max_lora_rank=cfg.learn.r,
                            gpu_memory=cfg.llm.gpu_memory, seed_requests=cfg.llm.seed_requests)
     return CoalescingBackend(backend)

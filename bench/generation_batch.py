@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="distinct parents among the prompts (default: every zoo baseline, one prompt each in turn)")
     p.add_argument("--plain", action="store_true",
                    help="hf: also time the batch without computing the prompts' shared tokens once")
+    p.add_argument("--dynamic", action="store_true",
+                   help="hf: also time the batch with transformers' growing cache instead of one written in place")
+    p.add_argument("--dtype", default="auto", help="hf: the weights' type (auto, float32, bfloat16, float16)")
     p.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout, the prose on stderr")
     a = p.parse_args(argv)
     stdout = sys.stdout
@@ -117,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from deltanas.agent.llm.factory import make_backend
 
-        backend = make_backend(a.llm, device=a.device, batch_size=a.batch)
+        backend = make_backend(a.llm, device=a.device, dtype=a.dtype, batch_size=a.batch)
         label = a.llm
+    if getattr(backend, "name", "") == "hf":
+        label += f" ({str(backend.model.dtype).removeprefix('torch.')}, " \
+                 f"{'static' if backend.static_cache else 'dynamic'} cache)"
     ps = prompts(a.prompts, a.parents)
     sampling = Sampling(temperature=0.0, max_new_tokens=a.max_new_tokens, seed=0)
     timed(backend, ps[:1], Sampling(temperature=0.0, max_new_tokens=4), True)  # warm-up: kernels, caches
@@ -133,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             plain = timed(backend, ps, sampling, one_at_a_time=False)
         finally:
             hf.MIN_SHARED_PREFIX = keep
+    dynamic = None
+    if a.dynamic and getattr(backend, "name", "") == "hf":
+        keep, backend.static_cache = backend.static_cache, False
+        try:
+            dynamic = timed(backend, ps, sampling, one_at_a_time=False)
+        finally:
+            backend.static_cache = keep
     backend.close()
     one_rate, batch_rate = one_tok / one_s, batch_tok / batch_s
     print(f"backend: {label} on {a.device}; {a.prompts} proposal prompts "
@@ -143,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     if plain is not None:
         print(f"batched, the shared tokens computed per row: {plain[1] / plain[0]:8.1f} output tokens/s  "
               f"({plain[1]} tokens in {plain[0]:.1f} s): {one_rate and plain[1] / plain[0] / one_rate:.1f}x")
+    if dynamic is not None:
+        print(f"batched, transformers' growing cache: {dynamic[1] / dynamic[0]:8.1f} output tokens/s  "
+              f"({dynamic[1]} tokens in {dynamic[0]:.1f} s): {one_rate and dynamic[1] / dynamic[0] / one_rate:.1f}x")
     print(f"speed-up: {batch_rate / one_rate:.1f}x (target >= 5x)")
     if a.json:
         print(json.dumps({"backend": label, "device": a.device, "prompts": a.prompts, "batch": a.batch,
                           "one_tokens_per_s": one_rate, "batch_tokens_per_s": batch_rate,
                           "speedup": batch_rate / one_rate, "one_tokens": one_tok, "batch_tokens": batch_tok,
-                          "plain_tokens_per_s": plain and plain[1] / plain[0]}),
+                          "plain_tokens_per_s": plain and plain[1] / plain[0],
+                          "dynamic_tokens_per_s": dynamic and dynamic[1] / dynamic[0]}),
               file=stdout)
     return 0
 

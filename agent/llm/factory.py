@@ -51,7 +51,7 @@ def parse_llm_spec(spec: str) -> LLMSpec:
     return LLMSpec(type=kind, model=rest)
 
 
-def make_backend(spec: LLMSpec | str, *, device: str = "auto", batch_size: int = 8, seed: int = 0,
+def make_backend(spec: LLMSpec | str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8, seed: int = 0,
                  api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 600.0, max_lora_rank: int = 32,
                  gpu_memory: float = 0.5, seed_requests: bool = False) -> LLMBackend:
     """Build the backend a spec names. Heavy libraries are imported only for the backend in use."""
@@ -67,7 +67,7 @@ def make_backend(spec: LLMSpec | str, *, device: str = "auto", batch_size: int =
     if spec.type == "hf":
         from deltanas.agent.llm.hf import HFBackend
 
-        return HFBackend(spec.model, device=device, batch_size=batch_size, seed=seed)
+        return HFBackend(spec.model, device=device, dtype=dtype, batch_size=batch_size, seed=seed)
     if spec.type == "openai":
         from deltanas.agent.llm.openai_compat import OpenAIBackend
 

@@ -37,6 +37,7 @@ def test_roundtrip_dump(tmp_path):
     ("[llm]\nspec = \"gpt5\"\n", "llm.spec"),
     ("baselines = [\"nope\"]\n", "unknown baseline"),
     ("[search]\nmode = \"half\"\n", "search.mode"),
+    ("[llm]\ndtype = \"float64\"\n", "llm.dtype"),
     ("[search\n", "not valid TOML"),
 ])
 def test_bad_config_is_one_clear_message(tmp_path, text, needle):
