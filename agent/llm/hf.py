@@ -190,6 +190,15 @@ def _cache_of(out) -> tuple[str, object]:
     return key, out[key]
 
 
+def _layered_caches() -> bool:
+    """Whether transformers builds its caches from per-layer objects (`StaticLayer`, since the
+    cache rework that 5.x carries): `_static` relies on that API, older versions keep the
+    dynamic cache."""
+    from transformers import cache_utils
+
+    return hasattr(cache_utils, "StaticLayer")
+
+
 def _static(config, kwargs: dict, max_len: int) -> dict:
     """generate()'s arguments for a static cache of `max_len` tokens: the prefix cache in
     `kwargs` (under either name) copied into one, or, with none, generate's own static cache."""
@@ -251,7 +260,7 @@ class HFBackend:
         # cache grows every row's keys and values by a copy at every step, which on the CPU took
         # over half of a batch's decoding (bench/RESULTS.md); on a GPU that copy is cheap and the
         # static cache is unmeasured there, so it is the CPU's default only.
-        self.static_cache = device == "cpu"
+        self.static_cache = device == "cpu" and _layered_caches()
 
     def _prepare_tokenizer(self, tok):
         if not tok.chat_template:
