@@ -573,9 +573,6 @@ def run(workdir: str, dataset_dir: str, fields: dict, data: Data | None = None) 
 
     with open(os.path.join(workdir, "job.json"), encoding="utf-8") as f:
         s = Settings.from_job(json.load(f))
-    random.seed(s.seed)
-    np.random.seed(s.seed)
-    torch.manual_seed(s.seed)
     torch.set_num_threads(max(1, s.cpu_threads))
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise Outcome("crashed", f"setup: cuda requested but not available (device {s.device!r})")
@@ -586,6 +583,11 @@ def run(workdir: str, dataset_dir: str, fields: dict, data: Data | None = None) 
         data = load_data(dataset_dir, device) if data is None else data.to(device)
         warm_up(device)
         log("warmed up")
+    # Seeded after the warm-up, which draws from the generators (its layers' initialisation): a
+    # job then starts from the same random state in a cold worker as in a warm one's child.
+    random.seed(s.seed)
+    np.random.seed(s.seed)
+    torch.manual_seed(s.seed)
     c, h, w = data.shape
     num_classes, mean, std = data.num_classes, data.mean, data.std
 

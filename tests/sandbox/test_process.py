@@ -117,6 +117,29 @@ def test_lemur_train_setup_and_learn_are_used(sandbox, data):
 
 
 @pytest.mark.slow
+def test_a_seed_trains_the_same_network_in_a_warm_child_and_in_a_cold_worker(data, tmp_path):
+    """A cold worker warms up (drawing from the generators) before its job: the job is seeded
+    after that, so a candidate and a seed give the same weights, loss and predictions whichever
+    way it runs; another seed gives others."""
+    _, handle = data
+    runs = {}
+    for warm in (True, False):
+        sb = ProcessSandbox(tmp_path / f"work-{warm}", warm=warm)
+        try:
+            for seed in (0, 1):
+                r = sb.run(Job(candidate_id=f"c-{seed}", source=SMALL_CNN, dataset_dir=str(handle), seed=seed,
+                               batch_size=32, limits=LIMITS))
+                assert r.status == "ok", r.error + r.log_tail
+                runs[warm, seed] = (r.final_loss, np.load(r.predictions_path, allow_pickle=False))
+        finally:
+            sb.close()
+    for seed in (0, 1):
+        assert runs[True, seed][0] == runs[False, seed][0]
+        assert np.array_equal(runs[True, seed][1], runs[False, seed][1])
+    assert runs[True, 0][0] != runs[True, 1][0]
+
+
+@pytest.mark.slow
 def test_keep_leaves_the_work_dir_and_concurrent_runs_work(data, tmp_path):
     ds, handle = data
     sb = ProcessSandbox(tmp_path / "work", keep=True)
