@@ -224,29 +224,6 @@ def test_prompts_of_one_parent_share_their_parent_too_and_change_no_token(tiny_p
     assert all(c.completion_tokens >= 1 for c in a.generate(GROUPED, sampled))
 
 
-@pytest.mark.slow
-@needs_smollm2
-def test_smollm2_shared_prefix_batch_matches_one_at_a_time():
-    """Real proposal prompts, two per parent (a tournament repeats its winners), two parents: the
-    batch computes the system prompt once and each parent's prompt once, and greedy decoding gives
-    the same tokens as each prompt alone."""
-    from deltanas.tools.zoo import get_baseline
-
-    backend = HFBackend("smollm2", dtype="float32", batch_size=4, seed=0)  # bf16 rounds a batch apart from one prompt
-    ps = [Prompt(messages=prompting.propose_messages(parent_source=get_baseline(name).source, dataset="mnist",
-                                                     in_shape=(1, 1, 28, 28), num_classes=10, parent_accuracy=0.97),
-                 base_source=get_baseline(name).source)
-          for name in ("lenet", "vgg") for _ in range(2)]
-    greedy = Sampling(temperature=0.0, max_new_tokens=8)
-    batched = backend.generate(ps, greedy)
-    single = [backend.generate([p], greedy)[0] for p in ps]
-    backend.close()
-    assert all(c.meta["shared_prefix_tokens"] > 300 for c in batched)
-    assert all(c.meta["group_prefix_tokens"] > c.meta["shared_prefix_tokens"] + 400 for c in batched)
-    assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in single]
-    assert [c.text for c in batched] == [c.text for c in single]
-
-
 def _proposal_prompts(*names: str) -> list[Prompt]:
     from deltanas.tools.zoo import get_baseline
 
@@ -255,14 +232,40 @@ def _proposal_prompts(*names: str) -> list[Prompt]:
                    base_source=get_baseline(n).source) for n in names]
 
 
+@pytest.fixture(scope="module")
+def smollm2_fp32():
+    """SmolLM2 in fp32 on the CPU, loaded once for the tests below: greedy agreement between a
+    batch and one prompt, or between two caches, is exact in fp32; bf16 rounds them apart."""
+    backend = HFBackend("smollm2", device="cpu", dtype="float32", batch_size=4, seed=0)
+    yield backend
+    backend.close()
+
+
 @pytest.mark.slow
 @needs_smollm2
-def test_static_cache_gives_the_dynamic_caches_tokens(monkeypatch):
+def test_smollm2_shared_prefix_batch_matches_one_at_a_time(smollm2_fp32):
+    """Real proposal prompts, two per parent (a tournament repeats its winners), two parents: the
+    batch computes the system prompt once and each parent's prompt once, and greedy decoding gives
+    the same tokens as each prompt alone."""
+    backend = smollm2_fp32
+    ps = _proposal_prompts("lenet", "lenet", "vgg", "vgg")
+    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    batched = backend.generate(ps, greedy)
+    single = [backend.generate([p], greedy)[0] for p in ps]
+    assert all(c.meta["shared_prefix_tokens"] > 300 for c in batched)
+    assert all(c.meta["group_prefix_tokens"] > c.meta["shared_prefix_tokens"] + 400 for c in batched)
+    assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in single]
+    assert [c.text for c in batched] == [c.text for c in single]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_static_cache_gives_the_dynamic_caches_tokens(smollm2_fp32, monkeypatch):
     """The cache written in place (the CPU's default) against transformers' growing one, in fp32:
     a batch with shared prefixes and a lone prompt decode the same greedy tokens either way."""
     from transformers import StaticCache
 
-    backend = HFBackend("smollm2", device="cpu", dtype="float32", batch_size=4, seed=0)
+    backend = smollm2_fp32
     assert backend.model.dtype == torch.float32 and backend.static_cache
     ps = _proposal_prompts("lenet", "lenet", "vgg")
     greedy = Sampling(temperature=0.0, max_new_tokens=24)
@@ -276,29 +279,29 @@ def test_static_cache_gives_the_dynamic_caches_tokens(monkeypatch):
     monkeypatch.setattr(backend.model, "generate", spy)
     static = [backend.generate(ps, greedy), backend.generate(ps[:1], greedy)]
     assert isinstance(caches[0], StaticCache) and caches[1] == "static"
-    backend.static_cache = False
+    monkeypatch.setattr(backend, "static_cache", False)
     dynamic = [backend.generate(ps, greedy), backend.generate(ps[:1], greedy)]
     assert not isinstance(caches[2], StaticCache) and caches[3] is None
-    backend.close()
     assert [[c.text for c in cs] for cs in static] == [[c.text for c in cs] for cs in dynamic]
     assert all(c.completion_tokens > 0 for cs in static for c in cs)
 
 
 @pytest.mark.slow
 @needs_smollm2
-def test_bf16_predicts_the_tokens_fp32_does():
+def test_bf16_predicts_the_tokens_fp32_does(smollm2_fp32):
     """`auto` runs SmolLM2 in bf16 on a CPU with bf16 matrix instructions: on real proposal
     prompts its next-token choice at each of the last 8 positions is fp32's, and its distribution
     is close (total variation < 0.1; 0.02-0.04 measured)."""
     from deltanas.agent.llm.hf import _pick_dtype, cpu_has_bf16
 
     assert _pick_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
-    fp32 = HFBackend("smollm2", device="cpu", dtype="float32")
+    fp32 = smollm2_fp32
     bf16 = HFBackend("smollm2", device="cpu", dtype="bfloat16")
     assert bf16.model.dtype == torch.bfloat16
     for p in _proposal_prompts("lenet", "resnet"):
         ids = fp32.tokenizer(fp32.render(p), add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
-            a, b = (m.model(input_ids=ids).logits[0, -8:].float().softmax(-1) for m in (fp32, bf16))
+            a, b = (m.model(input_ids=ids, logits_to_keep=8).logits[0].float().softmax(-1) for m in (fp32, bf16))
         assert torch.equal(a.argmax(-1), b.argmax(-1))
         assert (a - b).abs().sum(-1).div(2).max().item() < 0.1
+    bf16.close()
