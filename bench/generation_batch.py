@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 from deltanas.agent.llm.base import Prompt, Sampling
 from deltanas.tools import prompting
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
         backend = make_backend(a.llm, device=a.device, dtype=a.dtype, batch_size=a.batch)
         label = a.llm
-    if getattr(backend, "name", "") == "hf":
+    is_hf = getattr(backend, "name", "") == "hf"
+    if is_hf:
         label += f" ({str(backend.model.dtype).removeprefix('torch.')}, " \
                  f"{'static' if backend.static_cache else 'dynamic'} cache)"
     ps = prompts(a.prompts, a.parents)
@@ -130,42 +132,34 @@ def main(argv: list[str] | None = None) -> int:
     timed(backend, ps[:1], Sampling(temperature=0.0, max_new_tokens=4), True)  # warm-up: kernels, caches
     one_s, one_tok = timed(backend, ps, sampling, one_at_a_time=True)
     batch_s, batch_tok = timed(backend, ps, sampling, one_at_a_time=False)
-    plain = None
-    if a.plain and getattr(backend, "name", "") == "hf":
+    variants = {}  # the same batch again with one of the hf backend's speed-ups turned off
+    if is_hf:
         from deltanas.agent.llm import hf
 
-        keep, hf.MIN_SHARED_PREFIX = hf.MIN_SHARED_PREFIX, 1 << 30
-        try:
-            plain = timed(backend, ps, sampling, one_at_a_time=False)
-        finally:
-            hf.MIN_SHARED_PREFIX = keep
-    dynamic = None
-    if a.dynamic and getattr(backend, "name", "") == "hf":
-        keep, backend.static_cache = backend.static_cache, False
-        try:
-            dynamic = timed(backend, ps, sampling, one_at_a_time=False)
-        finally:
-            backend.static_cache = keep
+        for wanted, name, target, attr, off in ((a.plain, "plain", hf, "MIN_SHARED_PREFIX", 1 << 30),
+                                                (a.dynamic, "dynamic", backend, "static_cache", False)):
+            if wanted:
+                with mock.patch.object(target, attr, off):
+                    variants[name] = timed(backend, ps, sampling, one_at_a_time=False)
     backend.close()
     one_rate, batch_rate = one_tok / one_s, batch_tok / batch_s
     print(f"backend: {label} on {a.device}; {a.prompts} proposal prompts "
           f"({len({p.base_source for p in ps})} distinct parents), greedy, up to {a.max_new_tokens} tokens each")
     print(f"one at a time (baseline): {one_rate:8.1f} output tokens/s  ({one_tok} tokens in {one_s:.1f} s)")
-    how = f"batch {a.batch}" if getattr(backend, "name", "") == "hf" else f"all {a.prompts} at once"
+    how = f"batch {a.batch}" if is_hf else f"all {a.prompts} at once"
     print(f"batched ({how}):      {batch_rate:8.1f} output tokens/s  ({batch_tok} tokens in {batch_s:.1f} s)")
-    if plain is not None:
-        print(f"batched, the shared tokens computed per row: {plain[1] / plain[0]:8.1f} output tokens/s  "
-              f"({plain[1]} tokens in {plain[0]:.1f} s): {one_rate and plain[1] / plain[0] / one_rate:.1f}x")
-    if dynamic is not None:
-        print(f"batched, transformers' growing cache: {dynamic[1] / dynamic[0]:8.1f} output tokens/s  "
-              f"({dynamic[1]} tokens in {dynamic[0]:.1f} s): {one_rate and dynamic[1] / dynamic[0] / one_rate:.1f}x")
+    for name, what in (("plain", "the shared tokens computed per row"), ("dynamic", "transformers' growing cache")):
+        if name in variants:
+            secs, toks = variants[name]
+            print(f"batched, {what}: {toks / secs:8.1f} output tokens/s  ({toks} tokens in {secs:.1f} s): "
+                  f"{toks / secs / one_rate:.1f}x")
     print(f"speed-up: {batch_rate / one_rate:.1f}x (target >= 5x)")
     if a.json:
         print(json.dumps({"backend": label, "device": a.device, "prompts": a.prompts, "batch": a.batch,
                           "one_tokens_per_s": one_rate, "batch_tokens_per_s": batch_rate,
                           "speedup": batch_rate / one_rate, "one_tokens": one_tok, "batch_tokens": batch_tok,
-                          "plain_tokens_per_s": plain and plain[1] / plain[0],
-                          "dynamic_tokens_per_s": dynamic and dynamic[1] / dynamic[0]}),
+                          **{f"{name}_tokens_per_s": variants[name][1] / variants[name][0] if name in variants else None
+                             for name in ("plain", "dynamic")}}),
               file=stdout)
     return 0
 
