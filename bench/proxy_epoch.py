@@ -3,6 +3,7 @@
     python bench/proxy_epoch.py                        # GPU: 50k CIFAR-shaped images
     python bench/proxy_epoch.py --variants             # also: what bf16 and channels_last each buy
     python bench/proxy_epoch.py --sandbox 5 --concurrent 4,8   # also: whole jobs in a warm sandbox
+    python bench/proxy_epoch.py --references           # also: DataLoader loops at their own batch sizes
     python bench/proxy_epoch.py --n 2048 --device cpu  # CPU size (bench/summary.py runs a smaller one)
     python bench/proxy_epoch.py --json                 # the figures as JSON on stdout, the prose on stderr
 
@@ -35,8 +36,8 @@ import os
 import platform
 import sys
 import time
-import types
 from dataclasses import dataclass
+from unittest import mock
 
 import numpy as np
 import torch
@@ -79,9 +80,14 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
 
 
 def zoo_net(name: str, device: torch.device) -> nn.Module:
-    module = types.ModuleType(f"zoo_{name}")
-    exec(compile(get_baseline(name).source, f"<zoo {name}>", "exec"), module.__dict__)
-    return module.Net((1, 3, 32, 32), (10,), dict(DEFAULT_PRM), device)
+    """A zoo baseline loaded as the worker loads a candidate: from a file, so that its `learn`'s
+    source can be read and its steps captured as a CUDA graph."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="deltanas-zoo-"), f"{name}.py")
+    with open(path, "w") as f:
+        f.write(get_baseline(name).source)
+    return worker.load_candidate(path).Net((1, 3, 32, 32), (10,), dict(DEFAULT_PRM), device)
 
 
 def synthetic(n: int, n_test: int, seed: int = 0):
@@ -145,8 +151,10 @@ def ours(make_net, arrays, device, batch: int, epochs: int, *, force: tuple[bool
         sync(device)
         t0 = time.perf_counter()
         learn = worker.make_learn(model, prm, lemur)
+        logged: list[str] = []  # the worker's log lines, which say how it ran the steps
         for _ in range(epochs):
-            loss = worker.train_epoch(learn, model, batches, graphs and device.type == "cuda")
+            with mock.patch.object(worker, "log", logged.append):
+                loss = worker.train_epoch(learn, model, batches, graphs and device.type == "cuda")
             sync(device)
             times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
@@ -157,7 +165,8 @@ def ours(make_net, arrays, device, batch: int, epochs: int, *, force: tuple[bool
     assert len(labels) == len(x_test) and (loss is None or np.isfinite(loss))
     how = "worker's choice" if force is None else "forced"
     note = ", ".join([f"{speed.describe()} ({how})", "own learn()" if lemur else "default loop"]
-                     + (["CUDA graph" if graphs else "no CUDA graph"] if device.type == "cuda" else [])
+                     + [m.removeprefix("training steps: ") for m in logged[-1:] if m.startswith("training steps:")]
+                     + (["no CUDA graph"] if device.type == "cuda" and not graphs else [])
                      + (["cudnn.benchmark"] if cudnn_benchmark else []))
     return Timing(times, predict_s, setup_s, note)
 
@@ -209,6 +218,26 @@ def dataloader(make_net, arrays, device, batch: int, epochs: int, workers: int, 
         times.append(time.perf_counter() - t0)
     return Timing(times, note=f"float32, {workers} workers, pin_memory={device.type == 'cuda'}"
                   + (", RandomCrop + flip" if crop else ""))
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A DataLoader loop with settings fixed from outside this project, run at its own batch size."""
+    label: str
+    batch: int
+    workers: int
+    crop: bool
+
+    def describe(self) -> str:
+        return f"batch {self.batch}, {self.workers} workers, {'crop + flip' if self.crop else 'flip'}, float32"
+
+
+REFERENCE_LOOPS = (
+    # DESIGN.md's "conventional torchvision DataLoader loop" (8.8 s for ResNet-18 in ENVIRONMENT.md).
+    Reference("conventional loop", 64, 4, False),
+    # The common CIFAR recipe's input pipeline: kuangliu/pytorch-cifar's train.py settings.
+    Reference("CIFAR recipe", 128, 2, True),
+)
 
 
 def write_handle(arrays, root) -> str:
@@ -308,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the same for a cold process per candidate, the baseline (default: RESULTS.md's)")
     ap.add_argument("--sandbox", type=int, default=0, metavar="JOBS",
                     help="also run ResNet-18 and the small CNNs as JOBS whole jobs each in a warm process sandbox")
-    ap.add_argument("--recipe", action="store_true",
-                    help="also the common CIFAR recipe as a baseline (batch 128, 2 DataLoader workers, random crop "
-                         "and flip: kuangliu/pytorch-cifar's train.py settings) against ours at each batch")
+    ap.add_argument("--references", "--recipe", dest="references", action="store_true",
+                    help="also the reference loops at their own batch sizes, each against ours at each batch: "
+                         + "; ".join(f"{r.label} ({r.describe()})" for r in REFERENCE_LOOPS))
     ap.add_argument("--variants", action="store_true", help="also time ours without channels_last, without bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--concurrent", default="", help="with --sandbox: also run the first small CNN as this many "
@@ -358,14 +387,17 @@ def main(argv: list[str] | None = None) -> int:
                                 "ours_note": mine.note, "baseline_first_s": base.first,
                                 "baseline_steady_s": base.steady, "speedup_first": base.first / mine.first})
         mines.append(mine)
-    if args.recipe:
-        recipe = dataloader(resnet, arrays, device, 128, args.epochs, 2, crop=True)
-        print(row("baseline: CIFAR recipe, batch 128", recipe))
-        for batch, mine in zip(args.batches, mines):
-            print(f"  recipe (batch 128, 2 workers, crop + flip) {recipe.first:.3f} s/epoch vs ours at batch {batch} "
-                  f"{mine.first:.3f} s/epoch: {recipe.first / mine.first:.1f}x (first epoch); steady "
-                  f"{recipe.steady:.3f} vs {mine.steady:.3f}: {recipe.steady / mine.steady:.1f}x")
-        res["recipe"] = {"first_s": recipe.first, "steady_s": recipe.steady}
+    if args.references:
+        res["references"] = {}
+        for ref in REFERENCE_LOOPS:
+            t = dataloader(resnet, arrays, device, ref.batch, args.epochs, ref.workers, crop=ref.crop)
+            print(row(f"reference: {ref.label}", t))
+            for batch, mine in zip(args.batches, mines):
+                print(f"  {ref.label} ({ref.describe()}) {t.first:.3f} s/epoch vs ours at batch {batch} "
+                      f"{mine.first:.3f} s/epoch: {t.first / mine.first:.1f}x (first epoch); steady "
+                      f"{t.steady:.3f} vs {mine.steady:.3f}: {t.steady / mine.steady:.1f}x")
+            res["references"][ref.label] = {"batch": ref.batch, "workers": ref.workers, "crop": ref.crop,
+                                            "first_s": t.first, "steady_s": t.steady}
 
     if args.variants:
         batch = args.batches[0]
