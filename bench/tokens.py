@@ -6,8 +6,10 @@ For every zoo baseline it makes `--mutations` rule-based candidates (`tools/muta
 `--steps` stacked mutations each, as the `mutate` backend proposes them) and counts,
 with the model's own tokenizer (SmolLM2-135M-Instruct's by default, loaded offline
 from its GGUF), the tokens of the answer each mode asks for (`prompts/system.j2`):
-- delta: the unified diff against model.py in one ```diff fence, with the context lines
-  `make_diff` writes (`DIFF_CONTEXT`, one; `--context` for another count);
+- delta: the unified diff against model.py in one ```diff fence, as `make_diff` writes it:
+  `DIFF_CONTEXT` (one) context lines (`--context` for another count), and line numbers only on
+  the @@ lines of hunks whose old lines repeat in the file (both also shown numbered throughout,
+  and with diff -u's three context lines);
 - full, the baseline: the whole new model.py in one ```python fence.
 The same candidate gives both answers, so the ratio compares like with like.
 
@@ -44,8 +46,8 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(loc.path, **kwargs)
 
 
-def delta_answer(base: str, new: str, context: int = DIFF_CONTEXT) -> str:
-    return f"```diff\n{make_diff(base, new, context=context)}```\n"
+def delta_answer(base: str, new: str, context: int = DIFF_CONTEXT, numbered: bool = False) -> str:
+    return f"```diff\n{make_diff(base, new, context=context, numbered=numbered)}```\n"
 
 
 def full_answer(new: str) -> str:
@@ -137,30 +139,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokens per candidate: {platform.machine()}, tokenizer of {args.model} ({type(tok).__name__}), "
           f"{args.mutations} candidates per baseline, {lo}-{hi} stacked rule-based mutations each")
     print(f"{'baseline':<10} {'file lines':>10} {'cands':>6} {'changed lines':>14} {'full tokens (baseline)':>23} "
-          f"{'delta tokens':>13} {'delta/full':>11}")
-    all_delta, all_full, all_wide, ratios = [], [], [], []
+          f"{'delta tokens':>13} {'delta/full':>11} {'numbered @@':>12} {'3 context':>10}")
+    all_delta, all_full, all_wide, all_numbered, ratios = [], [], [], [], []
     for b in baselines:
         cands = candidates(b.source, args.mutations, (lo, hi), rng)
         if not cands:
             print(f"{b.name:<10} no mutation applies")
             continue
         delta = [count(delta_answer(b.source, c, args.context)) for c in cands]
-        wide = [count(delta_answer(b.source, c, 3)) for c in cands]
+        wide = [count(delta_answer(b.source, c, 3, numbered=True)) for c in cands]
+        numbered = [count(delta_answer(b.source, c, args.context, numbered=True)) for c in cands]
         full = [count(full_answer(c)) for c in cands]
         changed = statistics.mean(changed_lines(make_diff(b.source, c)) for c in cands)
         all_delta += delta
         all_full += full
         all_wide += wide
+        all_numbered += numbered
         ratios += [d / f for d, f in zip(delta, full)]
         md, mf = statistics.mean(delta), statistics.mean(full)
+        mn, mw = statistics.mean(numbered), statistics.mean(wide)
         print(f"{b.name:<10} {len(b.source.splitlines()):>10} {len(cands):>6} {changed:>14.1f} {mf:>23.0f} "
-              f"{md:>13.0f} {md / mf:>11.1%}")
+              f"{md:>13.0f} {md / mf:>11.1%} {mn / mf:>12.1%} {mw / mf:>10.1%}")
         per_baseline[b.name] = {"candidates": len(cands), "changed_lines": changed, "full_tokens": mf,
-                                "delta_tokens": md, "ratio": md / mf}
+                                "delta_tokens": md, "ratio": md / mf,
+                                "ratio_numbered": mn / mf, "ratio_context3": mw / mf}
     md, mf = statistics.mean(all_delta), statistics.mean(all_full)
-    print(f"{'all':<10} {'':>10} {len(all_delta):>6} {'':>14} {mf:>23.0f} {md:>13.0f} {md / mf:>11.1%}")
-    mw = statistics.mean(all_wide)
+    mw, mn = statistics.mean(all_wide), statistics.mean(all_numbered)
+    print(f"{'all':<10} {'':>10} {len(all_delta):>6} {'':>14} {mf:>23.0f} {md:>13.0f} {md / mf:>11.1%} "
+          f"{mn / mf:>12.1%} {mw / mf:>10.1%}")
     print(f"the same candidates with 3 context lines per hunk side (diff -u): {mw:.0f} tokens, {mw / mf:.1%} of full")
+    print(f"the same candidates with line numbers on every @@ line (make_diff(numbered=True)): {mn:.0f} tokens, "
+          f"{mn / mf:.1%} of full")
     by_steps = []
     for k in range(1, 5):
         d = f = 0
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(archive_report(run_dir, count)))
     if args.json:
         print(json.dumps({"model": args.model, "candidates": len(all_delta), "delta_tokens": md, "full_tokens": mf,
-                          "ratio": md / mf, "context": args.context, "ratio_context3": mw / mf, "median_ratio": statistics.median(ratios),
+                          "ratio": md / mf, "context": args.context, "ratio_context3": mw / mf, "ratio_numbered": mn / mf, "median_ratio": statistics.median(ratios),
                           "per_baseline": per_baseline}), file=stdout)
     return 0
 

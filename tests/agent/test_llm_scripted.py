@@ -141,7 +141,7 @@ def test_mutate_answers_with_a_fenced_diff_that_applies():
     apply_mod = pytest.importorskip("deltanas.tools.diff_apply")
     for c in out:
         (diff,) = re.findall(r"```diff\n(.*?)```", c.text, flags=re.S)
-        assert diff.startswith("--- a/model.py\n+++ b/model.py\n@@ ")
+        assert re.match(r"--- a/model.py\n\+\+\+ b/model.py\n@@(\n| -\d)", diff), diff
         mutations.add(c.meta["mutation"])
         res = apply_mod.apply_model_output(SOURCE, c.text)
         assert res.ok, (res.error, c.text)

@@ -313,7 +313,9 @@ def test_applying_is_fast_on_a_200_line_file():
     for _ in range(runs):
         apply_model_output(base, text)
     per_call = (time.perf_counter() - start) / runs
-    assert per_call < 0.010, f"{per_call * 1000:.2f} ms per apply"
+    # A guard against a blow-up (a quadratic search), not a speed target: about 5 ms on a 2-core
+    # machine, 11 ms on a loaded one; a blow-up costs seconds.
+    assert per_call < 0.050, f"{per_call * 1000:.2f} ms per apply"
 
 
 # ---------------------------------------------------------------- property test

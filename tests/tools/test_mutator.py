@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
+from deltanas.tools.diff_apply import apply_model_output
 from deltanas.tools.mutator import MUTATIONS, NoMutation, make_diff, mutate_source
 
 from support import LEARN_COMPACT, TRAIN_SETUP_SINGLE_QUOTED
@@ -238,7 +239,8 @@ def test_mutations_compile_change_and_keep_protected_code(name):
         compile(new, "model.py", "exec")
         assert protected_functions(new) == protected
         diff = make_diff(source, new)
-        assert patch(source, diff) == new
+        assert apply_model_output(source, f"```diff\n{diff}```\n").source == new  # as the sandbox applies it
+        assert patch(source, make_diff(source, new, numbered=True)) == new
         changed = [l for l in diff.splitlines()[2:] if l[:1] in "+-"]
         assert 0 < len(changed) <= 12, diff  # small, local edits
     assert len(seen) >= 3, seen  # several mutation kinds apply to every network
@@ -319,9 +321,23 @@ def test_make_diff_format():
     old = "a\nb\nc\nd\ne\nf\ng\nh\n"
     new = old.replace("d\n", "D\n")
     diff = make_diff(old, new, path="pkg/model.py")
-    assert diff.splitlines() == ["--- a/pkg/model.py", "+++ b/pkg/model.py", "@@ -3,3 +3,3 @@", " c", "-d", "+D", " e"]
-    wide = make_diff(old, new, context=3)
+    assert diff.splitlines() == ["--- a/pkg/model.py", "+++ b/pkg/model.py", "@@", " c", "-d", "+D", " e"]
+    numbered = make_diff(old, new, path="pkg/model.py", numbered=True)
+    assert numbered.splitlines()[2:] == ["@@ -3,3 +3,3 @@", " c", "-d", "+D", " e"]
+    wide = make_diff(old, new, context=3, numbered=True)
     assert wide.splitlines()[2] == "@@ -1,7 +1,7 @@" and wide.count("\n ") == 6  # three context lines either side
     assert make_diff(old, old) == ""
     no_eol = make_diff("x = 1\ny = 2", "x = 1\ny = 3")
     assert no_eol.endswith("+y = 3\n\\ No newline at end of file\n")
+
+
+def test_make_diff_numbers_only_the_hunks_whose_old_lines_repeat():
+    # "x\ny\nx" occurs once, so its hunk goes bare; the second change's old lines "p\nq\np" occur
+    # twice (the file repeats that block), so its hunk keeps the numbers that tell the places apart
+    old = "x\ny\nx\n1\n2\n3\n4\np\nq\np\n5\n6\n7\np\nq\np\n"
+    new = old.replace("y\n", "Y\n").replace("5\n6\n7\np\nq\n", "5\n6\n7\np\nQ\n")
+    diff = make_diff(old, new)
+    assert [l for l in diff.splitlines() if l.startswith("@@")] == ["@@", "@@ -14,3 +14,3 @@"]
+    assert apply_model_output(old, f"```diff\n{diff}```\n").source == new
+    bare = "\n".join("@@" if l.startswith("@@") else l for l in diff.splitlines()) + "\n"
+    assert apply_model_output(old, f"```diff\n{bare}```\n").error.code == "ambiguous_match"  # why it keeps them
