@@ -313,6 +313,18 @@ def sandbox_jobs(arrays, device, sources: dict[str, tuple[str, int]], jobs: int,
         sandbox.close()
 
 
+def repeated(n: int, measure) -> Timing:
+    """`measure()` n times; each epoch's median, and every run's first epoch in the note."""
+    import statistics
+
+    runs = [measure() for _ in range(n)]
+    if n == 1:
+        return runs[0]
+    epochs = [statistics.median(r.epochs[i] for r in runs) for i in range(len(runs[0].epochs))]
+    firsts = ", ".join(f"{r.first:.3f}" for r in runs)
+    return Timing(epochs, runs[0].predict_s, runs[0].setup_s, f"{runs[0].note}; median of {n}, first epochs {firsts} s")
+
+
 def row(label: str, t: Timing) -> str:
     extra = f"  predict {t.predict_s:.3f} s" if t.predict_s is not None else ""
     extra += f"  data to device {t.setup_s:.3f} s" if t.setup_s is not None else ""
@@ -340,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--references", "--recipe", dest="references", action="store_true",
                     help="also the reference loops at their own batch sizes, each against ours at each batch: "
                          + "; ".join(f"{r.label} ({r.describe()})" for r in REFERENCE_LOOPS))
+    ap.add_argument("--repeat", type=int, default=1, help="run each ResNet-18 measurement (ours, the DataLoader "
+                    "loops) this many times, each with a fresh model, and report each epoch's median")
     ap.add_argument("--variants", action="store_true", help="also time ours without channels_last, without bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--concurrent", default="", help="with --sandbox: also run the first small CNN as this many "
@@ -376,13 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     mines = []
     for batch in args.batches:
         print(f"\nResNet-18 (torchvision, 32x32 stem), batch {batch} both sides, {args.epochs} epoch(s) each:")
-        mine = ours(resnet, arrays, device, batch, args.epochs)
+        mine = repeated(args.repeat, lambda: ours(resnet, arrays, device, batch, args.epochs))
         print(row("ours: GPU-resident worker path" if device.type == "cuda" else "ours: worker path", mine))
-        base = dataloader(resnet, arrays, device, batch, args.epochs, args.workers)
+        base = repeated(args.repeat, lambda: dataloader(resnet, arrays, device, batch, args.epochs, args.workers))
         print(row("baseline: torchvision DataLoader", base))
         print(f"  batch {batch}: ours {mine.first:.3f} s/epoch vs DataLoader {base.first:.3f} s/epoch: "
-              f"{base.first / mine.first:.1f}x faster (first epoch); "
-              f"steady {mine.steady:.3f} vs {base.steady:.3f} s/epoch: {base.steady / mine.steady:.1f}x")
+              f"{base.first / mine.first:.2f}x faster (first epoch); "
+              f"steady {mine.steady:.3f} vs {base.steady:.3f} s/epoch: {base.steady / mine.steady:.2f}x")
         res["resnet18"].append({"batch": batch, "ours_first_s": mine.first, "ours_steady_s": mine.steady,
                                 "ours_note": mine.note, "baseline_first_s": base.first,
                                 "baseline_steady_s": base.steady, "speedup_first": base.first / mine.first})
@@ -390,12 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.references:
         res["references"] = {}
         for ref in REFERENCE_LOOPS:
-            t = dataloader(resnet, arrays, device, ref.batch, args.epochs, ref.workers, crop=ref.crop)
+            t = repeated(args.repeat, lambda: dataloader(resnet, arrays, device, ref.batch, args.epochs, ref.workers,
+                                                         crop=ref.crop))
             print(row(f"reference: {ref.label}", t))
             for batch, mine in zip(args.batches, mines):
                 print(f"  {ref.label} ({ref.describe()}) {t.first:.3f} s/epoch vs ours at batch {batch} "
-                      f"{mine.first:.3f} s/epoch: {t.first / mine.first:.1f}x (first epoch); steady "
-                      f"{t.steady:.3f} vs {mine.steady:.3f}: {t.steady / mine.steady:.1f}x")
+                      f"{mine.first:.3f} s/epoch: {t.first / mine.first:.2f}x (first epoch); steady "
+                      f"{t.steady:.3f} vs {mine.steady:.3f}: {t.steady / mine.steady:.2f}x")
             res["references"][ref.label] = {"batch": ref.batch, "workers": ref.workers, "crop": ref.crop,
                                             "first_s": t.first, "steady_s": t.steady}
 
