@@ -38,6 +38,10 @@ def _dataset(n: int):
                          num_classes=10, mean=[0.2], std=[0.3])
 
 
+def candidate_tag(i: int) -> str:
+    return f"c000-{i:03d}"
+
+
 def run_once(workers: int, sources: list[str], ds, handle: Path, device: str, kill: bool) -> dict:
     from deltanas.agent.config import SandboxConfig
     from deltanas.agent.executor_ray import RayExecutor
@@ -69,16 +73,22 @@ def run_once(workers: int, sources: list[str], ds, handle: Path, device: str, ki
         if kill:
             threading.Thread(target=killer, daemon=True).start()
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            outs = list(pool.map(lambda i: ex.evaluate(sources[i], f"c000-{i:03d}", root / f"c{i}"),
+            outs = list(pool.map(lambda i: ex.evaluate(sources[i], candidate_tag(i), root / f"c{i}"),
                                  range(len(sources))))
         wall = time.perf_counter() - t0
     finally:
         ex.close()
     statuses: dict[str, int] = {}
-    for o in outs:
+    errors: dict[str, int] = {}  # what the candidates that did not end ok said, and how often
+    for i, o in enumerate(outs):
         statuses[o.status] = statuses.get(o.status, 0) + 1
+        if o.status != "ok":
+            key = f"{o.status} ({'lenet' if i % 2 == 0 else 'resnet'}): {o.error[:300]}"
+            errors[key] = errors.get(key, 0) + 1
+            if errors[key] == 1:
+                print(f"  {candidate_tag(i)} {key}\n    log tail: {o.log_tail[-1500:]}", file=sys.stderr)
     return {"workers": workers, "candidates": len(outs), "wall_s": wall, "start_s": ready,
-            "per_hour": 3600 * len(outs) / wall, "statuses": statuses, "killed": killed, "replaced": ex.replaced,
+            "per_hour": 3600 * len(outs) / wall, "statuses": statuses, "errors": errors, "killed": killed, "replaced": ex.replaced,
             "recorded": sum(1 for i in range(len(sources)) if (root / f"c{i}" / "result.json").is_file())}
 
 

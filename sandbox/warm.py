@@ -173,6 +173,7 @@ def _child(channel: Channel, job_dir: str, dataset_dir: str, data, msg: dict) ->
     """Runs in the forked child; never returns."""
     try:
         _detach(channel)
+        worker.after_fork()
         _run_job(job_dir, dataset_dir, data, msg)
     except BaseException:  # noqa: BLE001 - no result file: the host reports a crash
         _print_exc()
@@ -239,9 +240,12 @@ class Spare:
         try:
             _detach(channel)
             null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):  # until the job's log takes over
-                os.dup2(null, fd)
+            os.dup2(null, 0)  # stdout and stderr stay the worker's log until the job's takes over
             os.close(null)
+            import faulthandler
+
+            faulthandler.enable()  # a fatal signal while readying leaves its Python stack there
+            worker.after_fork()
             t0 = time.monotonic()
             data, ready = _ready_device(data, device, batch, lambda: bool(select.select([sock], [], [], 0)[0]))
             readied = time.monotonic()
@@ -316,6 +320,7 @@ def _ready_device(data, device: str, batch: int | None, job_waiting):
         if dev.type != "cuda":
             return data, "nothing to ready on the CPU"
         t0 = time.perf_counter()
+        worker.use_device(dev)
         torch.empty(1, device=dev)
         t1 = time.perf_counter()
         on_device = data.to(dev)

@@ -292,6 +292,28 @@ def try_channels_last(model, sample, device) -> bool:
         model.train(was_training)
 
 
+def after_fork() -> None:
+    """In a freshly forked child, before any other thread of it starts: torch's CPU thread pool,
+    rebuilt once on this thread. After fork() torch rebuilds it on first use, and two threads that
+    get there together race: on a machine with two GPUs, backward's two device threads did, and
+    one aborted the child ("Invalid thread pool!", SIGABRT) in a spare's warm-up (2 H200s,
+    torch 2.11, 2026-11-29)."""
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+
+
+def use_device(device) -> None:
+    """Makes `device` this process's current CUDA device. Graph captures, side streams and the
+    libraries' handles go to the current device, not to the tensors' one: on cuda:1 with cuda:0
+    current, a job's graph capture failed ("operation not permitted when stream is capturing")
+    and its steps ran eagerly (2 H200s, 2026-11-29)."""
+    import torch
+
+    if device.type == "cuda" and device.index is not None:  # plain "cuda" is the current one already
+        torch.cuda.set_device(device)
+
+
 def cap_gpu_memory(device, mb: int) -> None:
     """Hold this job to `mb` of its GPU, so candidates sharing the card are accounted for: past
     its share, torch's allocator raises OutOfMemoryError here (an `oom` result for this candidate
@@ -577,6 +599,7 @@ def run(workdir: str, dataset_dir: str, fields: dict, data: Data | None = None) 
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise Outcome("crashed", f"setup: cuda requested but not available (device {s.device!r})")
     device = torch.device(s.device)
+    use_device(device)
     if device.type == "cuda" and s.gpu_memory_mb:
         cap_gpu_memory(device, s.gpu_memory_mb)
     if data is None or data.device != device:

@@ -16,7 +16,7 @@ from deltanas.sandbox.process import ProcessSandbox
 from deltanas.sandbox.warm import SPARES
 from deltanas.tools.proxy import evaluate_source
 
-from support import Arrays, write_handle
+from support import Arrays, synthetic, write_handle
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 
@@ -92,3 +92,26 @@ def test_two_candidates_share_a_gpu_and_the_greedy_one_fails_alone(tmp_path, war
     assert out["greedy"].status == "oom", out["greedy"]
     assert "memory" in out["greedy"].error.lower()
     assert out["small"].status == "ok" and out["small"].accuracy is not None, out["small"]
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (run on the device machine)")
+
+
+@two_gpus
+def test_jobs_on_a_second_gpu_train_there_and_capture_their_steps(tmp_path):
+    # On two GPUs a spare's warm-up died of SIGABRT (torch's thread pool rebuilt by two threads at
+    # once after fork), and on cuda:1 with cuda:0 current the graph captures failed (2 H200s).
+    from deltanas.tools.zoo import get_baseline
+
+    arrays = synthetic(512, 64)
+    handle = write_handle(arrays, tmp_path / "ds")
+    sandbox = ProcessSandbox(tmp_path / "work", warm=True)
+    try:
+        for i in range(3):
+            r = evaluate_source(get_baseline("lenet").source, sandbox=sandbox, dataset=arrays, handle_dir=handle,
+                                candidate_id=f"second-gpu-{i}", out_dir=tmp_path / f"c{i}", device="cuda:1",
+                                limits=Limits(timeout_s=300), batch_size=64)
+            assert r.status == "ok", (r.status, r.error, r.log_tail[-2000:])
+            assert "on cuda:1" in r.log_tail and "training steps: CUDA graph" in r.log_tail, r.log_tail[-2000:]
+    finally:
+        sandbox.close()
