@@ -88,7 +88,8 @@ def run_once(workers: int, sources: list[str], ds, handle: Path, device: str, ki
             if errors[key] == 1:
                 print(f"  {candidate_tag(i)} {key}\n    log tail: {o.log_tail[-1500:]}", file=sys.stderr)
     return {"workers": workers, "candidates": len(outs), "wall_s": wall, "start_s": ready,
-            "per_hour": 3600 * len(outs) / wall, "statuses": statuses, "errors": errors, "killed": killed, "replaced": ex.replaced,
+            "per_hour": 3600 * len(outs) / wall, "statuses": statuses, "errors": errors, "killed": killed,
+            "replaced": ex.replaced,
             "recorded": sum(1 for i in range(len(sources)) if (root / f"c{i}" / "result.json").is_file())}
 
 
