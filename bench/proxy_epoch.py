@@ -152,12 +152,12 @@ def ours(make_net, arrays, device, batch: int, epochs: int, *, force: tuple[bool
         t0 = time.perf_counter()
         learn = worker.make_learn(model, prm, lemur)
         logged: list[str] = []  # the worker's log lines, which say how it ran the steps
-        for _ in range(epochs):
-            with mock.patch.object(worker, "log", logged.append):
+        with mock.patch.object(worker, "log", logged.append):
+            for _ in range(epochs):
                 loss = worker.train_epoch(learn, model, batches, graphs and device.type == "cuda")
-            sync(device)
-            times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
         labels = worker.predict(model, data.x_test, data.mean, data.std, batch, 10, speed.channels_last)
         sync(device)
         predict_s = time.perf_counter() - t0

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(archive_report(run_dir, count)))
     if args.json:
         print(json.dumps({"model": args.model, "candidates": len(all_delta), "delta_tokens": md, "full_tokens": mf,
-                          "ratio": md / mf, "context": args.context, "ratio_context3": mw / mf, "ratio_numbered": mn / mf, "median_ratio": statistics.median(ratios),
+                          "ratio": md / mf, "context": args.context, "ratio_context3": mw / mf,
+                          "ratio_numbered": mn / mf, "median_ratio": statistics.median(ratios),
                           "per_baseline": per_baseline}), file=stdout)
     return 0
 
