@@ -2,7 +2,8 @@
 
 Each actor owns one sandbox (`process` or `docker`, as `[sandbox]` says, with its warm
 workers) and trains one candidate at a time, holding one GPU when `sandbox.device` is
-cuda, else `sandbox.cpu_threads` CPUs. The driver keeps everything else: it builds the
+cuda, else `sandbox.cpu_threads` CPUs; it counts as ready once its sandbox's warm worker
+is up, so the first job does not wait for it. The driver keeps everything else: it builds the
 job, scores the returned predictions against the test labels (which never leave it),
 writes the candidate's files and is the single owner of the archive. An actor returns
 the sandbox's `Result` and the predictions' bytes, nothing more.
@@ -75,9 +76,10 @@ class SandboxActor:
     """The body of one Ray actor (wrapped by `ray.remote` in the driver, so that this module
     imports without Ray). Threaded (max_concurrency 2): `close` runs beside `run`."""
 
-    def __init__(self, sandbox_cfg: dict, handle_dir: str, fingerprint: str, device: str, n_test: int):
+    def __init__(self, sandbox_cfg: dict, handle_dir: str, fingerprint: str, device: str, n_test: int,
+                 limits: dict):
         self.cfg, self.handle_dir, self.fingerprint = sandbox_cfg, handle_dir, fingerprint
-        self.device, self.n_test = device, n_test
+        self.device, self.n_test, self.limits = device, n_test, limits
         self.sandbox = None
         self.work_root: Path | None = None
         self.closed = False
@@ -99,6 +101,9 @@ class SandboxActor:
         _sweep_dead_actor_dirs()
         self.work_root = Path(tempfile.mkdtemp(prefix=f"deltanas-ray-{os.getpid()}-"))
         self.sandbox = sandbox_for(SandboxConfig(**self.cfg), self.work_root, max_idle=1)
+        # Its warm worker starts now, not on the first job: an actor is ready when it can train.
+        self.sandbox.prewarm(Job(candidate_id="prewarm", source="", dataset_dir=self.handle_dir,
+                                 device=self.device, limits=Limits(**self.limits)))
         return {"pid": os.getpid(), "node": node, "device": self.device, "isolation": self.sandbox.isolation()}
 
     def run(self, job: dict) -> tuple[dict, bytes | None, bool]:
@@ -193,7 +198,8 @@ class RayExecutor:
         self._check_resources(ray, workers)
         self._remote = ray.remote(SandboxActor).options(max_concurrency=2, max_restarts=0, **self.resources)
         self._actor_args = (sandbox_cfg.model_dump(), str(self.handle_dir.resolve()),
-                            handle_fingerprint(self.handle_dir), device, len(dataset.y_test))
+                            handle_fingerprint(self.handle_dir), device, len(dataset.y_test),
+                            dataclasses.asdict(limits))
         self._lock = threading.Lock()
         self._idle: queue.Queue[_Actor] = queue.Queue()
         self._actors: dict[int, _Actor] = {}

@@ -256,6 +256,12 @@ class DockerSandbox:
         result.total_seconds = time.perf_counter() - t0
         return result
 
+    def prewarm(self, job: Job) -> None:
+        """With warm workers: starts the container that jobs like `job` will use (WarmPool.prewarm)."""
+        if self.warm:
+            _open_handle(str(Path(job.dataset_dir).resolve()))
+            self._pool.prewarm(job)
+
     def close(self) -> None:
         if self._closed:
             return

@@ -273,6 +273,11 @@ class WarmPool:
                 shutil.move(str(workdir), str(Path(self.keep_root) / workdir.name))
             self._give_back(w, ok)
 
+    def prewarm(self, job: Job) -> None:
+        """Starts the worker that jobs like `job` will take, unless one waits already, so that the
+        first of them does not pay its start-up. Raises what the start raised."""
+        self._give_back(self._take(WorkerKey.of(job)), True)
+
     def close(self) -> None:
         """Kills every worker; jobs running on one end as "closed"."""
         with self._lock:

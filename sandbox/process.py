@@ -19,7 +19,10 @@ Each job gets a fresh 0700 work dir under `work_root` holding `model.py`,
   own pids: the whole namespace dies with its init). Not in the view: the
   dataset cache with the test labels, $HOME, the run directory, the project;
 - without bwrap, no network through `unshare --user --map-root-user --net`,
-  where that works, and no filesystem isolation.
+  where that works, and no filesystem isolation;
+- on a GPU, that GPU alone in CUDA_VISIBLE_DEVICES, as `cuda:0`: its CUDA start-up
+  does not touch the machine's other GPUs, and its memory and its threads are
+  those of one device (not a security boundary: the device files are there).
 
 On the wall-clock limit the whole process tree and group get SIGKILL. The host
 reads back only a size-capped result.json (as JSON) and the predictions .npy
@@ -27,6 +30,7 @@ reads back only a size-capped result.json (as JSON) and the predictions .npy
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -137,6 +141,24 @@ def bwrap_available(python: str = sys.executable) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
+
+
+def one_gpu(device: str, visible: str | None) -> tuple[str | None, str]:
+    """(CUDA_VISIBLE_DEVICES for a worker on `device`, the device's name inside: cuda:0).
+    `cuda:N` counts among the driver's visible GPUs (`visible`, its CUDA_VISIBLE_DEVICES), as
+    torch does in the driver. Off the GPU, or with N beyond that list (the worker then reports
+    the missing device): (visible, device) unchanged."""
+    if not device.startswith("cuda"):
+        return visible, device
+    index = device.partition(":")[2] or "0"
+    if not index.isdigit():
+        return visible, device
+    ids = [v.strip() for v in visible.split(",")] if visible is not None else None
+    if ids is None:
+        return index, "cuda:0"
+    if int(index) < len(ids) and ids[int(index)]:
+        return ids[int(index)], "cuda:0"
+    return visible, device
 
 
 def _cuda_devices() -> list[str]:
@@ -258,13 +280,14 @@ class ProcessSandbox:
     def run(self, job: Job) -> Result:
         t0 = time.perf_counter()
         meta = self._meta.get(job.dataset_dir)
+        inner = dataclasses.replace(job, device=self._one_gpu(job.device)[1])
         if self.warm:
-            result = self._pool.run(job, job, meta, self.work_root / "predictions")
+            result = self._pool.run(job, inner, meta, self.work_root / "predictions")
             result.total_seconds = time.perf_counter() - t0
             return result
         workdir = new_workdir(self.work_root, job.candidate_id)
         try:
-            prepare_workdir(workdir, job)
+            prepare_workdir(workdir, inner)
             rc, killed = self._execute(workdir, job, meta)
             result = read_back(self.work_root / "predictions", workdir, job, meta, rc, killed)
         finally:
@@ -272,6 +295,11 @@ class ProcessSandbox:
                 shutil.rmtree(workdir, ignore_errors=True)
         result.total_seconds = time.perf_counter() - t0
         return result
+
+    def prewarm(self, job: Job) -> None:
+        """With warm workers: starts the one that jobs like `job` will use (see WarmPool.prewarm)."""
+        if self.warm:
+            self._pool.prewarm(job)
 
     def close(self) -> None:
         self._pool.close()
@@ -330,17 +358,18 @@ class ProcessSandbox:
         work_dir = work_dir.resolve()
         data = Path(key.dataset_dir)
         warm = [self.python, "-m", "deltanas.sandbox.warm"]
+        inner = self._one_gpu(key.device)[1]
         if self.fs_isolated:  # inside, the worker's dirs sit at fixed paths, away from its private /tmp
             devices = _cuda_devices() if key.device.startswith("cuda") else []
             binds = [(work_dir, WARM_WORK, False), (data, WARM_DATA, True)]
-            cmd = [*bwrap_view(self.python, binds, devices), *warm, WARM_WORK, WARM_DATA, key.device, "--private-tmp"]
+            cmd = [*bwrap_view(self.python, binds, devices), *warm, WARM_WORK, WARM_DATA, inner, "--private-tmp"]
         else:
-            cmd = [*warm, str(work_dir), str(data), key.device]
+            cmd = [*warm, str(work_dir), str(data), inner]
             if self.network_isolated:
                 cmd = [*NETNS_PREFIX, *cmd]
         cmd += spare_flag(self.spare)
         log_path = work_dir.parent / f"{work_dir.name}.log"  # outside the dir the jobs can see
-        env = self._base_env(work_dir, key.cpu_threads, seed=0)
+        env = self._base_env(work_dir, key.cpu_threads, seed=0, device=key.device)
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=work_dir, env=env, start_new_session=True,
@@ -372,13 +401,20 @@ class ProcessSandbox:
         return out
 
     def _env(self, workdir: Path, job: Job) -> dict[str, str]:
-        env = self._base_env(workdir, job.limits.cpu_threads, job.seed)
+        env = self._base_env(workdir, job.limits.cpu_threads, job.seed, device=job.device)
         env["TMPDIR"] = str(workdir / "tmp")
         return env
 
-    def _base_env(self, workdir: Path, cpu_threads: int, seed: int) -> dict[str, str]:
+    @staticmethod
+    def _one_gpu(device: str) -> tuple[str | None, str]:
+        return one_gpu(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    def _base_env(self, workdir: Path, cpu_threads: int, seed: int, device: str) -> dict[str, str]:
         # Only what Python, torch and CUDA need: API keys in the driver's env stay out.
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        visible = self._one_gpu(device)[0]
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
         threads = str(max(1, cpu_threads))
         env.update(HOME=str(workdir), TMPDIR=str(workdir), OMP_NUM_THREADS=threads,
                    MKL_NUM_THREADS=threads, PYTHONHASHSEED=str(seed), PYTHONDONTWRITEBYTECODE="1",

@@ -18,8 +18,10 @@ On a GPU (or with --spare) the child is a spare, forked ahead of its job: while
 jobs train, the next SPARES children already create their CUDA context, move
 the dataset to the device and run warm-up steps, then wait for their job on a
 socket. So a job's overhead no longer includes the CUDA start-up and the first
-use of cuDNN and cuBLAS (1.7-2.1 s on an H200, longer than a small CNN's whole
-job, hence two of them). Unless its job is already waiting, a spare also warms
+use of cuDNN and cuBLAS (1.5-2.0 s on an H200, longer than a small CNN's whole
+job of 0.4-0.6 s, hence three of them: behind such jobs one spare at a time was
+still readying when its job came, and 32 of them ran at 3,429 per hour with two
+spares, 4,439 with three and 4,546 with four; bench/RESULTS.md). Unless its job is already waiting, a spare also warms
 a ResNet-class network's step at the last job's batch size and at the epoch's
 last, smaller batch (`worker.warm_up_wide`): cuDNN loads kernels per shape on
 first use. A spare is forked from this parent, never from a
@@ -56,7 +58,7 @@ from deltanas.sandbox import worker
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 MAX_LINE = 64 * 1024
-SPARES = 2  # children readied ahead of their jobs, with --spare (runtime.py counts their CUDA contexts)
+SPARES = 3  # children readied ahead of their jobs, with --spare (runtime.py counts their CUDA contexts)
 KILL_ROUNDS = 200  # sweeps of the leftover processes before the worker gives up on itself
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 

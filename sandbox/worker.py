@@ -600,6 +600,9 @@ def run(workdir: str, dataset_dir: str, fields: dict, data: Data | None = None) 
         raise Outcome("crashed", f"setup: cuda requested but not available (device {s.device!r})")
     device = torch.device(s.device)
     use_device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        log(f"on {device}: {props.name}, GPU-{props.uuid}")
     if device.type == "cuda" and s.gpu_memory_mb:
         cap_gpu_memory(device, s.gpu_memory_mb)
     if data is None or data.device != device:

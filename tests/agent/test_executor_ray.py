@@ -153,6 +153,8 @@ def test_results_equal_the_local_executor(local_ray, data, tmp_path):
     ex = ray_executor(data, tmp_path)
     try:
         assert ex.actor_pids() and os.getpid() not in ex.actor_pids()
+        # Ready means ready to train: the actor's warm worker started before the first job.
+        assert processes_under(ex.actor_pids()[0]), "no warm worker runs in the ready actor"
         assert ex.isolation().startswith("ray executor: 1 actor(s) on 1 node(s) of a local Ray instance")
         got = ex.evaluate(source, "c000-000", tmp_path / "ray")
     finally:

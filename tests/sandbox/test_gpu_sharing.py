@@ -98,11 +98,12 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 
 
 @two_gpus
-def test_jobs_on_a_second_gpu_train_there_and_capture_their_steps(tmp_path):
+def test_jobs_on_a_second_gpu_see_it_alone_train_there_and_capture_their_steps(tmp_path):
     # On two GPUs a spare's warm-up died of SIGABRT (torch's thread pool rebuilt by two threads at
     # once after fork), and on cuda:1 with cuda:0 current the graph captures failed (2 H200s).
     from deltanas.tools.zoo import get_baseline
 
+    second = torch.cuda.get_device_properties(1)
     arrays = synthetic(512, 64)
     handle = write_handle(arrays, tmp_path / "ds")
     sandbox = ProcessSandbox(tmp_path / "work", warm=True)
@@ -112,6 +113,8 @@ def test_jobs_on_a_second_gpu_train_there_and_capture_their_steps(tmp_path):
                                 candidate_id=f"second-gpu-{i}", out_dir=tmp_path / f"c{i}", device="cuda:1",
                                 limits=Limits(timeout_s=300), batch_size=64)
             assert r.status == "ok", (r.status, r.error, r.log_tail[-2000:])
-            assert "on cuda:1" in r.log_tail and "training steps: CUDA graph" in r.log_tail, r.log_tail[-2000:]
+            # The worker sees its GPU alone, as cuda:0 (CUDA_VISIBLE_DEVICES); its uuid is the second card's.
+            assert f"on cuda:0: {second.name}, GPU-{second.uuid}" in r.log_tail, r.log_tail[-2000:]
+            assert "training steps: CUDA graph" in r.log_tail, r.log_tail[-2000:]
     finally:
         sandbox.close()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deltanas.sandbox.base import Job, Limits, Sandbox
-from deltanas.sandbox.process import ProcessSandbox
+from deltanas.sandbox.process import ProcessSandbox, one_gpu
 from deltanas.tools.proxy import declared_hyperparameters, evaluate_source, select_hyperparameters
 
 from support import Arrays, synthetic, write_handle
@@ -216,6 +216,42 @@ def test_a_warm_worker_outlives_the_thread_whose_job_started_it(data, tmp_path):
         sb.close()
 
 
+def test_prewarm_starts_the_worker_the_first_job_then_takes(data, tmp_path):
+    _, handle = data
+    sb = ProcessSandbox(tmp_path / "work", warm=True)
+    try:
+        job = Job(candidate_id="first", source=SMALL_CNN, dataset_dir=str(handle), batch_size=64, limits=LIMITS)
+        sb.prewarm(job)
+        sb.prewarm(job)  # one waits already: no second start
+        assert sb._pool.started == 1 and len(sb._pool._idle) == 1
+        assert sb.run(job).status == "ok"
+        assert sb._pool.started == 1
+        # Other limits are another worker's key.
+        sb.prewarm(Job(candidate_id="x", source="", dataset_dir=str(handle), limits=Limits(timeout_s=60)))
+        assert sb._pool.started == 2
+    finally:
+        sb.close()
+
+
+def test_prewarm_raises_when_the_worker_cannot_start(tmp_path):
+    from deltanas.sandbox.pool import WorkerLost
+
+    (tmp_path / "not-a-handle").mkdir()
+    sb = ProcessSandbox(tmp_path / "work", warm=True)
+    try:
+        with pytest.raises(WorkerLost, match="failed to start"):
+            sb.prewarm(Job(candidate_id="x", source="", dataset_dir=str(tmp_path / "not-a-handle"), limits=LIMITS))
+        assert sb._pool._idle == []
+    finally:
+        sb.close()
+    cold = ProcessSandbox(tmp_path / "cold", warm=False)
+    try:  # without warm workers there is nothing to start
+        cold.prewarm(Job(candidate_id="x", source="", dataset_dir=str(tmp_path / "not-a-handle"), limits=LIMITS))
+        assert cold._pool.started == 0
+    finally:
+        cold.close()
+
+
 def test_a_spare_reads_the_batch_size_from_the_hosts_job_file_and_nothing_else(tmp_path):
     from deltanas.sandbox.warm import _batch_size
 
@@ -230,6 +266,29 @@ def test_a_spare_reads_the_batch_size_from_the_hosts_job_file_and_nothing_else(t
     (tmp_path / "garbage" / "job.json").write_text("{not json")
     assert _batch_size(str(tmp_path / "garbage")) is None
     assert _batch_size(str(tmp_path / "missing")) is None
+
+
+def test_a_gpu_job_sees_its_gpu_alone_as_cuda_0(tmp_path, monkeypatch):
+    # cuda:N counts among the driver's visible GPUs, as torch counts it there.
+    assert one_gpu("cuda:1", None) == ("1", "cuda:0")
+    assert one_gpu("cuda", None) == ("0", "cuda:0")
+    assert one_gpu("cuda:1", "4,6") == ("6", "cuda:0")
+    assert one_gpu("cuda:0", "GPU-a1b2, GPU-c3d4") == ("GPU-a1b2", "cuda:0")
+    # Beyond the list, or no GPU visible: unchanged, and the worker reports the missing device.
+    assert one_gpu("cuda:2", "4,6") == ("4,6", "cuda:2")
+    assert one_gpu("cuda:0", "") == ("", "cuda:0")
+    assert one_gpu("cpu", "4,6") == ("4,6", "cpu")
+    assert one_gpu("cpu", None) == (None, "cpu")
+    sandbox = ProcessSandbox(tmp_path / "work", warm=False)
+    try:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+        assert sandbox._base_env(tmp_path, 1, 0, device="cuda:1")["CUDA_VISIBLE_DEVICES"] == "6"
+        assert sandbox._base_env(tmp_path, 1, 0, device="cpu")["CUDA_VISIBLE_DEVICES"] == "4,6"
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        assert sandbox._base_env(tmp_path, 1, 0, device="cuda:1")["CUDA_VISIBLE_DEVICES"] == "1"
+        assert "CUDA_VISIBLE_DEVICES" not in sandbox._base_env(tmp_path, 1, 0, device="cpu")
+    finally:
+        sandbox.close()
 
 
 def test_the_wide_warm_up_is_for_gpus_only():
