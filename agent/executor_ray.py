@@ -15,8 +15,11 @@ with other contents than the driver's, refuses to start, so a job never trains o
 predicts on other data than the driver scores against.
 
 A candidate whose actor dies mid-job (the process killed, its node lost, Ray's memory
-monitor) is retried once on another actor; when that one dies too, it ends as `crashed`
-with both reasons, and is recorded like any other outcome. Each dead actor is replaced.
+monitor) is retried at once on another actor; when that one dies too, it ends as `crashed`
+with both reasons, and is recorded like any other outcome. Each dead actor is replaced in
+the background (a fresh actor takes 10-30 s to be ready); one that cannot be started leaves
+the executor an actor short, and only when no actor is left do callers get that error (the
+run fails, and can be resumed).
 `close()` closes every actor's sandbox, which kills the running jobs, then kills the
 actors; the callers still waiting raise RunStopped, so those candidates are redone on
 resume, never recorded as failures.
@@ -206,7 +209,9 @@ class RayExecutor:
         self._busy: dict[str, _Actor] = {}
         self._inflight = 0
         self._closed = False
-        self.replaced = 0
+        self._starting: list = []  # replacements not ready yet (their Ray handles)
+        self._start_error = ""  # the last replacement that could not start, and why
+        self.replaced = 0  # dead actors whose replacement was started
         pending = [self._remote.remote(*self._actor_args) for _ in range(workers)]
         try:
             for handle in pending:
@@ -278,12 +283,13 @@ class RayExecutor:
             self._closed = True
             actors = list(self._actors.values())
             self._actors.clear()
+            starting = list(self._starting)
         self.stop.set()
         refs = [a.handle.close.remote() for a in actors]
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=CLOSE_GRACE_S)
-        for a in actors:
-            ray.kill(a.handle, no_restart=True)
+        for handle in [a.handle for a in actors] + starting:
+            ray.kill(handle, no_restart=True)
         deadline = time.monotonic() + CLOSE_GRACE_S
         while self._inflight and time.monotonic() < deadline:  # the callers see their actors die first
             time.sleep(0.05)
@@ -344,6 +350,10 @@ class RayExecutor:
             try:
                 actor = self._idle.get(timeout=0.2)
             except queue.Empty:
+                with self._lock:
+                    if not self._actors and not self._starting and self._start_error:
+                        raise RuntimeError(f"every Ray actor was lost and none could be replaced: "
+                                           f"{self._start_error}")
                 continue
             with self._lock:
                 if actor.pid not in self._actors:  # closed meanwhile
@@ -356,24 +366,38 @@ class RayExecutor:
             self._busy.pop(candidate_id, None)
 
     def _replace(self, dead: _Actor) -> None:
-        """A dead actor's place goes to a fresh one. Failing that, the run fails (it can be resumed)."""
+        """A dead actor's place goes to a fresh one, started in the background (module docstring)."""
         import ray
 
         with self._lock:
             self._actors.pop(dead.pid, None)
-        ray.kill(dead.handle, no_restart=True)
-        if self._closed:
-            return
-        try:
-            fresh = self._ready(self._remote.remote(*self._actor_args))
-        except ActorStartError as e:
-            raise RuntimeError(f"a lost Ray actor could not be replaced: {e}") from None
-        with self._lock:
-            self.replaced += 1
             if self._closed:
-                ray.kill(fresh.handle, no_restart=True)
                 return
-        self._add(fresh)
+            handle = self._remote.remote(*self._actor_args)
+            self._starting.append(handle)
+            self.replaced += 1
+        ray.kill(dead.handle, no_restart=True)
+        threading.Thread(target=self._start_replacement, args=(handle,), name="deltanas-ray-replace",
+                         daemon=True).start()
+
+    def _start_replacement(self, handle) -> None:
+        import ray
+
+        fresh, error = None, ""
+        try:
+            fresh = self._ready(handle)
+        except Exception as e:  # noqa: BLE001 - kept for the callers, who fail only with no actor left
+            error = str(e) if isinstance(e, ActorStartError) else _first_line(e)
+        with self._lock:
+            self._starting.remove(handle)
+            if fresh is not None and not self._closed:
+                self._actors[fresh.pid] = fresh
+                self._idle.put(fresh)
+                return
+            if not self._closed:
+                self._start_error = f"a lost Ray actor could not be replaced: {error}"
+        if fresh is not None:  # closed meanwhile
+            ray.kill(fresh.handle, no_restart=True)
 
     def _received(self, reply: dict, data: bytes | None) -> Result:
         """The actor's Result, its predictions written here for the trusted scoring."""
