@@ -21,13 +21,13 @@ socket. So a job's overhead no longer includes the CUDA start-up and the first
 use of cuDNN and cuBLAS (1.5-2.0 s on an H200, longer than a small CNN's whole
 job of 0.4-0.6 s, hence three of them: behind such jobs one spare at a time was
 still readying when its job came, and 32 of them ran at 3,429 per hour with two
-spares, 4,439 with three and 4,546 with four; bench/RESULTS.md). Unless its job is already waiting, a spare also warms
-a ResNet-class network's step at the last job's batch size and at the epoch's
-last, smaller batch (`worker.warm_up_wide`): cuDNN loads kernels per shape on
-first use. A spare is forked from this parent, never from a
-candidate, is not dumpable (another candidate cannot ptrace it), and is left
-alone by the clean-up after a job. If a candidate kills one, the next job goes
-to the other or to a fresh child.
+spares, 4,439 with three and 4,546 with four; bench/RESULTS.md). Unless its job
+is already waiting, a spare also warms a ResNet-class network's step at the
+last job's batch size and at the epoch's last, smaller batch
+(`worker.warm_up_wide`): cuDNN loads kernels per shape on first use. A spare is
+forked from this parent, never from a candidate, is not dumpable (another
+candidate cannot ptrace it), and is left alone by the clean-up after a job. If a
+candidate kills one, the next job goes to another or to a fresh child.
 
 The parent never runs candidate code. It is a child subreaper, so whatever the
 candidate leaves behind (daemons, double forks, a fork bomb) is re-parented to
