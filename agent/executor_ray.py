@@ -210,7 +210,7 @@ class RayExecutor:
         self._inflight = 0
         self._closed = False
         self._starting: list = []  # replacements not ready yet (their Ray handles)
-        self._start_error = ""  # the last replacement that could not start, and why
+        self._start_error = ""  # why the last replacement could not start
         self.replaced = 0  # dead actors whose replacement was started
         pending = [self._remote.remote(*self._actor_args) for _ in range(workers)]
         try:
@@ -395,7 +395,7 @@ class RayExecutor:
                 self._idle.put(fresh)
                 return
             if not self._closed:
-                self._start_error = f"a lost Ray actor could not be replaced: {error}"
+                self._start_error = error
         if fresh is not None:  # closed meanwhile
             ray.kill(fresh.handle, no_restart=True)
 

@@ -47,6 +47,11 @@ def candidate_tag(i: int) -> str:
     return f"c000-{i:03d}"
 
 
+def network(i: int) -> str:
+    """The zoo network of candidate i: LeNet and ResNet alternate."""
+    return ("lenet", "resnet")[i % 2]
+
+
 SPARE_NOTE = re.compile(r"readied ahead of its job in ([\d.]+)s \((.*?)\), then waited ([\d.]+)s")
 READY_PART = re.compile(r"(CUDA context|dataset|warm-up steps|wide) (?:\([^)]*\) )?([\d.]+)s")
 
@@ -60,8 +65,8 @@ def timings(outs: list, spans: list[tuple[float, float]]) -> dict:
         return round(statistics.median(values), 3) if values else None
 
     out: dict = {}
-    for k, kind in enumerate(("lenet", "resnet")):
-        mine = [(o, spans[i]) for i, o in enumerate(outs) if i % 2 == k]
+    for kind in ("lenet", "resnet"):
+        mine = [(o, spans[i]) for i, o in enumerate(outs) if network(i) == kind]
         notes = [m for o, _ in mine if (m := SPARE_NOTE.search(o.log_tail))]
         parts = [dict((name, float(v)) for name, v in READY_PART.findall(m.group(2))) for m in notes]
         waits = [end - start for _, (start, end) in mine]
@@ -136,7 +141,7 @@ def run_once(workers: int, sources: list[str], ds, handle: Path, device: str, ki
     for i, o in enumerate(outs):
         statuses[o.status] = statuses.get(o.status, 0) + 1
         if o.status != "ok":
-            key = f"{o.status} ({'lenet' if i % 2 == 0 else 'resnet'}): {o.error[:300]}"
+            key = f"{o.status} ({network(i)}): {o.error[:300]}"
             errors[key] = errors.get(key, 0) + 1
             if errors[key] == 1:
                 print(f"  {candidate_tag(i)} {key}\n    log tail: {o.log_tail[-1500:]}", file=sys.stderr)
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ds = _dataset(a.n)
     handle = prepare_handle(ds, Path(tempfile.mkdtemp(prefix="deltanas-ray-handle-")))
-    sources = [get_baseline("lenet" if i % 2 == 0 else "resnet").source for i in range(a.candidates)]
+    sources = [get_baseline(network(i)).source for i in range(a.candidates)]
     counts = [int(w) for w in a.workers.split(",")]
     rows = [run_once(w, sources, ds, handle, a.device, kill=False) for w in counts]
     if a.local:
