@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deltanas.agent.constraint import format_for
 from deltanas.agent.deps import Deps
 from deltanas.agent.llm.base import Prompt
 from deltanas.agent.state import CandidateState
@@ -17,6 +18,7 @@ from deltanas.agent.store import CandidateRow
 from deltanas.tools import prompting
 from deltanas.tools.diff_apply import apply_model_output
 from deltanas.tools.full_extract import apply_full_output
+from deltanas.tools.novelty import NoveltyResult
 from deltanas.tools.trajectory import chat_view, proposal_step, tool_step
 
 
@@ -39,18 +41,44 @@ def apply(state: CandidateState, deps: Deps) -> dict[str, Any]:
             "error": {"code": res.error.code.value, "message": res.error.message, "hint": res.error.hint}}
 
 
+# Training outcomes a revised diff can fix: the network broke (shapes, a crash), broke the Net
+# contract, or its loss blew up. Timeouts, memory and output limits are left as they are.
+REPAIRABLE = ("crashed", "invalid", "diverged")
+_LOG_LINES = 15
+
+
+def _failure(state: CandidateState) -> dict[str, str]:
+    """The error the repair turn feeds back: the apply error, or else the failed training."""
+    if state.get("error"):
+        return state["error"]
+    o = state["outcome"]
+    tail = "\n".join((o.get("log_tail") or "").strip().splitlines()[-_LOG_LINES:])
+    hint = ("The patched model.py applied, but training it failed. Fix the change so the network "
+            "builds and trains: check that each layer's input channels and sizes match what the layer "
+            "before it gives.")
+    return {"code": o["status"], "message": o.get("error") or o["status"],
+            "hint": f"{hint}\nThe end of the training log:\n{tail}" if tail else hint}
+
+
 def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
-    """Feed the apply error back to the model and take its new answer."""
+    """Feed the failure back to the model (an apply error, or a training run that failed) and take
+    its new answer, held to the same parent and edit site as the first."""
     deps.check_stop()
     s = deps.config.search
     attempt = state.get("attempts", 0) + 1
-    err = state["error"]
+    err = _failure(state)
     turn = prompting.repair_message(code=err["code"], message=err["message"], hint=err["hint"],
                                     attempt=attempt, max_attempts=s.max_repairs, mode=s.mode)
     messages = [*state["messages"], turn]
-    prompt = Prompt(messages=chat_view(messages), base_source=_parent_source(state, deps), mode=s.mode)
-    comp = deps.proposer(state["cycle"]).generate([prompt], deps.sampling)[0]
+    llm = deps.proposer(state["cycle"])
+    parent = _parent_source(state, deps)
+    fmt = format_for(deps.config, llm, parent, state.get("site")) if state.get("constrain", "none") != "none" \
+        else None
+    prompt = Prompt(messages=chat_view(messages), base_source=parent, mode=s.mode,
+                    prefix=fmt.prefix if fmt else "", grammar=fmt.grammar if fmt else None)
+    comp = llm.generate([prompt], deps.sampling)[0]
     return {"messages": proposal_step(messages, comp.text), "completion": comp.text, "attempts": attempt,
+            "outcome": None, "novelty": None,
             "prompt_tokens": state.get("prompt_tokens", 0) + comp.prompt_tokens,
             "completion_tokens": state.get("completion_tokens", 0) + comp.completion_tokens}
 
@@ -58,6 +86,12 @@ def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
 def novelty(state: CandidateState, deps: Deps) -> dict[str, Any]:
     sig = deps.novelty.signature(state["source"])
     res = deps.novelty.check(state["source"], _parent_source(state, deps), state["parent_id"], sig=sig)
+    if not res.novel and res.nearest_id == state["candidate_id"]:
+        # A repair's new version is near its own failed one, which is in the index: that is no copy.
+        # (Only the nearest is known; a sibling just below that similarity is not seen here.)
+        res = NoveltyResult(novel=res.parent_similarity < deps.novelty.threshold,
+                            parent_similarity=res.parent_similarity, max_similarity=res.parent_similarity,
+                            nearest_id=state["parent_id"])
     if res.novel:  # index it now, so that a sibling in this cycle cannot duplicate it
         deps.novelty.add(state["candidate_id"], sig)
     return {"messages": tool_step(state["messages"], "check_novelty", {}, res.to_json()),
@@ -117,7 +151,9 @@ def record(state: CandidateState, deps: Deps) -> dict[str, Any]:
         accuracy=out.get("accuracy"), param_count=out.get("param_count"), train_seconds=out.get("train_seconds"),
         eval_seconds=out.get("total_seconds"), prompt_tokens=state.get("prompt_tokens", 0),
         completion_tokens=state.get("completion_tokens", 0), gen_seconds=prev.gen_seconds if prev else 0.0,
-        created_at=prev.created_at if prev else time.time(), finished_at=time.time()))
+        created_at=prev.created_at if prev else time.time(), finished_at=time.time(),
+        constrain=state.get("constrain") or (prev.constrain if prev else None),
+        site=state.get("site", prev.site if prev else None)))
     d = deps.candidate_dir(cid)
     d.mkdir(parents=True, exist_ok=True)
     if state.get("diff"):

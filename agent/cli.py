@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local sandbox slots, or one Ray actor per worker (one GPU each on cuda); needs deltanas[ray]")
     r.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster to join (default: a local Ray instance)")
     r.add_argument("--max-new-tokens", type=_positive_int)
+    r.add_argument("--constrain", choices=["grammar", "prefix", "none"],
+                   help="hold answers to a grammar of the diffs that apply (default), pre-fill the header, "
+                        "or leave them free (the paper's protocol)")
+    r.add_argument("--sites", choices=["sampled", "free"],
+                   help="under the grammar: the search places each edit at a drawn layer line (default), "
+                        "or the model chooses")
     r.add_argument("--seed", type=int)
     r.add_argument("--name", help="run name (default: run)")
     r.add_argument("--run-dir", metavar="DIR", help="default: runs/<name>")
@@ -168,6 +174,7 @@ def _run_overrides(a: argparse.Namespace) -> dict:
         "search.seed": a.seed, "sandbox.type": a.sandbox, "sandbox.timeout_s": a.timeout,
         "sandbox.device": a.device, "sandbox.workers": a.workers, "llm.max_new_tokens": a.max_new_tokens,
         "sandbox.executor": a.executor, "sandbox.ray_address": a.ray_address,
+        "llm.constrain": a.constrain, "llm.sites": a.sites,
         "baselines": [b.strip() for b in a.baselines.split(",") if b.strip()] if a.baselines else None,
     }
 

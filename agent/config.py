@@ -43,6 +43,15 @@ class LLMConfig(_Section):
     """Per-request timeout for server backends."""
     gpu_memory: float = Field(0.5, gt=0, le=1)
     """`vllm:` on a GPU: the engine's share of GPU memory; the rest is left to the LoRA trainer."""
+    constrain: Literal["grammar", "prefix", "none"] = "grammar"
+    """How answers are held to the format. `grammar`: decoding follows a grammar built from the
+    parent that admits only diffs that apply (tools/diff_grammar.py; hf, vllm and openai backends,
+    prefix elsewhere). `prefix`: the diff's header is pre-filled. `none`: the paper's unconstrained
+    protocol (`--preset paper`)."""
+    sites: Literal["sampled", "free"] = "sampled"
+    """Under the grammar, where an edit goes. `sampled`: the search draws one layer line per candidate
+    and the answer edits there (a small model chooses sites poorly, and the draws spread a cycle's
+    edits over the network); `free`: wherever the model chooses."""
     seed_requests: bool = False
     """`openai:`: send the run's seed with each request. Off by default: vLLM's CPU engine dies on
     per-request seeds; a server's own seed (`deltanas serve` sets one) still applies."""
@@ -68,6 +77,12 @@ class SearchConfig(_Section):
     goal: str = "improve the first-epoch test accuracy"
     allow_train_changes: bool = False
     """Allow diffs to change train_setup, learn or supported_hyperparameters."""
+    max_hunks: int = Field(3, gt=0)
+    """Diff limits under the grammar: hunks per answer..."""
+    max_removed: int = Field(6, gt=0)
+    """...lines one change removes..."""
+    max_added: int = Field(6, gt=0)
+    """...and lines it adds: an edit, not a rewrite."""
     tournament_size: int = Field(3, gt=0)
     """Parent selection: best of this many random archive members..."""
     explore: float = Field(0.2, ge=0, le=1)
@@ -240,6 +255,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's protocol (DESIGN.md): 22 cycles of 50, its decoding, 2 repairs, LoRA after each cycle
     # with its settings (the [learn] defaults).
     "paper": {"search.cycles": 22, "search.candidates": 50, "search.max_repairs": 2, "llm.temperature": 0.35,
+              "llm.constrain": "none",
               "llm.top_k": 50, "llm.top_p": 0.9, "llm.max_new_tokens": 1024, "learn.enabled": True},
     # A CPU-sized loop: one cycle of mutator cold-start pairs, then the model with short LoRA updates.
     "quick": {"search.cycles": 4, "search.candidates": 4, "llm.max_new_tokens": 384, "learn.cold_start_cycles": 1,

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from deltanas.agent import coldstart
+from deltanas.agent import coldstart, constraint
 from deltanas.agent.deps import Deps
 from deltanas.agent.learning import training_set
 from deltanas.agent.llm.base import Prompt
@@ -85,7 +85,8 @@ def _stored_proposals(deps: Deps, cycle: int, n: int) -> list[Proposal] | None:
     for r in rows[:n]:
         out.append(Proposal(candidate_id=r.id, cycle=cycle, idx=r.idx, parent_id=r.parent_id,
                             messages=deps.store.get_trajectory(r.id) or [], completion=r.completion or "",
-                            prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens))
+                            prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                            constrain=r.constrain or "none", site=r.site))
     return out
 
 
@@ -98,32 +99,42 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
         return {"proposals": stored}
     deps.check_stop()
     s = deps.config.search
-    prompts, chats = [], []
-    for pid in parent_ids:
+    llm = deps.proposer(cycle)
+    prompts, chats, formats, sites = [], [], [], []
+    for idx, pid in enumerate(parent_ids):
         parent = deps.store.get(pid)
+        site = constraint.site_for(deps.config, llm, parent.source, cycle, idx)
         chat = prompting.propose_messages(
             parent_source=parent.source, dataset=deps.dataset.name, in_shape=deps.dataset.in_shape,
             num_classes=deps.dataset.num_classes, parent_accuracy=parent.accuracy, goal=s.goal, mode=s.mode,
-            allow_train_changes=s.allow_train_changes)
+            allow_train_changes=s.allow_train_changes, site=site)
+        fmt = constraint.format_for(deps.config, llm, parent.source, site)
         chats.append(chat)
-        prompts.append(Prompt(messages=chat, base_source=parent.source, mode=s.mode))
+        formats.append(fmt)
+        sites.append(site)
+        prompts.append(Prompt(messages=chat, base_source=parent.source, mode=s.mode, prefix=fmt.prefix,
+                              grammar=fmt.grammar))
     started = time.perf_counter()
-    llm = deps.proposer(cycle)
     deps.store.set_meta(f"proposer:{cycle}", getattr(llm, "name", type(llm).__name__))
     completions = llm.generate(prompts, deps.sampling)
     per_candidate = (time.perf_counter() - started) / max(1, len(prompts))
+    stats = getattr(llm, "constraint_stats", None)
+    if stats is not None:  # what constraining has cost so far: grammar compiles and token masks
+        deps.store.set_meta(f"constraint:{cycle}", stats())
     proposals: list[Proposal] = []
-    for idx, (pid, chat, comp) in enumerate(zip(parent_ids, chats, completions)):
+    for idx, (pid, chat, comp, fmt, site) in enumerate(zip(parent_ids, chats, completions, formats, sites)):
         cid = candidate_id(cycle, idx)
         messages = proposal_step(chat, comp.text)
+        # A server that turned out to ignore the grammar answered unconstrained: say what happened.
+        mode = "prefix" if fmt.constrain == "grammar" and comp.meta.get("constrained") is False else fmt.constrain
         deps.store.put_trajectory(cid, messages)
         deps.store.upsert(CandidateRow(
             id=cid, cycle=cycle, idx=idx, kind=s.mode, parent_id=pid, dataset=deps.dataset.name,
             status="proposed", completion=comp.text, prompt_tokens=comp.prompt_tokens,
-            completion_tokens=comp.completion_tokens, gen_seconds=per_candidate))
+            completion_tokens=comp.completion_tokens, gen_seconds=per_candidate, constrain=mode, site=site))
         proposals.append(Proposal(candidate_id=cid, cycle=cycle, idx=idx, parent_id=pid, messages=messages,
                                   completion=comp.text, prompt_tokens=comp.prompt_tokens,
-                                  completion_tokens=comp.completion_tokens))
+                                  completion_tokens=comp.completion_tokens, constrain=mode, site=site))
     return {"proposals": proposals}
 
 

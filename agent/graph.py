@@ -4,10 +4,11 @@
         → select_parents → propose (one batched call)
         → candidate × N (Send) → gather_trajectories → lora_update → next cycle or END
 
-    candidate:  apply ──ok──► novelty ──novel──► proxy_train ─► record
-                  │ fail          └─dup───────────────────────► record
-                  ▼
-                repair (≤ max_repairs, the error fed back) ─► apply
+    candidate:  apply ──ok──► novelty ──novel──► proxy_train ──ok──► record
+                  │ fail          └─dup──────────────┼─────────────► record
+                  ▼                                  │ crashed, invalid, diverged
+                repair ◄─────────────────────────────┘
+                  (≤ max_repairs in all, the error fed back) ─► apply
 
 `build_graph(deps)` returns an uncompiled StateGraph; the CLI compiles it with a
 SQLite checkpointer, tests with an in-memory one.
@@ -38,6 +39,11 @@ def route_after_novelty(state: CandidateState) -> Literal["proxy_train", "record
     return "proxy_train" if state["novelty"]["novel"] else "record"
 
 
+def route_after_train(state: CandidateState, max_repairs: int) -> Literal["repair", "record"]:
+    failed = (state.get("outcome") or {}).get("status") in cn.REPAIRABLE
+    return "repair" if failed and state.get("attempts", 0) < max_repairs else "record"
+
+
 def route_after_baselines(state: RunState, cycles: int) -> Literal["select_parents", "__end__"]:
     return "select_parents" if state["cycle"] < cycles else "__end__"
 
@@ -46,7 +52,8 @@ def fan_out(state: RunState) -> list[Send]:
     return [Send("candidate", CandidateState(
         candidate_id=p["candidate_id"], cycle=p["cycle"], idx=p["idx"], parent_id=p["parent_id"],
         messages=p["messages"], completion=p["completion"], attempts=0, prompt_tokens=p["prompt_tokens"],
-        completion_tokens=p["completion_tokens"], error=None, novelty=None, outcome=None))
+        completion_tokens=p["completion_tokens"], error=None, novelty=None, outcome=None,
+        constrain=p.get("constrain", "none"), site=p.get("site")))
         for p in state["proposals"]]
 
 
@@ -65,7 +72,7 @@ def build_candidate_graph(deps: Deps) -> StateGraph:
     g.add_conditional_edges("apply", partial(route_after_apply, max_repairs=deps.config.search.max_repairs))
     g.add_edge("repair", "apply")
     g.add_conditional_edges("novelty", route_after_novelty)
-    g.add_edge("proxy_train", "record")
+    g.add_conditional_edges("proxy_train", partial(route_after_train, max_repairs=deps.config.search.max_repairs))
     g.add_edge("record", END)
     return g
 

@@ -89,7 +89,10 @@ def plan(model: str, *, run_dir: Path | None = None, python: str | None = None, 
     rank = max([max_lora_rank, *(adapter_rank(Path(p)) for _, p in adapters)])
     argv = [py, "-m", _SERVER_MODULE, "--model", str(folder), "--served-model-name", model,
             "--host", host, "--port", str(port), "--dtype", dtype,
-            "--enable-lora", "--max-lora-rank", str(engine_rank(rank)), "--max-loras", "2", "--seed", str(seed)]
+            "--enable-lora", "--max-lora-rank", str(engine_rank(rank)), "--max-loras", "2", "--seed", str(seed),
+            # The answer grammars (tools/diff_grammar.py) are llguidance's Lark, with its `&` and `~`
+            # in terminals: the guidance backend compiles them as written ("auto" tries xgrammar first).
+            "--structured-outputs-config", '{"backend": "guidance"}']
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     if adapters:

@@ -18,6 +18,8 @@ class Proposal(TypedDict):
     completion: str
     prompt_tokens: int
     completion_tokens: int
+    constrain: str  # how the answer was held to the format: grammar | prefix | none
+    site: int | None  # the parent line (0-based) the search placed the edit at, if it chose one
 
 
 class RunState(TypedDict, total=False):
@@ -35,6 +37,8 @@ class CandidateState(TypedDict, total=False):
     parent_id: str
     messages: list[dict[str, Any]]
     completion: str  # the latest raw model answer
+    constrain: str
+    site: int | None
     attempts: int  # repairs made so far
     prompt_tokens: int
     completion_tokens: int

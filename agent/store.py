@@ -41,7 +41,9 @@ CREATE TABLE IF NOT EXISTS candidates (
     accuracy REAL, param_count INTEGER, train_seconds REAL, eval_seconds REAL,
     prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
     gen_seconds REAL NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL, finished_at REAL
+    created_at REAL NOT NULL, finished_at REAL,
+    constrain TEXT,                    -- grammar | prefix | none: how the answer was held to the format
+    site INTEGER                       -- the parent line (0-based) the edit was placed at, if the search chose one
 );
 CREATE INDEX IF NOT EXISTS candidates_cycle ON candidates(cycle);
 CREATE TABLE IF NOT EXISTS trajectories (candidate_id TEXT PRIMARY KEY, messages TEXT NOT NULL);
@@ -104,6 +106,8 @@ class CandidateRow:
     gen_seconds: float = 0.0
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
+    constrain: str | None = None
+    site: int | None = None
 
     @property
     def final(self) -> bool:
@@ -147,11 +151,19 @@ class Store:
             try:
                 with self._conn:
                     self._conn.executescript(_SCHEMA)
+                    self._add_columns()
                     self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                        (str(SCHEMA_VERSION),))
             except sqlite3.DatabaseError as e:
                 raise StoreError(f"{self.path}: cannot initialise the archive ({e})") from None
         self._check_integrity()
+
+    def _add_columns(self) -> None:
+        """Columns added since an archive was made: a resumed older run gains them, empty."""
+        have = {r[1] for r in self._conn.execute("PRAGMA table_info(candidates)")}
+        for name, sql_type in (("constrain", "TEXT"), ("site", "INTEGER")):
+            if name not in have:
+                self._conn.execute(f"ALTER TABLE candidates ADD COLUMN {name} {sql_type}")
 
     def _check_integrity(self) -> None:
         try:

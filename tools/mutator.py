@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from deltanas.tools import pyast
+from deltanas.tools.diff_grammar import anchor_counts, hunk_header
 
 PROTECTED_FUNCTIONS = frozenset({"supported_hyperparameters", "train_setup", "learn"})
 
@@ -634,33 +635,23 @@ def make_diff(old: str, new: str, path: str = "model.py", context: int = DIFF_CO
               numbered: bool = False) -> str:
     """A unified diff from `old` to `new` with a/ b/ headers and `context` lines of context.
 
-    A hunk whose old lines (context and '-') occur once in `old` is placed by them alone, so its
-    header is a bare `@@`; a tokenizer that splits digits spends about 14 tokens on `@@ -16,7 +16,7 @@`.
-    Hunks whose old lines repeat keep their line numbers, which tell the places apart.
-    `numbered=True` numbers every hunk, for tools that need them (`patch`, `git apply`)."""
+    Hunk headers are written as the answer grammar writes them (tools/diff_grammar.py), so that
+    training targets and constrained answers look alike: a bare `@@` where the hunk's anchor (its
+    context line and the next line) occurs once in `old`, else `@@ -N @@` with N the hunk's first
+    old line, which tells the places apart. A tokenizer that splits digits spends about 14 tokens
+    on `@@ -16,7 +16,7 @@`. `numbered=True` writes full headers on every hunk, for tools that need
+    them (`patch`, `git apply`)."""
     a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
     raw = list(difflib.unified_diff(a, b, fromfile=f"a/{path}", tofile=f"b/{path}", n=context))
+    bare = [x.rstrip("\n") for x in a]
+    counts = anchor_counts(bare)
     lines = []
     for i, line in enumerate(raw):
-        if line.startswith("@@") and not numbered and _occurs_once(a, _old_side(raw, i + 1)):
-            line = "@@\n"
+        if line.startswith("@@") and not numbered:
+            start = int(re.match(r"^@@ -(\d+)", line).group(1))  # 1-based first old line
+            starts_with_context = raw[i + 1].startswith(" ") if i + 1 < len(raw) else False
+            line = hunk_header(counts, bare, start if starts_with_context else start - 1) + "\n"
         if not line.endswith("\n"):  # the file's last line had no newline
             line += "\n\\ No newline at end of file\n"
         lines.append(line)
     return "".join(lines)
-
-
-def _old_side(diff_lines: list[str], start: int) -> list[str]:
-    """The old file's lines of the hunk whose body starts at diff_lines[start]."""
-    old = []
-    for line in diff_lines[start:]:
-        if line.startswith("@@"):
-            break
-        if line[:1] in (" ", "-"):
-            old.append(line[1:])
-    return old
-
-
-def _occurs_once(lines: list[str], block: list[str]) -> bool:
-    m = len(block)
-    return m > 0 and sum(lines[p:p + m] == block for p in range(len(lines) - m + 1)) == 1

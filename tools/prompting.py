@@ -82,10 +82,15 @@ def system_message(mode: str = "delta") -> Message:
 
 def propose_messages(*, parent_source: str, dataset: str, in_shape: tuple, num_classes: int,
                      parent_accuracy: float | None, goal: str = "improve first-epoch test accuracy",
-                     mode: str = "delta", allow_train_changes: bool = False) -> list[Message]:
-    """The system turn and the user turn that asks for one proposal against `parent_source`."""
+                     mode: str = "delta", allow_train_changes: bool = False,
+                     site: int | None = None) -> list[Message]:
+    """The system turn and the user turn that asks for one proposal against `parent_source`;
+    `site` (0-based) names the line the edit goes to, when the search chose one."""
     _check_mode(mode)
-    user = render("full.j2" if mode == "full" else "propose.j2",
+    where = None
+    if site is not None:
+        where = (site + 1, parent_source.splitlines()[site].strip())
+    user = render("full.j2" if mode == "full" else "propose.j2", site=where,
                   parent_source=_with_newline(parent_source), dataset=dataset,
                   in_shape=tuple(in_shape), num_classes=num_classes,
                   accuracy=format_accuracy(parent_accuracy), goal=goal.rstrip("."),

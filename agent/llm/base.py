@@ -23,12 +23,17 @@ class Prompt:
     """A chat prompt plus the source the answer must be a diff against.
 
     `base_source` lets the rule-based `mutate` backend work without parsing the
-    chat text; model backends ignore it.
+    chat text. `prefix` is the start of the answer, written for the model (the
+    diff's header); the completion's text includes it. `grammar` (llguidance's
+    Lark, tools/diff_grammar.py) constrains the whole answer, prefix included,
+    on backends that support it.
     """
 
     messages: list[Message]
     base_source: str = ""
     mode: str = "delta"  # "delta" or "full"
+    prefix: str = ""
+    grammar: str | None = None
 
 
 @dataclass

@@ -18,6 +18,9 @@ class CoalescingBackend:
     def __init__(self, inner: LLMBackend, *, window_s: float = 0.05):
         self.inner = inner
         self.name = inner.name
+        # What the inner backend can do with a prompt's prefix and grammar (agent/constraint.py).
+        self.supports_grammar = getattr(inner, "supports_grammar", False)
+        self.supports_prefix = getattr(inner, "supports_prefix", False)
         self.window_s = window_s
         self._pending: list[tuple[list[Prompt], Sampling, Future]] = []
         self._lock = threading.Lock()
@@ -58,6 +61,10 @@ class CoalescingBackend:
         for prompts, _, f in batch:
             f.set_result(out[i:i + len(prompts)])
             i += len(prompts)
+
+    def constraint_stats(self) -> dict | None:
+        stats = getattr(self.inner, "constraint_stats", None)
+        return stats() if stats is not None else None
 
     def load_adapter(self, path: str) -> None:
         self.inner.load_adapter(path)

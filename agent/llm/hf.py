@@ -216,6 +216,8 @@ def _static(config, kwargs: dict, max_len: int) -> dict:
 
 class HFBackend:
     name = "hf"
+    supports_grammar = True
+    supports_prefix = True
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  seed: int = 0):
@@ -255,6 +257,7 @@ class HFBackend:
         self.seed = seed
         self._calls = 0
         self._adapters: dict[str, str] = {}  # adapter name -> path
+        self._constrainer = None
         self.active_adapter: str | None = None
         # A key/value cache allocated once per chunk and written in place. transformers' dynamic
         # cache grows every row's keys and values by a copy at every step, which on the CPU took
@@ -300,20 +303,44 @@ class HFBackend:
         base = self.seed if sampling.seed is None else sampling.seed
         torch.manual_seed(base + self._calls)  # reproducible run to run, different call to call
         self._calls += 1
-        texts = [self.render(p) for p in prompts]
+        texts = [self.render(p) + p.prefix for p in prompts]
         # Similar lengths share a chunk, so little compute goes to padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[Completion | None] = [None] * len(texts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            for i, c in zip(chunk, self._generate_chunk([texts[i] for i in chunk], sampling)):
+            for i, c in zip(chunk, self._generate_chunk([texts[i] for i in chunk], sampling,
+                                                        [prompts[i] for i in chunk])):
                 out[i] = c
         return out  # type: ignore[return-value]
 
-    def _generate_chunk(self, texts: list[str], sampling: Sampling) -> list[Completion]:
+    @property
+    def constrainer(self):
+        """llguidance's view of this tokenizer, built on the first constrained prompt."""
+        if self._constrainer is None:
+            from deltanas.agent.llm.constrain import Constrainer
+
+            self._constrainer = Constrainer(self._tokenizer)
+        return self._constrainer
+
+    def constraint_stats(self) -> dict | None:
+        return None if self._constrainer is None else self._constrainer.stats.to_json()
+
+    def _grammar_processor(self, prompts: list[Prompt], sampling: Sampling):
+        from deltanas.agent.llm.constrain import RowGrammar
+
+        if not any(p.grammar for p in prompts):
+            return None
+        c = self.constrainer
+        rows = [RowGrammar(p.grammar, p.prefix, c.reserve(p.base_source) if p.mode == "delta" else 0)
+                if p.grammar else None for p in prompts]
+        return c.processor(rows, sampling.max_new_tokens)
+
+    def _generate_chunk(self, texts: list[str], sampling: Sampling, prompts: list[Prompt]) -> list[Completion]:
         import torch
 
         started = time.perf_counter()
+        constrained = self._grammar_processor(prompts, sampling)
         rows = [self._tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         plan = plan_prefixes(rows)
         token_ids, mask = layout(rows, plan, self._tokenizer.pad_token_id)
@@ -331,6 +358,10 @@ class HFBackend:
                           top_p=sampling.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if constrained is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([constrained])
         with torch.inference_mode():
             seqs = self._model.generate(**enc, **kwargs)
         seconds = time.perf_counter() - started
@@ -340,14 +371,17 @@ class HFBackend:
         for row, (ids, n_prompt) in enumerate(zip(new, prompt_lens)):
             cut = next((j for j, t in enumerate(ids) if t in eos), None)
             kept = ids if cut is None else ids[:cut]
+            grammar_row = constrained.rows[row] if constrained is not None else None
             out.append(Completion(
-                text=self._tokenizer.decode(kept, skip_special_tokens=True),
+                text=prompts[row].prefix + self._tokenizer.decode(kept, skip_special_tokens=True),
                 prompt_tokens=int(n_prompt),
                 completion_tokens=len(ids) if cut is None else cut + 1,  # the EOS counts, as servers count it
                 seconds=seconds / len(texts),
                 meta={"batch_size": len(texts), "batch_seconds": seconds, "finished": cut is not None,
                       "adapter": self.active_adapter, "shared_prefix_tokens": plan.shared,
-                      "group_prefix_tokens": plan.group_len[plan.group[row]]},
+                      "group_prefix_tokens": plan.group_len[plan.group[row]],
+                      "constrained": grammar_row is not None,
+                      "grammar_error": grammar_row.failed if grammar_row is not None else None},
             ))
         return out
 

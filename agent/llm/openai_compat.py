@@ -5,10 +5,19 @@ proposals still cost one round trip of wall time. Runtime LoRA loading uses
 vLLM's `POST /v1/load_lora_adapter`, which the server enables with
 `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`; later requests name the adapter as
 their model.
+
+A prompt's `prefix` goes to the server as a final assistant message that the model continues
+(vLLM's `continue_final_message`), and its `grammar` as vLLM's `structured_outputs.grammar`.
+A server that drops the grammar does not say so: vLLM from 0.12 ignores the old `guided_grammar`
+field with HTTP 200, and other servers ignore unknown fields alike. So each constrained answer is
+checked against its grammar, and the first one that breaks it turns the grammar off for this
+backend (one warning); later answers are pre-filled only.
 """
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,12 +26,19 @@ from pathlib import Path
 
 from deltanas.agent.llm.base import Completion, Prompt, Sampling
 
+log = logging.getLogger(__name__)
+
 _RETRIES = 3
 _BACKOFF_S = 0.5  # doubled after each failed try
+# vLLM's request field for a Lark grammar (StructuredOutputsParams.grammar); the `guided_grammar`
+# field it replaced was removed in vLLM 0.12, which since ignores it.
+GRAMMAR_FIELD = "structured_outputs"
 
 
 class OpenAIBackend:
     name = "openai"
+    supports_prefix = True
+    supports_grammar = True
 
     def __init__(self, model: str, base_url: str, *, api_key: str | None = None, concurrency: int = 8,
                  timeout_s: float = 600.0, seed_requests: bool = False):
@@ -37,6 +53,8 @@ class OpenAIBackend:
         # does not use offset") and takes the server with it; the server's own --seed still applies.
         self.seed_requests = seed_requests
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deltanas-llm")
+        self.grammar_ignored = False  # the server turned out not to constrain: send prefixes only
+        self._grammar_lock = threading.Lock()
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -82,8 +100,24 @@ class OpenAIBackend:
             payload["top_k"] = sampling.top_k  # vLLM and most local servers take it; top_k=0 leaves it out
         if sampling.seed is not None and self.seed_requests:
             payload["seed"] = sampling.seed
+        if prompt.prefix:
+            # vLLM renders the final assistant message open-ended and the model continues it; the
+            # answer's content is only what follows. vLLM refuses both flags set at once.
+            payload["messages"] = [*prompt.messages, {"role": "assistant", "content": prompt.prefix}]
+            payload.update(continue_final_message=True, add_generation_prompt=False)
+        grammar = prompt.grammar if prompt.grammar and not self.grammar_ignored else None
+        revealed = False  # this answer is the one that showed the server does not constrain
         started = time.perf_counter()
-        status, body = self._post("chat/completions", payload)
+        if grammar is not None:
+            status, body = self._post("chat/completions", {**payload, GRAMMAR_FIELD: {"grammar": grammar}})
+            if status == 400:
+                refusal = body[:300].decode(errors="replace")
+                status, body = self._post("chat/completions", payload)
+                if status == 200:  # the same request without the grammar is fine: the field was the trouble
+                    revealed = self._stop_grammar(f"refused the structured-output grammar (HTTP 400: {refusal})")
+                    grammar = None
+        else:
+            status, body = self._post("chat/completions", payload)
         if status != 200:
             raise RuntimeError(f"LLM server at {self.base_url}/chat/completions answered HTTP {status}: "
                                f"{body[:500].decode(errors='replace')}")
@@ -95,10 +129,30 @@ class OpenAIBackend:
             raise RuntimeError(f"LLM server at {self.base_url} sent an unreadable completion "
                                f"({type(e).__name__}): {body[:300].decode(errors='replace')}") from None
         usage = data.get("usage") or {}
-        return Completion(text=text, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        finish = choice.get("finish_reason")
+        constrained = False
+        if grammar is not None:
+            constrained = _follows(grammar, text, finished=finish != "length")
+            if not constrained:
+                revealed = self._stop_grammar("ignored the structured-output grammar (an answer breaks it)")
+        meta = {"finish_reason": finish, "model": self.model, "constrained": constrained}
+        if revealed:
+            meta["grammar_ignored"] = True
+        return Completion(text=prompt.prefix + text, prompt_tokens=int(usage.get("prompt_tokens") or 0),
                           completion_tokens=int(usage.get("completion_tokens") or 0),
-                          seconds=time.perf_counter() - started,
-                          meta={"finish_reason": choice.get("finish_reason"), "model": self.model})
+                          seconds=time.perf_counter() - started, meta=meta)
+
+    def _stop_grammar(self, what: str) -> bool:
+        """Send no grammar from now on; True for the one caller that made the switch (and warned)."""
+        with self._grammar_lock:
+            if self.grammar_ignored:
+                return False
+            self.grammar_ignored = True
+        log.warning("LLM server at %s %s; vLLM takes it as `%s: {\"grammar\": ...}` (it has ignored the old "
+                    "`guided_grammar` since 0.12), which an older vLLM or another server may not support. "
+                    "Later answers are pre-filled with the prefix only, unconstrained.",
+                    self.base_url, what, GRAMMAR_FIELD)
+        return True
 
     def load_adapter(self, path: str) -> None:
         """Load the adapter on the server and send later requests to it.
@@ -123,3 +177,14 @@ class OpenAIBackend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _follows(lark: str, text: str, *, finished: bool) -> bool:
+    """Did the server decode `text` under `lark`? All of it must be admitted when the answer ended
+    by itself; one cut at the token limit need only be a start the grammar can still complete."""
+    from deltanas.tools.diff_grammar import GrammarError, accepts
+
+    try:
+        return accepts(lark, text, partial=not finished)
+    except GrammarError:
+        return False

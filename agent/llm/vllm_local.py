@@ -3,7 +3,9 @@
 A cycle's prompts go to the engine as one `generate` call, which batches them
 continuously. Prompts are rendered with the tokenizer's own chat template and
 sent as token ids, exactly as the `hf` backend and the LoRA trainer render them,
-so training and serving see identical text.
+so training and serving see identical text. A prompt's `prefix` follows the
+rendered chat, as in `hf`, and its `grammar` goes to vLLM's structured outputs,
+which constrain the tokens after it.
 
 `load_adapter` does not touch the engine: it makes a new `LoRARequest` (a fresh
 integer id, so vLLM's adapter cache can never serve an older adapter saved at
@@ -55,6 +57,8 @@ def adapter_rank(path: Path) -> int:
 
 class VLLMBackend:
     name = "vllm"
+    supports_prefix = True
+    supports_grammar = True
 
     def __init__(self, model: str, *, device: str = "auto", batch_size: int = 8, seed: int = 0,
                  max_lora_rank: int = 32, max_model_len: int | None = None, dtype: str = "auto",
@@ -94,8 +98,12 @@ class VLLMBackend:
         self.load_seconds = time.perf_counter() - started
         log.info("vLLM loaded %s in %.1f s", self.folder, self.load_seconds)
 
-    def render(self, prompt: Prompt) -> list[int]:
-        return self._tokenizer.apply_chat_template(prompt.messages, tokenize=True, add_generation_prompt=True)
+    def render(self, prompt: Prompt) -> str:
+        return self._tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        # Tokenized as one text with the prefix, as `hf` does, so the same prompt gives the same ids.
+        return list(self._tokenizer.encode(self.render(prompt) + prompt.prefix, add_special_tokens=False))
 
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
         from vllm import SamplingParams
@@ -107,9 +115,10 @@ class VLLMBackend:
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=max(0, sampling.top_k),  # 0: off
                                  max_tokens=sampling.max_new_tokens,
-                                 seed=base + i if self._seed_requests else None)
-                  for i in range(len(prompts))]
-        inputs = [{"prompt_token_ids": _token_ids(self.render(p))} for p in prompts]
+                                 seed=base + i if self._seed_requests else None,
+                                 **(_grammar_params(p.grammar) if p.grammar else {}))
+                  for i, p in enumerate(prompts)]
+        inputs = [{"prompt_token_ids": self.prompt_ids(p)} for p in prompts]
         started = time.perf_counter()
         try:
             outputs = self._llm.generate(inputs, params, lora_request=self._lora, use_tqdm=False)
@@ -119,13 +128,13 @@ class VLLMBackend:
             raise RuntimeError(f"vLLM failed with LoRA adapter {self._lora.lora_path}: {type(e).__name__}: {e}") from e
         seconds = time.perf_counter() - started
         out = []
-        for o in outputs:
+        for p, o in zip(prompts, outputs):
             c = o.outputs[0]
             out.append(Completion(
-                text=c.text, prompt_tokens=len(o.prompt_token_ids or []), completion_tokens=len(c.token_ids),
-                seconds=seconds / len(prompts),
+                text=p.prefix + c.text, prompt_tokens=len(o.prompt_token_ids or []),
+                completion_tokens=len(c.token_ids), seconds=seconds / len(prompts),
                 meta={"batch_size": len(prompts), "batch_seconds": seconds, "finish_reason": c.finish_reason,
-                      "adapter": self.active_adapter}))
+                      "adapter": self.active_adapter, "constrained": bool(p.grammar)}))
         return out
 
     def load_adapter(self, path: str) -> None:
@@ -155,8 +164,13 @@ class VLLMBackend:
         gc.collect()
 
 
-def _token_ids(rendered) -> list[int]:
-    """apply_chat_template's token ids, whether it returned a list or a BatchEncoding."""
-    if isinstance(rendered, dict) or hasattr(rendered, "input_ids"):
-        rendered = rendered["input_ids"]
-    return list(rendered)
+def _grammar_params(lark: str) -> dict:
+    """SamplingParams' keyword for a Lark grammar in the installed vLLM: `structured_outputs`
+    (StructuredOutputsParams, from 0.10.2; the only one from 0.12) or, before it, `guided_decoding`."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(grammar=lark)}
+    return {"structured_outputs": StructuredOutputsParams(grammar=lark)}

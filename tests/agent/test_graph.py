@@ -129,3 +129,80 @@ def test_stop_drains_then_resume_finishes_without_duplicates(tmp_path):
     assert len(rows) == 8 and all(r.final for r in rows)
     trained = [c for c in ex.calls if c != "base-lenet"]
     assert len(trained) == len(set(trained)) == 8  # no candidate trained twice
+
+
+class FailingOnceExecutor(InstantExecutor):
+    """Training crashes for each candidate's first version (a shape error), as a sandbox reports it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def evaluate(self, source, candidate_id, out_dir):
+        if candidate_id.startswith("base-") or candidate_id in self.seen:
+            return super().evaluate(source, candidate_id, out_dir)
+        self.seen.add(candidate_id)
+        with self.lock:
+            self.calls.append(candidate_id)
+        from deltanas.tools.proxy import EvalOutcome
+
+        return EvalOutcome(status="crashed", accuracy=None, param_count=None, train_seconds=None, total_seconds=0.01,
+                           error="RuntimeError: mat1 and mat2 shapes cannot be multiplied",
+                           log_tail="Traceback...\nRuntimeError: mat1 and mat2 shapes cannot be multiplied (8x800 and 512x120)")
+
+
+def test_a_training_failure_is_repaired_with_the_error_fed_back(tmp_path):
+    counter = iter(range(10_000))
+    llm = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, f't{next(counter)}')}```")
+    ex = FailingOnceExecutor()
+    deps = make_deps(tmp_path, llm, ex, **{"search.cycles": 1, "search.candidates": 2})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    rows = deps.store.candidates(cycle=0)
+    assert all(r.status == "ok" and r.attempts == 1 for r in rows), [(r.status, r.attempts) for r in rows]
+    assert sorted(ex.calls).count(rows[0].id) == 2  # trained, repaired, trained again
+    traj = deps.store.get_trajectory(rows[0].id)
+    repair_turn = [m for m in traj if m["role"] == "user"][1]["content"]
+    assert "crashed" in repair_turn and "mat1 and mat2 shapes" in repair_turn
+    calls = [m["tool_calls"][0]["function"]["name"] for m in traj if m.get("tool_calls")]
+    assert calls == ["propose_diff", "apply_diff", "check_novelty", "proxy_train",
+                     "propose_diff", "apply_diff", "check_novelty", "proxy_train"]
+
+
+def test_a_training_failure_past_the_repair_budget_is_recorded_as_it_failed(tmp_path):
+    counter = iter(range(10_000))
+    llm = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, f'u{next(counter)}')}```")
+    deps = make_deps(tmp_path, llm, FailingOnceExecutor(),
+                     **{"search.cycles": 1, "search.candidates": 1, "search.max_repairs": 0})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    (row,) = deps.store.candidates(cycle=0)
+    assert row.status == "crashed" and row.attempts == 0 and "mat1 and mat2" in row.error_message
+
+
+def test_each_candidate_records_how_its_answer_was_constrained(tmp_path):
+    from deltanas.tools.diff_grammar import DIFF_PREFIX
+
+    class GrammarScripted(ScriptedBackend):
+        supports_grammar = True
+        supports_prefix = True
+
+    seen = []
+
+    def answer(p):
+        seen.append(p)
+        return f"```diff\n{block_diff(p.base_source, f'v{len(seen)}')}```"
+
+    deps = make_deps(tmp_path, GrammarScripted(answer), InstantExecutor(),
+                     **{"search.cycles": 1, "search.candidates": 2})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    rows = deps.store.candidates(cycle=0)
+    assert [r.constrain for r in rows] == ["grammar", "grammar"]
+    assert all(r.site is not None for r in rows)
+    first = seen[:2]
+    assert all(p.grammar and p.prefix == DIFF_PREFIX for p in first)
+    lines = first[0].base_source.splitlines()
+    assert f"line {rows[0].site + 1}: `{lines[rows[0].site].strip()}`" in first[0].messages[-1]["content"]
+    # a plain scripted backend takes neither prefix nor grammar: its answers are recorded as free
+    deps2 = make_deps(tmp_path / "b", ScriptedBackend(answer), InstantExecutor(),
+                      **{"search.cycles": 1, "search.candidates": 1})
+    assert run_graph(deps2, InMemorySaver()).status == "finished"
+    assert [r.constrain for r in deps2.store.candidates(cycle=0)] == ["none"]

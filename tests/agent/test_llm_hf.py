@@ -310,3 +310,67 @@ def test_bf16_predicts_the_tokens_fp32_does(smollm2_fp32):
         assert bool(agree[clear].all()) and int(agree.sum()) >= 6, (agree, top2)
         assert (a - b).abs().sum(-1).div(2).max().item() < 0.1
     bf16.close()
+
+
+def _grammar_prompts(names, *, sites=True, budget_rows=None):
+    """Proposal prompts held to their parent's grammar, each at a drawn edit site."""
+    from deltanas.tools.diff_grammar import answer_format, pick_site
+    from deltanas.tools.zoo import get_baseline
+
+    out = []
+    for i, n in enumerate(names):
+        src = get_baseline(n).source
+        site = pick_site(src, f"test-{i}") if sites else None
+        fmt = answer_format(src, mode="delta", constrain="grammar", site=site)
+        chat = prompting.propose_messages(parent_source=src, dataset="mnist", in_shape=(1, 1, 28, 28), num_classes=10,
+                                          parent_accuracy=0.97, site=site)
+        out.append(Prompt(messages=chat, base_source=src, prefix=fmt.prefix, grammar=fmt.grammar))
+    return out
+
+
+def _admitted(prompt, completion) -> bool:
+    from deltanas.tools.diff_grammar import accepts
+
+    assert completion.text.startswith(prompt.prefix)
+    return accepts(prompt.grammar, completion.text[len(prompt.prefix):])
+
+
+PLACEMENT_ERRORS = {"no_diff", "malformed_hunk", "context_mismatch", "ambiguous_match", "unsafe_path",
+                    "foreign_path", "protected_region", "placeholder_echo"}
+
+
+@pytest.mark.slow
+@needs_tinycoder
+def test_a_random_model_under_the_grammar_writes_only_diffs_that_place_and_closes_within_budget(tiny_pair):
+    from deltanas.tools.diff_apply import apply_model_output
+
+    backend = tiny_pair[0]
+    prompts = _grammar_prompts(["lenet", "resnet", "mobilenet"])
+    free = Prompt(messages=[{"role": "user", "content": "Add dropout."}])
+    sampling = Sampling(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=120, seed=3)
+    out = backend.generate([*prompts, free], sampling)
+    for p, c in zip(prompts, out):
+        assert c.meta["constrained"] and c.meta["grammar_error"] is None
+        assert _admitted(p, c), c.text  # a random model, yet every byte follows the grammar
+        assert c.text.endswith("```")  # closed before the budget ran out
+        res = apply_model_output(p.base_source, c.text)
+        assert res.ok or res.error.code.value not in PLACEMENT_ERRORS, res.error
+    assert not out[-1].meta["constrained"] and not out[-1].text.startswith("```diff")
+    stats = backend.constraint_stats()
+    assert stats["compiles"] >= 3 and stats["masks"] > 0 and stats["mask_ms"] > 0
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_under_the_grammar_writes_diffs_that_apply(smollm2_fp32):
+    from deltanas.tools.diff_apply import apply_model_output
+
+    prompts = _grammar_prompts(["lenet", "resnet", "mobilenet", "vgg"])
+    out = smollm2_fp32.generate(prompts, Sampling(max_new_tokens=160, seed=0))
+    codes = []
+    for p, c in zip(prompts, out):
+        assert _admitted(p, c), c.text
+        res = apply_model_output(p.base_source, c.text)
+        codes.append(None if res.ok else res.error.code.value)
+    assert not set(codes) & PLACEMENT_ERRORS, codes
+    assert codes.count(None) >= 2, codes  # the rest may still break Python's syntax or change nothing

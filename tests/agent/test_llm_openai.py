@@ -1,8 +1,10 @@
 """The OpenAI-compatible backend against a real HTTP server on 127.0.0.1 that speaks
-/chat/completions and vLLM's /load_lora_adapter."""
+/chat/completions and vLLM's /load_lora_adapter, and plays a server that honours vLLM's
+structured outputs, one that ignores them, and one that refuses them."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -13,6 +15,7 @@ import pytest
 from deltanas.agent.llm import openai_compat
 from deltanas.agent.llm.base import Prompt, Sampling
 from deltanas.agent.llm.openai_compat import OpenAIBackend
+from deltanas.tools.zoo import get_baseline
 
 
 class FakeServer:
@@ -20,6 +23,9 @@ class FakeServer:
         self.delay_s = delay_s
         self.fail_first = fail_first
         self.fail_status = fail_status
+        self.answer: str | None = None  # the content of every chat answer; None echoes the last message
+        self.finish_reason = "stop"
+        self.refuse_structured = False  # answer HTTP 400 to a request that carries `structured_outputs`
         self.requests: list[dict] = []
         self.adapters: dict[str, str] = {}
         self.in_flight = 0
@@ -69,10 +75,13 @@ class FakeServer:
                 model = payload["model"]
                 if model != "base-model" and model not in server.adapters:
                     return self._send(404, {"error": f"model {model} does not exist"})
+                if server.refuse_structured and "structured_outputs" in payload:
+                    return self._send(400, {"object": "error", "message": "1 validation error: structured_outputs: "
+                                                                         "Extra inputs are not permitted"})
                 last = payload["messages"][-1]["content"]
-                text = f"[{model}] echo: {last}"
+                text = f"[{model}] echo: {last}" if server.answer is None else server.answer
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": text},
-                                              "finish_reason": "stop"}],
+                                              "finish_reason": server.finish_reason}],
                                  "usage": {"prompt_tokens": len(last.split()) + 7,
                                            "completion_tokens": len(text.split())}})
 
@@ -185,3 +194,134 @@ def test_load_adapter_errors(server, tmp_path):
     with pytest.raises(RuntimeError, match="refused LoRA adapter.*VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
         b.load_adapter(str(tmp_path))
     assert b.model == "base-model"
+
+
+# --- prefix and grammar ------------------------------------------------------------------------
+
+# An answer the lenet grammar admits (tests/tools/test_diff_grammar.py): the text after the prefix.
+RELU_TO_GELU = """@@
+             nn.Conv2d(in_channels, 16, kernel_size=5, padding=2),
+-            nn.ReLU(inplace=True),
++            nn.GELU(),
+             nn.MaxPool2d(2),
+```"""
+UNCONSTRAINED = "Sure! Here is a diff that swaps the activation:\n@@\n-nn.ReLU()\n+nn.GELU()\n```"
+
+
+@pytest.fixture(scope="module")
+def lenet_grammar():
+    pytest.importorskip("llguidance")
+    from deltanas.tools.diff_grammar import accepts, delta_grammar
+
+    g = delta_grammar(get_baseline("lenet").source)
+    assert accepts(g.lark, RELU_TO_GELU) and not accepts(g.lark, UNCONSTRAINED)
+    return g
+
+
+def diff_prompt(g, text: str = "edit the net") -> Prompt:
+    return Prompt(messages=[{"role": "system", "content": "sys"}, {"role": "user", "content": text}],
+                  prefix=g.prefix, grammar=g.lark)
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.name == openai_compat.log.name]
+
+
+def test_grammar_and_prefix_go_to_vllm_and_the_text_starts_with_the_prefix(server, lenet_grammar, caplog):
+    g = lenet_grammar
+    server.answer = RELU_TO_GELU
+    b = OpenAIBackend("base-model", server.url, concurrency=2)
+    assert b.supports_grammar and b.supports_prefix
+    out = b.generate([diff_prompt(g, "a"), diff_prompt(g, "b")], Sampling())
+    assert [c.text for c in out] == [g.prefix + RELU_TO_GELU] * 2
+    assert all(c.meta["constrained"] is True and "grammar_ignored" not in c.meta for c in out)
+    assert not b.grammar_ignored and not warnings_of(caplog)
+    for req, user_text in zip(sorted(server.requests, key=lambda r: r["messages"][1]["content"]), "ab"):
+        assert req["structured_outputs"] == {"grammar": g.lark}
+        assert "guided_grammar" not in req  # vLLM >= 0.12 ignores it: sending it would hide nothing
+        # the prefix is the final assistant message, which the model continues (no new turn opened)
+        assert req["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": user_text},
+                                   {"role": "assistant", "content": g.prefix}]
+        assert req["continue_final_message"] is True and req["add_generation_prompt"] is False
+
+
+def test_a_prompt_without_prefix_or_grammar_sends_neither(server):
+    out = OpenAIBackend("base-model", server.url, concurrency=1).generate([user("hi")], Sampling())
+    req = server.requests[0]
+    assert out[0].text == "[base-model] echo: hi" and out[0].meta["constrained"] is False
+    assert req["messages"][-1] == {"role": "user", "content": "hi"}
+    assert not {"structured_outputs", "continue_final_message", "add_generation_prompt"} & set(req)
+
+
+def test_an_answer_cut_at_the_token_limit_is_judged_by_what_it_wrote(server, lenet_grammar, caplog):
+    g = lenet_grammar
+    server.answer, server.finish_reason = RELU_TO_GELU[:70], "length"
+    b = OpenAIBackend("base-model", server.url, concurrency=1)
+    out = b.generate([diff_prompt(g)], Sampling(max_new_tokens=20))
+    assert out[0].text == g.prefix + RELU_TO_GELU[:70] and out[0].meta["constrained"] is True
+    assert not b.grammar_ignored and not warnings_of(caplog)
+    server.answer = UNCONSTRAINED[:40]  # cut too, but it broke the grammar before the cut
+    out = b.generate([diff_prompt(g)], Sampling(max_new_tokens=20))
+    assert out[0].meta["constrained"] is False and out[0].meta["grammar_ignored"] is True
+
+
+def test_a_server_that_ignores_the_grammar_is_caught_once_and_then_sent_prefixes_only(server, lenet_grammar,
+                                                                                      caplog):
+    g = lenet_grammar
+    server.answer = UNCONSTRAINED  # HTTP 200 and free text: what vLLM >= 0.12 does with `guided_grammar`
+    b = OpenAIBackend("base-model", server.url, concurrency=1)
+    first, second = b.generate([diff_prompt(g, "a"), diff_prompt(g, "b")], Sampling())
+    third = b.generate([diff_prompt(g, "c")], Sampling())[0]
+    assert b.grammar_ignored
+    assert first.meta["grammar_ignored"] is True and first.meta["constrained"] is False
+    assert all(c.meta["constrained"] is False and "grammar_ignored" not in c.meta for c in (second, third))
+    assert all(c.text == g.prefix + UNCONSTRAINED for c in (first, second, third))
+    assert "structured_outputs" in server.requests[0]
+    for req in server.requests[1:]:  # no grammar any more, but still the prefix to continue
+        assert "structured_outputs" not in req
+        assert req["messages"][-1] == {"role": "assistant", "content": g.prefix}
+        assert req["continue_final_message"] is True
+    warned = warnings_of(caplog)
+    assert len(warned) == 1
+    assert "ignored the structured-output grammar" in warned[0] and "structured_outputs" in warned[0]
+    assert "an older vLLM or another server may not support" in warned[0]
+
+
+def test_concurrent_answers_that_break_the_grammar_warn_once(server, lenet_grammar, caplog):
+    server.answer, server.delay_s = UNCONSTRAINED, 0.2
+    b = OpenAIBackend("base-model", server.url, concurrency=4)
+    out = b.generate([diff_prompt(lenet_grammar, str(i)) for i in range(4)], Sampling())
+    assert server.max_in_flight >= 3  # they were all in flight with the grammar when the first came back
+    assert b.grammar_ignored and len(warnings_of(caplog)) == 1
+    assert sum(bool(c.meta.get("grammar_ignored")) for c in out) == 1
+    assert all(c.meta["constrained"] is False for c in out)
+
+
+def test_a_server_that_refuses_structured_outputs_is_asked_again_without_them(server, lenet_grammar, caplog):
+    g = lenet_grammar
+    server.answer, server.refuse_structured = UNCONSTRAINED, True
+    b = OpenAIBackend("base-model", server.url, concurrency=1)
+    first = b.generate([diff_prompt(g, "a")], Sampling())[0]
+    second = b.generate([diff_prompt(g, "b")], Sampling())[0]
+    assert [("structured_outputs" in r, r["messages"][1]["content"]) for r in server.requests] == [
+        (True, "a"), (False, "a"), (False, "b")]
+    assert all(r["messages"][-1] == {"role": "assistant", "content": g.prefix} for r in server.requests)
+    assert first.text == second.text == g.prefix + UNCONSTRAINED
+    assert first.meta["grammar_ignored"] is True and first.meta["constrained"] is False
+    assert second.meta["constrained"] is False and "grammar_ignored" not in second.meta
+    assert b.grammar_ignored
+    warned = warnings_of(caplog)
+    assert len(warned) == 1 and "refused the structured-output grammar (HTTP 400" in warned[0]
+    assert "Extra inputs are not permitted" in warned[0]
+
+
+def test_a_400_that_is_not_about_the_grammar_is_an_error_and_keeps_the_grammar(server, lenet_grammar, caplog):
+    server.fail_first, server.fail_status = 2, 400  # refused with and without the grammar alike
+    b = OpenAIBackend("base-model", server.url, concurrency=1)
+    with pytest.raises(RuntimeError, match="answered HTTP 400"):
+        b.generate([diff_prompt(lenet_grammar)], Sampling())
+    assert len(server.requests) == 2 and not b.grammar_ignored and not warnings_of(caplog)
+    server.answer = RELU_TO_GELU
+    assert b.generate([diff_prompt(lenet_grammar)], Sampling())[0].meta["constrained"] is True
+    assert "structured_outputs" in server.requests[-1]

@@ -76,6 +76,17 @@ def main():
     again = b.generate(prompts[:1], s)
     # Sampled, as a run decodes (the paper's settings and a seed): the CPU engine must survive it.
     sampled = b.generate(prompts, Sampling(temperature=0.35, top_k=50, top_p=0.9, max_new_tokens=8, seed=3))
+    # Held to a parent's grammar (vLLM's structured outputs), at one edit site: a diff that places.
+    from deltanas.tools.diff_grammar import DiffShape, accepts, answer_format, pick_site
+    from deltanas.tools.zoo import get_baseline
+    src = get_baseline("lenet").source
+    fmt = answer_format(src, mode="delta", constrain="grammar", site=pick_site(src, "vllm"),
+                        shape=DiffShape(max_hunks=1, max_added=2))
+    g = b.generate([Prompt(messages=[{"role": "user", "content": "Improve this network:\n" + src}],
+                           base_source=src, prefix=fmt.prefix, grammar=fmt.grammar)],
+                   Sampling(temperature=0, max_new_tokens=200))[0]
+    grammar = [g.text, g.text.startswith(fmt.prefix) and accepts(fmt.grammar, g.text[len(fmt.prefix):]),
+               g.meta.get("constrained")]
     try:
         b.load_adapter(sys.argv[2])
         bad = None
@@ -84,7 +95,8 @@ def main():
     print("RESULT " + json.dumps({
         "base": [c.text for c in base], "tuned": [c.text for c in tuned], "again": again[0].text,
         "tokens": [[c.prompt_tokens, c.completion_tokens] for c in tuned], "adapter": tuned[0].meta["adapter"],
-        "bad": bad, "folder": str(b.folder), "sampled": [c.completion_tokens for c in sampled]}))
+        "bad": bad, "folder": str(b.folder), "sampled": [c.completion_tokens for c in sampled],
+        "grammar": grammar}))
     b.close()
 
 if __name__ == "__main__":
@@ -111,6 +123,8 @@ def test_vllm_backend_generates_and_hot_swaps_a_run_adapter(vllm_env, tmp_path):
     assert "adapter_config.json is missing" in out["bad"]
     assert len(out["sampled"]) == 2 and all(n > 0 for n in out["sampled"])
     assert Path(out["folder"]) == serving_folder("smollm2")  # the folder the main environment converted
+    text, admitted, constrained = out["grammar"]
+    assert admitted and constrained, text
 
 
 def _free_port() -> int:
@@ -163,6 +177,17 @@ def test_deltanas_serve_loads_run_adapters_and_new_ones_at_runtime(vllm_env, tmp
         assert _models(url) is not None  # the server survived sampled requests
         with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
             backend.load_adapter(str(tmp_path))
+        # The answer grammar through the server's structured outputs (the guidance backend serve asks for).
+        from deltanas.tools.diff_grammar import DiffShape, accepts, answer_format, pick_site
+        from deltanas.tools.zoo import get_baseline
+        src = get_baseline("lenet").source
+        fmt = answer_format(src, mode="delta", constrain="grammar", site=pick_site(src, "serve"),
+                            shape=DiffShape(max_hunks=1, max_added=2))
+        g = backend.generate([Prompt(messages=[{"role": "user", "content": "Improve this network:\n" + src}],
+                                     base_source=src, prefix=fmt.prefix, grammar=fmt.grammar)],
+                             Sampling(temperature=0, max_new_tokens=200))[0]
+        assert g.meta["constrained"] and not backend.grammar_ignored, g.text
+        assert accepts(fmt.grammar, g.text[len(fmt.prefix):]), g.text
         backend.close()
     finally:
         proc.send_signal(signal.SIGTERM)  # deltanas serve stops the server's whole group

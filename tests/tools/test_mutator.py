@@ -331,13 +331,14 @@ def test_make_diff_format():
     assert no_eol.endswith("+y = 3\n\\ No newline at end of file\n")
 
 
-def test_make_diff_numbers_only_the_hunks_whose_old_lines_repeat():
-    # "x\ny\nx" occurs once, so its hunk goes bare; the second change's old lines "p\nq\np" occur
-    # twice (the file repeats that block), so its hunk keeps the numbers that tell the places apart
+def test_make_diff_numbers_only_the_hunks_whose_anchor_repeats():
+    # A hunk's anchor is its context line and the line after it, as the answer grammar writes it:
+    # "x\ny" occurs once, so its hunk goes bare; "p\nq" occurs twice (the file repeats that block),
+    # so that hunk keeps its first old line's number, which tells the places apart
     old = "x\ny\nx\n1\n2\n3\n4\np\nq\np\n5\n6\n7\np\nq\np\n"
     new = old.replace("y\n", "Y\n").replace("5\n6\n7\np\nq\n", "5\n6\n7\np\nQ\n")
     diff = make_diff(old, new)
-    assert [l for l in diff.splitlines() if l.startswith("@@")] == ["@@", "@@ -14,3 +14,3 @@"]
+    assert [l for l in diff.splitlines() if l.startswith("@@")] == ["@@", "@@ -14 @@"]
     assert apply_model_output(old, f"```diff\n{diff}```\n").source == new
     bare = "\n".join("@@" if l.startswith("@@") else l for l in diff.splitlines()) + "\n"
     assert apply_model_output(old, f"```diff\n{bare}```\n").error.code == "ambiguous_match"  # why it keeps them

@@ -1,0 +1,209 @@
+"""Grammar-constrained decoding for in-process transformers models, through llguidance.
+
+Each prompt that carries a grammar gets an `llguidance.LLMatcher`; at every decoding step the
+processor feeds the row's last token to its matcher and masks the logits to the tokens the
+grammar allows next, before temperature, top-k and top-p see them. Rows without a grammar pass
+through untouched, so one batch can mix constrained and free prompts.
+
+Closing before the budget runs out: once a row has fewer new tokens left than it needs to close
+(the longest parent line plus the fence), the processor prefers, among the tokens the grammar
+allows, those that end the current `+` line and those that start a context line or the closing
+fence, so an answer is not cut in the middle of a hunk.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+CLOSE_SLACK = 8  # tokens beyond the longest parent line that closing takes: a fence, a newline
+
+
+class GrammarCompileError(RuntimeError):
+    """The grammar library refused a grammar (a bug in the grammar builder, or a hostile parent)."""
+
+
+@dataclass
+class MaskStats:
+    """What constraining cost: compiles and their seconds, masks computed and their seconds."""
+
+    compiles: int = 0
+    compile_seconds: float = 0.0
+    masks: int = 0
+    mask_seconds: float = 0.0
+    closing_steps: int = 0
+
+    def to_json(self) -> dict:
+        return {"compiles": self.compiles, "compile_seconds": round(self.compile_seconds, 4),
+                "masks": self.masks, "mask_seconds": round(self.mask_seconds, 4),
+                "mask_ms": round(1e3 * self.mask_seconds / self.masks, 4) if self.masks else None,
+                "closing_steps": self.closing_steps}
+
+
+class Constrainer:
+    """The llguidance view of one tokenizer: compiled grammars (cached by text) and per-token facts
+    the closing rule needs. Built once per backend; about a second for a 50k vocabulary."""
+
+    def __init__(self, hf_tokenizer, *, cache_size: int = 64):
+        import llguidance.hf
+        import numpy as np
+
+        self.tokenizer = hf_tokenizer
+        self.ll = llguidance.hf.from_tokenizer(hf_tokenizer)
+        self.vocab = self.ll.vocab_size
+        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._cache_size = cache_size
+        self.stats = MaskStats()
+        first = np.zeros(self.vocab, dtype=bool)  # tokens whose text starts a diff line we may close with
+        fence = np.zeros(self.vocab, dtype=bool)
+        plus = np.zeros(self.vocab, dtype=bool)
+        newline = np.zeros(self.vocab, dtype=bool)
+        for t in range(self.vocab):
+            b = self.ll.decode_bytes([t])
+            first[t] = b[:1] in (b" ", b"`")
+            fence[t] = b[:1] == b"`"
+            plus[t] = b[:1] == b"+"
+            newline[t] = b"\n" in b
+        self.starts_closing_line = first
+        self.starts_fence = fence
+        self.starts_plus = plus
+        self.has_newline = newline
+
+    def matcher(self, lark: str):
+        """A fresh matcher for `lark`, compiled once per distinct grammar."""
+        import llguidance
+
+        m = self._cache.get(lark)
+        if m is None:
+            started = time.perf_counter()
+            m = llguidance.LLMatcher(self.ll, lark, log_level=0)
+            self.stats.compiles += 1
+            self.stats.compile_seconds += time.perf_counter() - started
+            if m.is_error():
+                raise GrammarCompileError(f"the grammar did not compile: {m.get_error()[:500]}")
+            self._cache[lark] = m
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(lark)
+        return m.deep_copy()
+
+    def tokens(self, text: str) -> list[int]:
+        return self.ll.tokenize_str(text)
+
+    def reserve(self, parent_source: str) -> int:
+        """New tokens a delta answer may still need to close: a removed line the grammar may force
+        (when a hunk has no change yet), the context line after it, and the fence."""
+        lines = parent_source.splitlines() or [""]
+        longest = max(lines, key=len)
+        return 2 * len(self.tokens(" " + longest + "\n")) + CLOSE_SLACK
+
+    def processor(self, rows: list["RowGrammar | None"], max_new_tokens: int) -> "GrammarLogitsProcessor":
+        return GrammarLogitsProcessor(self, rows, max_new_tokens)
+
+
+@dataclass
+class RowGrammar:
+    """One prompt's constraint: the grammar of what follows its pre-filled prefix, and the tokens
+    to keep in hand for closing."""
+
+    lark: str
+    prefix: str = ""
+    reserve: int = 0
+    matcher: object = None
+    text: str = ""  # what the row has written since its last newline (for the closing rule)
+    lines: list[str] = field(default_factory=list)  # the answer's finished lines
+    done: bool = False
+    failed: str | None = None
+    generated: list[int] = field(default_factory=list)
+
+
+class GrammarLogitsProcessor:
+    """A transformers LogitsProcessor over a batch whose rows may each carry a grammar."""
+
+    def __init__(self, constrainer: Constrainer, rows: list[RowGrammar | None], max_new_tokens: int):
+        self.c = constrainer
+        self.rows = rows
+        self.max_new = max_new_tokens
+        self.step = 0
+        for r in rows:
+            if r is None:
+                continue
+            r.matcher = constrainer.matcher(r.lark)  # the grammar of what follows the pre-filled prefix
+            r.text = r.prefix.rsplit("\n", 1)[-1]
+
+    def __call__(self, input_ids, scores):
+        import numpy as np
+        import torch
+
+        if self.step > 0:
+            last = input_ids[:, -1].tolist()
+            for r, tok in zip(self.rows, last):
+                if r is None or r.done:
+                    continue
+                r.generated.append(tok)
+                if not r.matcher.consume_token(tok):
+                    r.failed = r.matcher.get_error()[:300]
+                    r.done = True
+                    continue
+                *ended, r.text = (r.text + self.c.ll.decode_str([tok])).split("\n")
+                r.lines.extend(ended)
+                if r.matcher.is_stopped():
+                    r.done = True
+        self.step += 1
+        left = self.max_new - self.step + 1  # new tokens left, this one included
+        vocab = scores.shape[-1]
+        started = time.perf_counter()
+        masks = []
+        for r in self.rows:
+            if r is None:
+                masks.append(None)
+                continue
+            if r.done:  # the answer is complete (or broken): only end-of-sequence from here on
+                allowed = np.zeros(self.c.vocab, dtype=bool)
+                allowed[self.c.ll.eos_tokens] = True
+            else:
+                bits = np.frombuffer(r.matcher.compute_bitmask(), dtype=np.uint8)
+                allowed = np.unpackbits(bits, bitorder="little")[: self.c.vocab].astype(bool)
+                self.c.stats.masks += 1
+                if not allowed.any():  # cannot happen for a well-formed grammar; never sample from nothing
+                    allowed[self.c.ll.eos_tokens] = True
+                elif left <= r.reserve:
+                    allowed = self._closing(r, allowed)
+                elif r.text == "" and self._repeating(r):
+                    allowed = self._prefer(allowed, ~self.c.starts_plus)
+            masks.append(allowed)
+        self.c.stats.mask_seconds += time.perf_counter() - started
+        out = scores.clone()
+        for i, allowed in enumerate(masks):
+            if allowed is None:
+                continue
+            full = np.zeros(vocab, dtype=bool)
+            n = min(vocab, len(allowed))
+            full[:n] = allowed[:n]
+            out[i, ~torch.from_numpy(full).to(out.device)] = float("-inf")
+        return out
+
+    @staticmethod
+    def _repeating(r: RowGrammar) -> bool:
+        """Did the last '+' line repeat the line before it? Small models loop on a line until the
+        group's cap; a repeated line ends the group instead."""
+        return len(r.lines) >= 2 and r.lines[-1].startswith("+") and r.lines[-1][1:] == r.lines[-2][1:]
+
+    @staticmethod
+    def _prefer(allowed, wanted):
+        both = allowed & wanted
+        return both if both.any() else allowed
+
+    def _closing(self, r: RowGrammar, allowed):
+        """Among the allowed tokens, those that move toward the end: end a '+' line, start the
+        closing fence or else a context line. Falls back to all allowed tokens when none of those is."""
+        self.c.stats.closing_steps += 1
+        if r.text == "":
+            return self._prefer(self._prefer(allowed, self.c.starts_fence), self.c.starts_closing_line)
+        if r.text.startswith("+"):
+            return self._prefer(allowed, self.c.has_newline)
+        return allowed
