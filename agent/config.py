@@ -203,7 +203,8 @@ class NoveltyConfig(_Section):
 class Config(_Section):
     name: str = "run"
     baselines: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
-    """Zoo networks the search starts from (`deltanas zoo list`)."""
+    """Networks the search starts from: zoo names (`deltanas zoo list`) or paths to your own files
+    (`*.py` with the LEMUR `Net` interface), each checked before the run starts."""
     llm: LLMConfig = Field(default_factory=LLMConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -215,14 +216,22 @@ class Config(_Section):
     @field_validator("baselines")
     @classmethod
     def _baselines_exist(cls, v: list[str]) -> list[str]:
-        from deltanas.tools.zoo import list_baselines
+        from deltanas.tools.zoo import check_user_baseline, get_baseline, is_path, list_baselines
 
         known = {b.name for b in list_baselines()}
         if not v:
             raise ValueError("at least one baseline is needed")
-        unknown = [b for b in v if b not in known]
+        unknown = [b for b in v if not is_path(b) and b not in known]
         if unknown:
-            raise ValueError(f"unknown baseline(s) {unknown}; available: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown baseline(s) {unknown}; available: {', '.join(sorted(known))}, "
+                             "or a path to your own model file (*.py)")
+        problems = [p for p in (check_user_baseline(b) for b in v if is_path(b)) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        names = [get_baseline(b).name for b in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two baselines share the name {twice}: rename one of the files")
         return v
 
 

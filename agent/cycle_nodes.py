@@ -23,7 +23,7 @@ from deltanas.agent.store import CandidateRow
 from deltanas.tools import prompting
 from deltanas.tools.novelty import NoveltyIndex
 from deltanas.tools.trajectory import TOOL_SCHEMAS, proposal_step
-from deltanas.tools.zoo import get_baseline
+from deltanas.tools.zoo import get_baseline, is_path
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,23 @@ def candidate_id(cycle: int, idx: int) -> str:
 def evaluate_baselines(state: RunState, deps: Deps) -> dict[str, Any]:
     """Train every baseline once, so prompts carry real parent accuracies."""
     todo = []
-    for i, name in enumerate(deps.config.baselines):
-        cid = f"base-{name}"
+    for i, spec in enumerate(deps.config.baselines):
+        cid = f"base-{get_baseline(spec).name}"
         row = deps.store.get(cid)
         if row is None or not row.final:
-            todo.append((i, name, cid))
+            todo.append((i, spec, cid))
 
     def run(item: tuple[int, str, str]) -> None:
-        i, name, cid = item
+        i, spec, cid = item
         deps.check_stop()
-        source = get_baseline(name).source
+        source = get_baseline(spec).source
         started = time.time()
         outcome = deps.executor.evaluate(source, cid, deps.candidate_dir(cid))
+        if outcome.status != "ok" and is_path(spec):
+            # The user's own file: say so now, before a search starts from it. Nothing is recorded,
+            # so a resume after the fix trains it again.
+            raise RuntimeError(f"baseline {spec} did not train in the sandbox ({outcome.status}): {outcome.error}; "
+                               f"see {deps.candidate_dir(cid) / 'log.txt'}")
         deps.store.upsert(CandidateRow(
             id=cid, cycle=-1, idx=i, kind="baseline", dataset=deps.dataset.name, status=outcome.status,
             error_message=outcome.error or None, source=source, accuracy=outcome.accuracy,
@@ -57,11 +62,12 @@ def evaluate_baselines(state: RunState, deps: Deps) -> dict[str, Any]:
     if todo:
         with ThreadPoolExecutor(max_workers=len(todo)) as pool:
             list(pool.map(run, todo))
-    for name in deps.config.baselines:
+    names = [get_baseline(spec).name for spec in deps.config.baselines]
+    for name in names:
         row = deps.store.get(f"base-{name}")
         deps.novelty.add(row.id, deps.novelty.from_hashvalues(row.minhash))
-    if not any(deps.store.get(f"base-{n}").status == "ok" for n in deps.config.baselines):
-        logs = ", ".join(str(deps.candidate_dir(f"base-{n}") / "log.txt") for n in deps.config.baselines)
+    if not any(deps.store.get(f"base-{n}").status == "ok" for n in names):
+        logs = ", ".join(str(deps.candidate_dir(f"base-{n}") / "log.txt") for n in names)
         raise RuntimeError(f"no baseline trained on {deps.dataset.name}; see {logs}")
     return {"baselines_ready": True, "cycle": state.get("cycle", 0)}
 

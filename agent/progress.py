@@ -38,6 +38,9 @@ def summarise(store: Store) -> dict[str, Any]:
         "per_status": per_status,
         "applied_rate": len(applied) / len(searched) if searched else None,
         "valid_novel_rate": len(ok) / len(searched) if searched else None,
+        # how answers were held to the format (llm.constrain), candidates per mode
+        "constrain": {m: sum((r.constrain or "none") == m for r in searched)
+                      for m in sorted({r.constrain or "none" for r in searched})},
         "best": {"id": best.id, "accuracy": best.accuracy, "parent_id": best.parent_id} if best else None,
         "cycles_finished": sum(1 for c in store.cycles() if c["finished_at"]),
     }
@@ -53,7 +56,7 @@ def _fmt_acc(a: float | None) -> str:
 
 def candidates_table(rows: list[CandidateRow], title: str = "latest candidates") -> Table:
     t = Table(title=title, expand=True, title_justify="left")
-    for col in ("id", "parent", "diff ±", "status", "novelty", "accuracy", "secs"):
+    for col in ("id", "parent", "held", "diff ±", "status", "novelty", "accuracy", "secs"):
         t.add_column(col, no_wrap=True)
     for r in rows:
         status = r.status if r.status in ("ok", "proposed") else f"{r.status}" + (
@@ -62,7 +65,8 @@ def candidates_table(rows: list[CandidateRow], title: str = "latest candidates")
         diff = f"+{r.added}/-{r.removed}" if r.added is not None else "—"
         nov = "—" if r.similarity is None else f"{r.similarity:.3f}"
         secs = "—" if r.eval_seconds is None else f"{r.eval_seconds:.1f}"
-        t.add_row(r.id, r.parent_id or "", diff, f"[{style}]{status}[/]", nov, _fmt_acc(r.accuracy), secs)
+        held = "—" if r.constrain is None else r.constrain + ("" if r.site is None else f"@{r.site + 1}")
+        t.add_row(r.id, r.parent_id or "", held, diff, f"[{style}]{status}[/]", nov, _fmt_acc(r.accuracy), secs)
     return t
 
 
@@ -112,4 +116,5 @@ def print_status(console: Console, store: Store, summary: dict[str, Any]) -> Non
     console.print(Panel(
         f"searched {summary['candidates']} candidates; applied {_pct(summary['applied_rate'])}; "
         f"valid and novel {_pct(summary['valid_novel_rate'])}; cycles finished {summary['cycles_finished']}; "
+        f"answers held by {', '.join(f'{m} {n}' for m, n in summary['constrain'].items()) or '—'}; "
         f"best {best['id'] + ' ' + _fmt_acc(best['accuracy']) if best else '—'}"))

@@ -21,7 +21,7 @@ from typing import Any
 
 from deltanas.agent.store import CandidateRow, Store
 
-COLUMNS = [("cycle", "cycle"), ("proposer", "proposer"), ("candidates", "n"), ("valid_rate", "valid"),
+COLUMNS = [("cycle", "cycle"), ("proposer", "proposer"), ("constrain", "held by"), ("candidates", "n"), ("valid_rate", "valid"),
            ("applied_rate", "applied"),
            ("novelty_rejections", "dup"), ("repair_success", "repair ok"), ("mean_accuracy", "mean acc"),
            ("best_accuracy", "best acc"), ("mean_diff_lines", "diff lines"), ("prompt_tokens", "in tok/cand"),
@@ -51,6 +51,7 @@ def cycle_metrics(rows: list[CandidateRow]) -> dict[str, Any]:
         "gen_seconds": sum(r.gen_seconds for r in rows),
         "train_seconds": sum(r.train_seconds or 0.0 for r in rows),
         "modes": sorted({r.kind for r in rows}),
+        "constrain": ", ".join(sorted({r.constrain or "none" for r in rows})),
     }
 
 
@@ -92,7 +93,7 @@ def _cell(key: str, v: Any) -> str:
     return str(v)
 
 
-TERMINAL = ("cycle", "proposer", "candidates", "valid_rate", "applied_rate", "novelty_rejections", "mean_accuracy",
+TERMINAL = ("cycle", "proposer", "constrain", "candidates", "valid_rate", "applied_rate", "novelty_rejections", "mean_accuracy",
             "best_accuracy", "mean_diff_lines", "completion_tokens", "lora")  # the rest is in summary.md
 
 

@@ -221,6 +221,12 @@ def _file_error(sections: list[_Section], target: str) -> DiffError | None:
                 f"place with '--- a/{target}' and '+++ b/{target}' headers."
             ),
         )
+    # A diff of one file is a diff of the target, whatever it calls it: the paper's prompt has the
+    # model write `--- baseline.py` / `+++ improved.py`. Only a diff that names several files may
+    # mean another one.
+    named = [s for s in sections if s.paths]
+    if len(named) <= 1:
+        return None
     allowed = {target, os.path.basename(target)}
     for path, _ in paths:
         if _relative(path) not in allowed:

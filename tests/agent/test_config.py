@@ -74,3 +74,26 @@ def test_presets_are_overridden_by_the_file_and_the_flags(tmp_path):
     assert quick.learn.cold_start_cycles == 1 and quick.search.cycles == 4
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(None, {}, preset="fast")
+
+
+def test_your_own_baseline_files_are_checked_before_anything_starts(tmp_path):
+    from deltanas.tools.zoo import get_baseline
+
+    mine = tmp_path / "mynet.py"
+    mine.write_text(get_baseline("lenet").source)
+    cfg = load_config(None, {"baselines": ["resnet", str(mine)]})
+    assert cfg.baselines == ["resnet", str(mine)]
+    assert get_baseline(str(mine)).name == "mynet"
+    cases = {
+        tmp_path / "missing.py": "does not exist",
+        tmp_path / "broken.py": "does not parse",
+        tmp_path / "nonet.py": "defines no class Net",
+    }
+    (tmp_path / "broken.py").write_text("class Net(:\n")
+    (tmp_path / "nonet.py").write_text("import torch\n\nclass Model:\n    pass\n")
+    for path, why in cases.items():
+        with pytest.raises(ConfigError, match=why):
+            load_config(None, {"baselines": [str(path)]})
+    (tmp_path / "lenet.py").write_text(get_baseline("lenet").source)
+    with pytest.raises(ConfigError, match="share the name"):
+        load_config(None, {"baselines": ["lenet", str(tmp_path / "lenet.py")]})

@@ -206,3 +206,30 @@ def test_each_candidate_records_how_its_answer_was_constrained(tmp_path):
                       **{"search.cycles": 1, "search.candidates": 1})
     assert run_graph(deps2, InMemorySaver()).status == "finished"
     assert [r.constrain for r in deps2.store.candidates(cycle=0)] == ["none"]
+
+
+def test_a_baseline_of_your_own_starts_the_search_and_one_that_fails_stops_it_clearly(tmp_path):
+    from deltanas.tools.zoo import get_baseline
+
+    mine = tmp_path / "mynet.py"
+    mine.write_text(get_baseline("lenet").source.replace("16, kernel_size=5", "24, kernel_size=5").replace(
+        "nn.Conv2d(16, 32", "nn.Conv2d(24, 32"))
+    counter = iter(range(10_000))
+    llm = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, f'w{next(counter)}')}```")
+    deps = make_deps(tmp_path, llm, InstantExecutor(), **{"search.cycles": 1, "search.candidates": 2,
+                                                          "baselines": [str(mine)]})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    assert deps.store.get("base-mynet").source == mine.read_text()
+    assert {r.parent_id for r in deps.store.candidates(cycle=0)} == {"base-mynet"}
+
+    class Broken(InstantExecutor):
+        def evaluate(self, source, candidate_id, out_dir):
+            from deltanas.tools.proxy import EvalOutcome
+
+            return EvalOutcome(status="crashed", accuracy=None, param_count=None, train_seconds=None,
+                               total_seconds=0.1, error="RuntimeError: shapes do not match", log_tail="")
+
+    deps2 = make_deps(tmp_path / "b", llm, Broken(), **{"search.cycles": 1, "baselines": [str(mine)]})
+    out = run_graph(deps2, InMemorySaver())
+    assert out.status == "failed" and "mynet.py did not train" in str(out.error) and "shapes do not match" in str(out.error)
+    assert deps2.store.get("base-mynet") is None  # a resume after the fix trains it again

@@ -124,18 +124,33 @@ def test_carriage_return_inside_a_path_is_unsafe_even_with_crlf_lines():
 @pytest.mark.parametrize(
     "diff",
     [
-        headers("a/train.py", "b/train.py") + HUNK,
-        headers("a/src/model.py", "b/src/model.py") + HUNK,
-        headers("a/model.py", "b/other.py") + HUNK,
-        headers("a/modèl.py", "b/modèl.py") + HUNK,
-        headers("a/mоdel.py", "b/mоdel.py") + HUNK,  # Cyrillic 'о'
         headers("a/model.py", "b/model.py") + HUNK + headers("a/utils.py", "b/utils.py") + "@@ -1 +1 @@\n-x = 1\n+x = 2\n",
         headers("a/utils.py", "b/utils.py") + "@@ -1 +1 @@\n-x = 1\n+x = 2\n" + headers("a/model.py", "b/model.py") + HUNK,
+        headers("a/train.py", "b/train.py") + HUNK + headers("a/model.py", "b/model.py") + HUNK,
     ],
-    ids=["other", "subdir", "renamed-new", "accent", "homoglyph", "second-file-foreign", "first-file-foreign"],
+    ids=["second-file-foreign", "first-file-foreign", "two-files"],
 )
 def test_foreign_paths(diff):
     failed(apply_diff(BASE, diff), DiffCode.FOREIGN_PATH)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("a/train.py", "b/train.py"), ("a/src/model.py", "b/src/model.py"), ("a/model.py", "b/other.py"),
+     ("a/modèl.py", "b/modèl.py"), ("a/mоdel.py", "b/mоdel.py"), ("baseline.py", "improved.py")],
+    ids=["other", "subdir", "renamed-new", "accent", "homoglyph", "paper"],
+)
+def test_a_diff_of_one_file_is_a_diff_of_the_target_whatever_its_name(old, new):
+    # The applier edits the target's text and nothing else, so the name a one-file diff gives it
+    # changes nothing; the paper's prompt asks for `--- baseline.py` / `+++ improved.py`.
+    r = apply_diff(BASE, headers(old, new) + HUNK)
+    assert r.ok and changed_lines(BASE, r.source) == ["+        self.block3 = Block(32)"]
+
+
+def test_the_papers_answer_applies_as_its_prompt_asks_for_it():
+    text = f"Here is the improved network.\n<delta>\n{headers('baseline.py', 'improved.py')}{HUNK}</delta>\nDone."
+    r = apply_model_output(BASE, text)
+    assert r.ok and changed_lines(BASE, r.source) == ["+        self.block3 = Block(32)"]
 
 
 @pytest.mark.parametrize("path", ["model.py", "a/model.py", "./model.py", "b/./model.py", "a/model.py\t2024-05-01 10:00:00"])
@@ -147,7 +162,8 @@ def test_accepted_spellings_of_the_target(path):
 def test_nested_target_path_is_accepted_when_it_is_the_target():
     r = apply_diff(BASE, headers("a/nets/model.py", "b/nets/model.py") + HUNK, target="nets/model.py")
     assert r.ok
-    failed(apply_diff(BASE, headers("a/other/model.py", "b/other/model.py") + HUNK, target="nets/model.py"), DiffCode.FOREIGN_PATH)
+    two = headers("a/other/model.py", "b/other/model.py") + HUNK + headers("a/nets/model.py", "b/nets/model.py") + HUNK
+    failed(apply_diff(BASE, two, target="nets/model.py"), DiffCode.FOREIGN_PATH)
 
 
 # ---------------------------------------------------------------- file operations

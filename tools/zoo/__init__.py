@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from functools import lru_cache
 from importlib import resources
 
@@ -47,11 +48,50 @@ def list_baselines() -> list[Baseline]:
     return list(_load_all())
 
 
+def is_path(name: str) -> bool:
+    """A baseline given as a file of the user's own (the LEMUR `Net` interface), not a zoo name."""
+    return name.endswith(".py") or "/" in name or "\\" in name
+
+
 def get_baseline(name: str) -> Baseline:
+    """A zoo network by name, or the user's own file by its path (named after the file)."""
+    if is_path(name):
+        path = Path(name).expanduser()
+        return Baseline(name=path.stem, family="user", description=str(path), source=path.read_text())
     for baseline in _load_all():
         if baseline.name == name:
             return baseline
     raise KeyError(f"no baseline named {name!r}; available: {', '.join(sorted(_FAMILIES))}")
+
+
+def check_user_baseline(name: str) -> str | None:
+    """Why the user's baseline file cannot start a search, or None: it must exist, parse and
+    define `Net`, and the answer grammar must find a layer line in it to edit."""
+    import ast
+
+    from deltanas.tools.diff_grammar import GrammarError, layer_lines, parent_lines
+
+    path = Path(name).expanduser()
+    if not path.is_file():
+        return f"baseline file {path} does not exist"
+    try:
+        source = path.read_text()
+        tree = ast.parse(source)
+    except (OSError, UnicodeDecodeError) as e:
+        return f"baseline file {path} cannot be read: {e}"
+    except SyntaxError as e:
+        return f"baseline file {path} does not parse: {e.msg} (line {e.lineno})"
+    if not any(isinstance(n, ast.ClassDef) and n.name == "Net" for n in tree.body):
+        return f"baseline file {path} defines no class Net (the LEMUR interface: Net(in_shape, out_shape, prm, device))"
+    if any("\r" in x or "\0" in x for x in parent_lines(source)):
+        return f"baseline file {path}: a line holds a carriage return or a NUL, which a diff line cannot carry"
+    try:
+        if not layer_lines(source):
+            return (f"baseline file {path}: the answer grammar finds no line to edit in it (no statement in a "
+                    "function outside supported_hyperparameters, train_setup and learn)")
+    except (SyntaxError, GrammarError) as e:
+        return f"baseline file {path}: {e}"
+    return None
 
 
 def count_parameters(
