@@ -122,12 +122,12 @@ def proxy_train(state: CandidateState, deps: Deps) -> dict[str, Any]:
 
 
 def _final_status(state: CandidateState) -> tuple[str, str | None, str | None]:
+    if state.get("novelty") and not state["novelty"]["novel"]:  # trained or not, never a parent
+        n = state["novelty"]
+        return "duplicate", "duplicate", f"similarity {n['max_similarity']:.3f} to {n['nearest_id']}"
     if state.get("outcome"):
         o = state["outcome"]
         return o["status"], (None if o["status"] == "ok" else o["status"]), o.get("error") or None
-    if state.get("novelty") and not state["novelty"]["novel"]:
-        n = state["novelty"]
-        return "duplicate", "duplicate", f"similarity {n['max_similarity']:.3f} to {n['nearest_id']}"
     err = state.get("error") or {"code": "no_diff", "message": "no answer"}
     return "apply_failed", err["code"], err["message"]
 

@@ -77,6 +77,9 @@ class SearchConfig(_Section):
     goal: str = "improve the first-epoch test accuracy"
     allow_train_changes: bool = False
     """Allow diffs to change train_setup, learn or supported_hyperparameters."""
+    train_duplicates: bool = False
+    """Train near-copies too and record their accuracy. They stay `duplicate` and never become
+    parents; a measurement (bench/valid_rate.py) then sees whether they would have trained."""
     max_hunks: int = Field(3, gt=0)
     """Diff limits under the grammar: hunks per answer..."""
     max_removed: int = Field(6, gt=0)

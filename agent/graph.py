@@ -35,12 +35,13 @@ def route_after_apply(state: CandidateState, max_repairs: int) -> Literal["novel
     return "repair" if state.get("attempts", 0) < max_repairs else "record"
 
 
-def route_after_novelty(state: CandidateState) -> Literal["proxy_train", "record"]:
-    return "proxy_train" if state["novelty"]["novel"] else "record"
+def route_after_novelty(state: CandidateState, train_duplicates: bool = False) -> Literal["proxy_train", "record"]:
+    return "proxy_train" if state["novelty"]["novel"] or train_duplicates else "record"
 
 
 def route_after_train(state: CandidateState, max_repairs: int) -> Literal["repair", "record"]:
-    failed = (state.get("outcome") or {}).get("status") in cn.REPAIRABLE
+    duplicate = not (state.get("novelty") or {}).get("novel", True)  # trained for the record only
+    failed = (state.get("outcome") or {}).get("status") in cn.REPAIRABLE and not duplicate
     return "repair" if failed and state.get("attempts", 0) < max_repairs else "record"
 
 
@@ -71,7 +72,8 @@ def build_candidate_graph(deps: Deps) -> StateGraph:
     g.add_edge(START, "apply")
     g.add_conditional_edges("apply", partial(route_after_apply, max_repairs=deps.config.search.max_repairs))
     g.add_edge("repair", "apply")
-    g.add_conditional_edges("novelty", route_after_novelty)
+    g.add_conditional_edges("novelty", partial(route_after_novelty,
+                                               train_duplicates=deps.config.search.train_duplicates))
     g.add_conditional_edges("proxy_train", partial(route_after_train, max_repairs=deps.config.search.max_repairs))
     g.add_edge("record", END)
     return g

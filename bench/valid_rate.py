@@ -8,9 +8,9 @@ Runs `deltanas run` once per `--constrain` mode with identical settings (model, 
 cycles, candidates, token cap, dataset, repairs; LoRA off, so the modes differ only in how the
 answer is held), then reads each archive and prints, per mode:
 - applied: the model's first answer applies to its parent (re-applied here from the archive);
-- valid: trained to a recorded accuracy after repairs. Duplicates (MinHash >= 0.90 to the parent
-  or the archive) are not trained in a run, so every valid candidate is also novel; duplicates
-  are counted apart;
+- valid: trained to a recorded accuracy after repairs; the runs train near-copies too
+  (`search.train_duplicates`), which stay duplicates and never become parents;
+- novel and valid: valid, and under 0.90 MinHash similarity to its parent and the archive;
 - improved: valid with a higher first-epoch accuracy than its parent;
 - distinct edits per parent: different first answers among the candidates of one parent;
 - output tokens and generation seconds per candidate, tokens per second;
@@ -34,7 +34,8 @@ from deltanas.tools.full_extract import apply_full_output
 
 MODES = ("grammar", "prefix", "none")
 ROWS = (("applied_first", "applied, first answer", "{:.1%}"), ("valid", "valid after repairs", "{:.1%}"),
-        ("duplicates", "duplicates", "{:.1%}"), ("improved", "improved over parent", "{:.1%}"),
+        ("novel_valid", "novel and valid", "{:.1%}"), ("duplicates", "duplicates", "{:.1%}"),
+        ("improved", "improved over parent", "{:.1%}"),
         ("distinct_per_parent", "distinct edits / parent", "{:.2f}"),
         ("tokens", "output tokens / candidate", "{:.0f}"), ("gen_s", "generation s / candidate", "{:.1f}"),
         ("tokens_per_s", "tokens / s", "{:.1f}"), ("compile_ms", "grammar compile ms (mean)", "{:.1f}"),
@@ -47,7 +48,7 @@ def run_mode(constrain: str, args: argparse.Namespace, extra: list[str], root: P
         cmd = [sys.executable, "-m", "deltanas.agent.cli", "run", "--plain", "--resume", str(run_dir)]
     else:
         cfg = root / f"{constrain}.toml"
-        cfg.write_text(f"[learn]\nenabled = false\n\n[search]\nmax_repairs = {args.repairs}\n")
+        cfg.write_text(f"[learn]\nenabled = false\n\n[search]\nmax_repairs = {args.repairs}\ntrain_duplicates = true\n")
         cmd = [sys.executable, "-m", "deltanas.agent.cli", "run", "--plain", "--run-dir", str(run_dir),
                "--constrain", constrain, "--mode", args.mode, "--llm", args.llm, "--cycles", str(args.cycles),
                "--candidates", str(args.candidates), "--max-new-tokens", str(args.max_new_tokens),
@@ -83,6 +84,7 @@ def measure(run_dir: Path, mode: str) -> dict:
     for r, res in zip(rows, first):
         distinct[r.parent_id].add(_changes(res.diff) if res.ok else f"failed:{r.id}")
     ok = [r for r in rows if r.status == "ok"]
+    valid = [r for r in rows if r.accuracy is not None]  # duplicates trained for the record count too
     improved = [r for r in ok if r.accuracy is not None and parents[r.parent_id].accuracy is not None
                 and r.accuracy > parents[r.parent_id].accuracy]
     tokens = sum(r.completion_tokens for r in rows)
@@ -91,7 +93,7 @@ def measure(run_dir: Path, mode: str) -> dict:
     wall = run_dir / "bench-wall.txt"
     return {
         "candidates": len(rows), "constrain": sorted({r.constrain or "none" for r in rows}),
-        "applied_first": sum(x.ok for x in first) / n, "valid": len(ok) / n,
+        "applied_first": sum(x.ok for x in first) / n, "valid": len(valid) / n, "novel_valid": len(ok) / n,
         "duplicates": sum(r.status == "duplicate" for r in rows) / n, "improved": len(improved) / n,
         "distinct_per_parent": sum(len(v) for v in distinct.values()) / max(1, len(distinct)),
         "parents": len(distinct), "tokens": tokens / n, "gen_s": gen / n,

@@ -152,3 +152,12 @@ def synthetic(n_train: int = 512, n_test: int = 128, seed: int = 0) -> "Arrays":
     xtr, ytr = draw(n_train)
     xte, yte = draw(n_test)
     return Arrays("synthetic", xtr, ytr, xte, yte, 10, [0.2], [0.3])
+
+
+# An answer the zoo lenet's grammar admits (tools/diff_grammar.py), as the text after the prefix.
+RELU_TO_GELU = """@@
+             nn.Conv2d(in_channels, 16, kernel_size=5, padding=2),
+-            nn.ReLU(inplace=True),
++            nn.GELU(),
+             nn.MaxPool2d(2),
+```"""

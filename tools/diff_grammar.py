@@ -172,8 +172,10 @@ def edit_sites(source: str, *, allow_train_changes: bool = False) -> tuple[list[
 
 
 class _Builder:
-    def __init__(self, lines: list[str], shape: DiffShape, sites: list[int], removable: set[int]):
+    def __init__(self, lines: list[str], shape: DiffShape, sites: list[int], removable: set[int],
+                 narrow: bool = False):
         self.lines, self.shape = lines, shape
+        self.narrow = narrow  # sites were given: a small grammar can afford per-group terminals
         self.n = len(lines)
         self.sites = sites
         self.site_set = set(sites)
@@ -207,9 +209,8 @@ class _Builder:
     def header(self, i: int) -> str:
         return _q(hunk_header(self.counts, self.lines, i) + "\n")
 
-    def indents(self, j: int) -> tuple[tuple[str, ...], bool]:
-        """Indentations a '+' line at gap j may start with, and whether it may go deeper (inside
-        brackets, where Python ignores indentation; a statement must keep its block's)."""
+    def indents(self, j: int) -> tuple[str, ...]:
+        """Indentations a '+' line at gap j may start with (before any deeper units)."""
         out = []
         above = next((self.lines[k] for k in range(j - 1, -1, -1) if self.lines[k].strip()), None)
         below = next((self.lines[k] for k in range(j, self.n) if self.lines[k].strip()), None)
@@ -217,43 +218,62 @@ class _Builder:
             out.append(_indent(above) + (self.unit if above.rstrip().endswith(":") else ""))
         if below is not None and not below.lstrip().startswith((")", "]", "}")):
             out.append(_indent(below))
-        inside = self.depth[j] > 0 if j < len(self.depth) else False
-        return tuple(sorted(set(out))) or ("",), inside
+        return tuple(sorted(set(out))) or ("",)
 
-    def plus(self, j: int, at_least: int) -> str:
-        ind, inside = self.indents(j)
-        key = ("|".join(ind), inside)
+    def context(self, j: int) -> str:
+        """What a line added at gap j is: a STATEMENT, a MODULE of an `nn.Sequential` or
+        `nn.ModuleList`, or another bracket's ELEMENT (a call's argument, a list's item)."""
+        depth = self.depth[j] if j < len(self.depth) else 0
+        if depth == 0:
+            return "STATEMENT"
+        opener = next((self.lines[k] for k in range(j - 1, -1, -1) if self.depth[k] < depth), "")
+        return "MODULE" if re.search(r"\b(Sequential|ModuleList)\(\[?\s*$", opener) else "ELEMENT"
+
+    def plus(self, j: int, at_least: int, removed: tuple[int, ...] = ()) -> str:
+        """The rule for 0 or 1 to max_added lines added at gap j. Under narrowed sites, a line that
+        repeats one the group removed is not admitted: the pair would change nothing."""
+        ind, kind = self.indents(j), self.context(j)
+        exclude = tuple(sorted({self.lines[k].strip() for k in removed})) if self.narrow else ()
+        key = ("|".join(ind), kind, exclude)
         name = self._plus.get(key)
         if name is None:
             name = f"plus{len(self._plus)}"
             upper = name.upper()
             self._plus[key] = name
+            body = kind
+            if exclude:
+                body = f"{upper}_BODY"
+                same = "|".join(re.escape(x) for x in exclude)
+                self.rules[body] = f"{kind} & ~/(?:{same})" + r"[ \t]*/"
             alt = "|".join(re.escape(x).replace("\\ ", " ") for x in ind)
-            deeper = f"(?:{re.escape(self.unit).replace(chr(92) + ' ', ' ')}){{0,2}}" if inside else ""
-            self.rules[upper] = f'"+" /(?:{alt}){deeper}/ {"ELEMENT" if inside else "STATEMENT"} "\\n"'
+            deeper = f"(?:{re.escape(self.unit).replace(chr(92) + ' ', ' ')}){{0,2}}" if kind != "STATEMENT" else ""
+            self.rules[upper] = f'"+" /(?:{alt}){deeper}/ {body} "\\n"'
             self.rules[f"{name}_0"] = f"{upper}{{0,{self.shape.max_added}}}"
             self.rules[f"{name}_1"] = f"{upper}{{1,{self.shape.max_added}}}"
         return f"{name}_{at_least}"
 
     def body_terminals(self) -> dict[str, str]:
         """One added line's text, by where it lands. Everywhere: brackets balanced (three levels
-        deep), no comment, no fence, nothing a diff reads as a marker, a bounded length. Inside
-        brackets (a call's arguments, such as an `nn.Sequential`'s layers) it is one element: no
-        `=` outside its own brackets, a comma at its end. As a statement it opens no block: no
+        deep), no comment, no fence, nothing a diff reads as a marker, a bounded length. A layer
+        of an `nn.Sequential` is one constructor call and its comma; another bracket's element has
+        no `=` or `:` outside its own brackets and ends in a comma. A statement opens no block: no
         `:` outside brackets and no compound-statement keyword first."""
-        def balanced(top: str) -> str:
-            a = r"[^()\[\]{}\n\r`]"
+        a = r"[^()\[\]{}\n\r`]"
+
+        def balanced(top: str, levels: int = 3) -> str:
             level = f"{a}*"
-            for _ in range(3):
+            for _ in range(levels):
                 group = rf"\({level}\)|\[{level}\]|\{{{level}\}}"
                 level = f"(?:{a}|{group})*"
             return f"(?:{top}|{group})*"
 
         common = f"/[^\\s`+@#-][^\\n\\r`]{{0,{self.shape.max_line_chars - 1}}}/"
         keywords = "def|class|if|elif|else|for|while|with|try|except|finally|async|lambda|import|from"
-        element = balanced(r"[^()\[\]{}\n\r`=]|==|[<>!]=")
+        element = balanced(r"[^()\[\]{}\n\r`=:]|==|[<>!]=")
         statement = balanced(r"[^()\[\]{}\n\r`:]")
+        call = r"[A-Za-z_][A-Za-z0-9_.]*\(" + balanced(a, 2) + r"\),[ \t]*"
         return {
+            "MODULE": f"/{call}/ & {common}",
             "ELEMENT": f"/{element}/ & {common} & " + r"/.*,[ \t]*/",
             "STATEMENT": f"/{statement}/ & {common} & ~/({keywords})" + r"([^A-Za-z0-9_].*)?/",
         }
@@ -335,8 +355,8 @@ class _Builder:
             removed.append(self.rem(j))
             if self.depth[j + 1] != self.depth[i]:
                 continue
-            alts.append(f"{' '.join(removed)} {self.plus(j + 1, 1 if self.empties(i, j + 1) else 0)} "
-                        f"{self.after(h, j + 1)}")
+            adds = self.plus(j + 1, 1 if self.empties(i, j + 1) else 0, tuple(range(i, j + 1)))
+            alts.append(f"{' '.join(removed)} {adds} {self.after(h, j + 1)}")
         if i < self.n:
             alts.append(f"{self.plus(i, 1)} {self.after(h, i)}")
         return alts
@@ -376,7 +396,7 @@ def delta_grammar(parent_source: str, *, shape: DiffShape | None = None, allow_t
         raise GrammarError("too_many_sites", f"the parent has {len(allowed)} places a diff may start; a grammar "
                                              f"over all of them passes {MAX_SITES}, past what grammar engines "
                                              "parse by default. Narrow them with sites (llm.sites = \"sampled\")")
-    builder = _Builder(lines, shape, allowed, removable)
+    builder = _Builder(lines, shape, allowed, removable, narrow=sites is not None)
     lark = builder.build()
     return Grammar(lark=lark, prefix=DIFF_PREFIX, kind="delta", rules=len(builder.rules) + 1,
                    build_seconds=time.perf_counter() - started, sites=tuple(allowed))

@@ -233,3 +233,16 @@ def test_a_baseline_of_your_own_starts_the_search_and_one_that_fails_stops_it_cl
     out = run_graph(deps2, InMemorySaver())
     assert out.status == "failed" and "mynet.py did not train" in str(out.error) and "shapes do not match" in str(out.error)
     assert deps2.store.get("base-mynet") is None  # a resume after the fix trains it again
+
+
+def test_duplicates_can_be_trained_for_the_record_and_never_become_parents(tmp_path):
+    same = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, 'same')}```")
+    ex = InstantExecutor()
+    deps = make_deps(tmp_path, same, ex, **{"search.cycles": 2, "search.candidates": 2,
+                                            "search.train_duplicates": True})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    rows = deps.store.candidates(cycle=0)
+    dup = [r for r in rows if r.status == "duplicate"]
+    assert dup and all(r.accuracy is not None for r in dup)  # trained, and recorded as duplicates
+    assert all(r.id in ex.calls for r in dup)
+    assert not {r.parent_id for r in deps.store.candidates(cycle=1)} & {r.id for r in dup}

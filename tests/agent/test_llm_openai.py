@@ -11,6 +11,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from support import RELU_TO_GELU
 
 from deltanas.agent.llm import openai_compat
 from deltanas.agent.llm.base import Prompt, Sampling
@@ -198,13 +199,6 @@ def test_load_adapter_errors(server, tmp_path):
 
 # --- prefix and grammar ------------------------------------------------------------------------
 
-# An answer the lenet grammar admits (tests/tools/test_diff_grammar.py): the text after the prefix.
-RELU_TO_GELU = """@@
-             nn.Conv2d(in_channels, 16, kernel_size=5, padding=2),
--            nn.ReLU(inplace=True),
-+            nn.GELU(),
-             nn.MaxPool2d(2),
-```"""
 UNCONSTRAINED = "Sure! Here is a diff that swaps the activation:\n@@\n-nn.ReLU()\n+nn.GELU()\n```"
 
 

@@ -5,6 +5,7 @@ import random
 import time
 
 import pytest
+from support import RELU_TO_GELU
 
 from deltanas.tools.diff_apply import apply_model_output
 from deltanas.tools.diff_grammar import (
@@ -48,12 +49,6 @@ def test_every_mutator_diff_of_every_zoo_network_is_admitted_and_applies():
 
 
 LENET = get_baseline("lenet").source
-RELU_TO_GELU = """@@
-             nn.Conv2d(in_channels, 16, kernel_size=5, padding=2),
--            nn.ReLU(inplace=True),
-+            nn.GELU(),
-             nn.MaxPool2d(2),
-```"""
 
 
 def test_a_plain_edit_is_admitted():
@@ -94,6 +89,9 @@ def test_a_plain_edit_is_admitted():
     ("an added line that opens a block", RELU_TO_GELU.replace("+            nn.GELU(),\n", "+            if x:\n", 1)),
     ("unbalanced brackets", RELU_TO_GELU.replace("nn.GELU(),", "nn.GELU(,", 1)),
     ("an assignment among layers", RELU_TO_GELU.replace("nn.GELU(),", "x = nn.GELU(),", 1)),
+    ("a number among layers", RELU_TO_GELU.replace("nn.GELU(),", "1,", 1)),
+    ("a def among layers", RELU_TO_GELU.replace("nn.GELU(),", "def act(x): 2,", 1)),
+    ("a layer without its comma", RELU_TO_GELU.replace("nn.GELU(),", "nn.GELU()", 1)),
     ("a bare @@ where the anchor repeats", """@@
              nn.ReLU(inplace=True),
 +            nn.Dropout(0.1),
@@ -157,6 +155,16 @@ def test_a_site_window_admits_edits_only_there():
 ```"""
     assert accepts(delta_grammar(LENET).lark, elsewhere)
     assert not accepts(g.lark, elsewhere)
+
+
+def test_a_narrowed_grammar_does_not_let_a_group_put_back_what_it_removed():
+    lines = LENET.splitlines()
+    relu = lines.index("            nn.ReLU(inplace=True),")
+    g = delta_grammar(LENET, sites=site_window(relu))
+    same = RELU_TO_GELU.replace("+            nn.GELU(),", "+            nn.ReLU(inplace=True),", 1)
+    assert accepts(g.lark, RELU_TO_GELU) and not accepts(g.lark, same)
+    both = RELU_TO_GELU.replace("+            nn.GELU(),", "+            nn.GELU(),\n+            nn.ReLU(inplace=True),", 1)
+    assert not accepts(g.lark, both)
 
 
 def test_layer_lines_are_inside_the_networks_code_only():

@@ -73,7 +73,7 @@ def test_delta_system_prompt_shows_a_real_worked_example_not_placeholders():
     assert example_diff == make_diff(prompting.EXAMPLE_SOURCE, prompting.EXAMPLE_IMPROVED)
     assert "-            nn.ReLU(),\n+            nn.BatchNorm2d(16),\n+            nn.GELU(),\n" in example_diff
     assert re.search(r"^@@$", example_diff, flags=re.M)  # its old lines occur once: a bare @@ places it
-    assert "give its line numbers only if" in system  # and when they are needed
+    assert "where its first two lines also occur elsewhere" in system  # and when they are needed
     apply_mod = pytest.importorskip("deltanas.tools.diff_apply")
     result = apply_mod.apply_model_output(prompting.EXAMPLE_SOURCE, "```diff\n" + example_diff + "```\n")
     assert result.ok, result.error
