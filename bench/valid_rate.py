@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--baselines", default="lenet,resnet,mobilenet")
     p.add_argument("--out", help="where the runs go (default: a temporary folder); an existing one is resumed")
-    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout, no table")
     p.add_argument("--quick", action="store_true", help="CI size: 1 cycle, the --candidates given, 1 repair")
     args = p.parse_args(argv)
     if args.quick:
@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="deltanas-valid-"))
     root.mkdir(parents=True, exist_ok=True)
     res = {m: measure(run_mode(m, args, extra, root), args.mode) for m in modes}
+    (root / "valid_rate.json").write_text(json.dumps({"args": vars(args), "modes": res}, indent=2, default=str))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "modes": res}, indent=2, default=str))
+        print(json.dumps({"args": vars(args), "modes": res}, indent=2, default=str))
+        return 0
     print(f"model {args.llm}; {args.mode} mode; {args.cycles} cycle(s) x {args.candidates} candidates; "
           f"baselines {args.baselines}; {args.repairs} repairs; token cap {args.max_new_tokens}; seed {args.seed}; "
           f"dataset {args.dataset}")

@@ -121,6 +121,11 @@ def bracket_depths(lines: list[str]) -> list[int]:
     return out
 
 
+def _lark_regex(text: str) -> str:
+    """`text` matched literally inside a Lark `/.../` regex, whose delimiter must be escaped too."""
+    return re.escape(text).replace("/", "\\/")
+
+
 def _q(text: str) -> str:
     """A Lark string literal (JSON's escapes, which llguidance reads)."""
     return json.dumps(text, ensure_ascii=False)
@@ -243,7 +248,7 @@ class _Builder:
             body = kind
             if exclude:
                 body = f"{upper}_BODY"
-                same = "|".join(re.escape(x) for x in exclude)
+                same = "|".join(_lark_regex(x) for x in exclude)
                 self.rules[body] = f"{kind} & ~/(?:{same})" + r"[ \t]*/"
             alt = "|".join(re.escape(x).replace("\\ ", " ") for x in ind)
             deeper = f"(?:{re.escape(self.unit).replace(chr(92) + ' ', ' ')}){{0,2}}" if kind != "STATEMENT" else ""

@@ -47,12 +47,14 @@ class Constrainer:
     """The llguidance view of one tokenizer: compiled grammars (cached by text) and per-token facts
     the closing rule needs. Built once per backend; about a second for a 50k vocabulary."""
 
-    def __init__(self, hf_tokenizer, *, cache_size: int = 64):
+    def __init__(self, hf_tokenizer, *, eos_ids: list[int] | None = None, cache_size: int = 64):
         import llguidance.hf
         import numpy as np
 
         self.tokenizer = hf_tokenizer
-        self.ll = llguidance.hf.from_tokenizer(hf_tokenizer)
+        # The ends of a turn the model's generation config knows too (a chat model's end-of-turn
+        # token), so an answer the grammar has closed ends where generate() stops.
+        self.ll = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=eos_ids or None)
         self.vocab = self.ll.vocab_size
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._cache_size = cache_size
@@ -118,7 +120,6 @@ class RowGrammar:
     lines: list[str] = field(default_factory=list)  # the answer's finished lines
     done: bool = False
     failed: str | None = None
-    generated: list[int] = field(default_factory=list)
 
 
 class GrammarLogitsProcessor:
@@ -144,7 +145,6 @@ class GrammarLogitsProcessor:
             for r, tok in zip(self.rows, last):
                 if r is None or r.done:
                     continue
-                r.generated.append(tok)
                 if not r.matcher.consume_token(tok):
                     r.failed = r.matcher.get_error()[:300]
                     r.done = True

@@ -320,7 +320,7 @@ class HFBackend:
         if self._constrainer is None:
             from deltanas.agent.llm.constrain import Constrainer
 
-            self._constrainer = Constrainer(self._tokenizer)
+            self._constrainer = Constrainer(self._tokenizer, eos_ids=sorted(self._eos_ids()))
         return self._constrainer
 
     def constraint_stats(self) -> dict | None:

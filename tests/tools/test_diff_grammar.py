@@ -167,6 +167,15 @@ def test_a_narrowed_grammar_does_not_let_a_group_put_back_what_it_removed():
     assert not accepts(g.lark, both)
 
 
+@pytest.mark.parametrize("name", [b.name for b in list_baselines()])
+def test_every_layer_line_of_every_zoo_network_gets_a_grammar_that_compiles(name):
+    # convmixer's `padding=kernel_size // 2` once broke the narrowed grammar's regex delimiter
+    src = get_baseline(name).source
+    for line in layer_lines(src):
+        g = delta_grammar(src, sites=site_window(line))
+        assert not accepts(g.lark, "```")  # compiles (a grammar error raises), and admits no empty answer
+
+
 def test_layer_lines_are_inside_the_networks_code_only():
     lines = LENET.splitlines()
     picked = [lines[i].strip() for i in layer_lines(LENET)]
