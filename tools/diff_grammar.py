@@ -16,7 +16,7 @@ accepts, shaped like an edit rather than a rewrite:
   after it) occurs once in the parent; elsewhere it is `@@ -N @@`, N the hunk's first old line,
   which the applier uses to tell the places apart. So no answer is ambiguous.
 - At most `max_hunks` hunks, `max_removed` removed and `max_added` added lines per group.
-- A `+` line is one line of text: no fence, no diff marker first, and indented like the lines
+- A `+` line is one balanced line of text: no fence, no diff marker first, and indented like the lines
   around it (the nearest non-blank line above or below, one block deeper after a `:`, or deeper
   by whole indentation units), so a small model cannot break Python's indentation.
 - With `allow_train_changes` off, no group starts or removes a line inside a protected function
@@ -64,10 +64,9 @@ class DiffShape:
     max_hunks: int = 3
     max_removed: int = 6  # per change group
     max_added: int = 8  # per change group
-    max_line_chars: int = 160  # of one '+' line, indentation excluded
 
     def __post_init__(self) -> None:
-        for name in ("max_hunks", "max_removed", "max_added", "max_line_chars"):
+        for name in ("max_hunks", "max_removed", "max_added"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -259,10 +258,10 @@ class _Builder:
 
     def body_terminals(self) -> dict[str, str]:
         """One added line's text, by where it lands. Everywhere: brackets balanced (three levels
-        deep), no comment, no fence, nothing a diff reads as a marker, a bounded length. A layer
-        of an `nn.Sequential` is one constructor call and its comma; another bracket's element has
-        no `=` or `:` outside its own brackets and ends in a comma. A statement opens no block: no
-        `:` outside brackets and no compound-statement keyword first."""
+        deep), no comment, no fence, nothing a diff reads as a marker. A layer of an
+        `nn.Sequential` is one constructor call and its comma; another bracket's element has no
+        `=` or `:` outside its own brackets and ends in a comma. A statement opens no block: no
+        `:` outside brackets."""
         a = r"[^()\[\]{}\n\r`]"
 
         def balanced(top: str, levels: int = 3) -> str:
@@ -272,15 +271,18 @@ class _Builder:
                 level = f"(?:{a}|{group})*"
             return f"(?:{top}|{group})*"
 
-        common = f"/[^\\s`+@#-][^\\n\\r`]{{0,{self.shape.max_line_chars - 1}}}/"
-        keywords = "def|class|if|elif|else|for|while|with|try|except|finally|async|lambda|import|from"
+        # Bounded counts and negations inside these intersections multiply the lexer's states: an
+        # answer that wrote `def` once exhausted llguidance's lexer budget. So no length bound (the
+        # token budget and the closing rule bound a line) and no keyword list: a compound statement
+        # needs a `:` outside brackets, which a statement may not have.
+        common = r"/[^\s`+@#-][^\n\r`]*/"
         element = balanced(r"[^()\[\]{}\n\r`=:]|==|[<>!]=")
         statement = balanced(r"[^()\[\]{}\n\r`:]")
         call = r"[A-Za-z_][A-Za-z0-9_.]*\(" + balanced(a, 2) + r"\),[ \t]*"
         return {
             "MODULE": f"/{call}/ & {common}",
             "ELEMENT": f"/{element}/ & {common} & " + r"/.*,[ \t]*/",
-            "STATEMENT": f"/{statement}/ & {common} & ~/({keywords})" + r"([^A-Za-z0-9_].*)?/",
+            "STATEMENT": f"/{statement}/ & {common}",
         }
 
     # Rules are written as they are referenced, from `start` on, so a grammar narrowed to a few
