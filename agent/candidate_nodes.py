@@ -78,7 +78,7 @@ def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
                     prefix=fmt.prefix if fmt else "", grammar=fmt.grammar if fmt else None)
     comp = llm.generate([prompt], deps.sampling)[0]
     return {"messages": proposal_step(messages, comp.text), "completion": comp.text, "attempts": attempt,
-            "outcome": None, "novelty": None,
+            "outcome": None, "novelty": None, "source": None,  # the failed version is not this one
             "prompt_tokens": state.get("prompt_tokens", 0) + comp.prompt_tokens,
             "completion_tokens": state.get("completion_tokens", 0) + comp.completion_tokens}
 

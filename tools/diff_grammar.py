@@ -16,9 +16,11 @@ accepts, shaped like an edit rather than a rewrite:
   after it) occurs once in the parent; elsewhere it is `@@ -N @@`, N the hunk's first old line,
   which the applier uses to tell the places apart. So no answer is ambiguous.
 - At most `max_hunks` hunks, `max_removed` removed and `max_added` added lines per group.
-- A `+` line is one balanced line of text: no fence, no diff marker first, and indented like the lines
-  around it (the nearest non-blank line above or below, one block deeper after a `:`, or deeper
-  by whole indentation units), so a small model cannot break Python's indentation.
+- A `+` line is one line with balanced brackets: no fence, no comment, no diff marker first, no
+  block opened; inside an `nn.Sequential` one constructor call. It is indented like the lines
+  around it (the nearest non-blank line above or below, one block deeper after a `:`; inside
+  brackets up to two units deeper), so a small model cannot break Python's indentation. Under
+  `sites`, a group cannot add back a line it removed (a no-op).
 - With `allow_train_changes` off, no group starts or removes a line inside a protected function
   (`supported_hyperparameters`, `Net.train_setup`, `Net.learn`); their lines serve as context only.
 - `sites` narrows where a group may start (gap i: before line i): the search can place each
