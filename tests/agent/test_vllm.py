@@ -82,7 +82,7 @@ def main():
     src = get_baseline("lenet").source
     fmt = answer_format(src, mode="delta", constrain="grammar", site=pick_site(src, "vllm"),
                         shape=DiffShape(max_hunks=1, max_added=2))
-    g = b.generate([Prompt(messages=[{"role": "user", "content": "Improve this network:\n" + src}],
+    g = b.generate([Prompt(messages=[{"role": "user", "content": "Improve this network. " + src}],
                            base_source=src, prefix=fmt.prefix, grammar=fmt.grammar)],
                    Sampling(temperature=0, max_new_tokens=200))[0]
     # vLLM has no closing rule: an answer cut at the token cap need only be a start the grammar allows
@@ -185,7 +185,7 @@ def test_deltanas_serve_loads_run_adapters_and_new_ones_at_runtime(vllm_env, tmp
         src = get_baseline("lenet").source
         fmt = answer_format(src, mode="delta", constrain="grammar", site=pick_site(src, "serve"),
                             shape=DiffShape(max_hunks=1, max_added=2))
-        g = backend.generate([Prompt(messages=[{"role": "user", "content": "Improve this network:\n" + src}],
+        g = backend.generate([Prompt(messages=[{"role": "user", "content": "Improve this network. " + src}],
                                      base_source=src, prefix=fmt.prefix, grammar=fmt.grammar)],
                              Sampling(temperature=0, max_new_tokens=200))[0]
         assert g.meta["constrained"] and not backend.grammar_ignored, g.text
