@@ -280,7 +280,7 @@ class _Builder:
         common = r"/[^\s`+@#-][^\n\r`]*/"
         element = balanced(r"[^()\[\]{}\n\r`=:]|==|[<>!]=")
         statement = balanced(r"[^()\[\]{}\n\r`:]")
-        call = r"[A-Za-z_][A-Za-z0-9_.]*\(" + balanced(a, 2) + r"\),[ \t]*"
+        call = r"[A-Za-z_][A-Za-z0-9_.]{0,63}\(" + balanced(a, 2) + r"\),[ \t]*"  # a bounded name
         return {
             "MODULE": f"/{call}/ & {common}",
             "ELEMENT": f"/{element}/ & {common} & " + r"/.*,[ \t]*/",

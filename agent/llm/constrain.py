@@ -63,16 +63,22 @@ class Constrainer:
         fence = np.zeros(self.vocab, dtype=bool)
         plus = np.zeros(self.vocab, dtype=bool)
         newline = np.zeros(self.vocab, dtype=bool)
+        closer = np.zeros(self.vocab, dtype=bool)
+        opener = np.zeros(self.vocab, dtype=bool)
         for t in range(self.vocab):
             b = self.ll.decode_bytes([t])
             first[t] = b[:1] in (b" ", b"`")
             fence[t] = b[:1] == b"`"
             plus[t] = b[:1] == b"+"
             newline[t] = b"\n" in b
+            closer[t] = any(c in b for c in b")]},")
+            opener[t] = b"(" in b
         self.starts_closing_line = first
         self.starts_fence = fence
         self.starts_plus = plus
         self.has_newline = newline
+        self.has_closer = closer
+        self.has_opener = opener
 
     def matcher(self, lark: str):
         """A fresh matcher for `lark`, compiled once per distinct grammar."""
@@ -205,5 +211,10 @@ class GrammarLogitsProcessor:
         if r.text == "":
             return self._prefer(self._prefer(allowed, self.c.starts_fence), self.c.starts_closing_line)
         if r.text.startswith("+"):
-            return self._prefer(allowed, self.c.has_newline)
+            # End the line if it may end; else close a bracket or the element; else open the call
+            # a constructor needs. Each step then moves toward the newline.
+            for wanted in (self.c.has_newline, self.c.has_closer, self.c.has_opener):
+                both = allowed & wanted
+                if both.any():
+                    return both
         return allowed
