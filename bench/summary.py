@@ -113,7 +113,7 @@ BENCHES = (
                   lambda m, b: b is not None and m > b, "smoke: mutate, 2 candidates per mode"),)),
     Bench("valid_rate.py",
           ("--llm", "hf:tinycoder", "--candidates", "2", "--quick", "--max-new-tokens", "96", "--modes", "grammar,none",
-           "--dataset", "digits", "--baselines", "lenet", "--", "--sandbox", "process"), 420,
+           "--dataset", "digits", "--baselines", "lenet", "--", "--sandbox", "process"), 600,
           (Figure("answers that apply: grammar vs unconstrained", ">= 95% under the grammar (SmolLM2)", "%",
                   lambda j: (100 * j["modes"]["grammar"]["applied_first"], 100 * j["modes"]["none"]["applied_first"]),
                   lambda m, b: b is not None and m >= b, "smoke: a random 1M-parameter model, 2 answers per mode"),)),

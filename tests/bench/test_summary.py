@@ -16,7 +16,7 @@ SCRIPTS = {"proxy_epoch.py", "sandbox_overhead.py", "generation_batch.py", "nove
            "compare_modes.py", "cpu_demo.py", "ray_scaling.py", "valid_rate.py"}
 
 
-def summary(*args: str, timeout: float = 600) -> tuple[int, dict]:
+def summary(*args: str, timeout: float = 1200) -> tuple[int, dict]:  # every script, each within its own limit
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(SUMMARY), "--json", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
