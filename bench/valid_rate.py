@@ -33,7 +33,7 @@ from deltanas.tools.diff_apply import apply_model_output
 from deltanas.tools.full_extract import apply_full_output
 
 MODES = ("grammar", "prefix", "none")
-ROWS = (("applied_first", "applied, first answer", "{:.1%}"), ("valid", "valid after repairs", "{:.1%}"),
+ROWS = (("placed_first", "placed, first answer", "{:.1%}"), ("applied_first", "applied, first answer", "{:.1%}"), ("valid", "valid after repairs", "{:.1%}"),
         ("novel_valid", "novel and valid", "{:.1%}"), ("duplicates", "duplicates", "{:.1%}"),
         ("improved", "improved over parent", "{:.1%}"),
         ("distinct_per_parent", "distinct edits / parent", "{:.2f}"),
@@ -93,6 +93,8 @@ def measure(run_dir: Path, mode: str) -> dict:
     wall = run_dir / "bench-wall.txt"
     return {
         "candidates": len(rows), "constrain": sorted({r.constrain or "none" for r in rows}),
+        # placed: the hunks found their place (what the grammar guarantees); the file may still not compile
+        "placed_first": sum(x.ok or x.error.code.value in ("syntax_error", "no_op") for x in first) / n,
         "applied_first": sum(x.ok for x in first) / n, "valid": len(valid) / n, "novel_valid": len(ok) / n,
         "duplicates": sum(r.status == "duplicate" for r in rows) / n, "improved": len(improved) / n,
         "distinct_per_parent": sum(len(v) for v in distinct.values()) / max(1, len(distinct)),
