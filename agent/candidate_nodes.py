@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deltanas.agent.constraint import format_for
+from deltanas.agent.constraint import families_for, format_for
 from deltanas.agent.deps import Deps
 from deltanas.agent.llm.base import Prompt
 from deltanas.agent.state import CandidateState
@@ -62,7 +62,7 @@ def _failure(state: CandidateState) -> dict[str, str]:
 
 def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
     """Feed the failure back to the model (an apply error, or a training run that failed) and take
-    its new answer, held to the same parent and edit site as the first."""
+    its new answer, held to the same parent and edit sites as the first."""
     deps.check_stop()
     s = deps.config.search
     attempt = state.get("attempts", 0) + 1
@@ -72,10 +72,13 @@ def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
     messages = [*state["messages"], turn]
     llm = deps.proposer(state["cycle"])
     parent = _parent_source(state, deps)
-    fmt = format_for(deps.config, llm, parent, state.get("site")) if state.get("constrain", "none") != "none" \
-        else None
+    fmt = None
+    if state.get("constrain", "none") != "none":
+        families = families_for(deps.config, llm, parent, state["cycle"], state["idx"])
+        fmt = format_for(deps.config, llm, parent, state.get("sites"), families)
     prompt = Prompt(messages=chat_view(messages), base_source=parent, mode=s.mode,
-                    prefix=fmt.prefix if fmt else "", grammar=fmt.grammar if fmt else None)
+                    prefix=fmt.prefix if fmt else "", grammar=fmt.grammar if fmt else None,
+                    hunks=fmt.hunks if fmt else 0)
     comp = llm.generate([prompt], deps.sampling)[0]
     return {"messages": proposal_step(messages, comp.text), "completion": comp.text, "attempts": attempt,
             "outcome": None, "novelty": None, "source": None,  # the failed version is not this one
@@ -153,7 +156,7 @@ def record(state: CandidateState, deps: Deps) -> dict[str, Any]:
         completion_tokens=state.get("completion_tokens", 0), gen_seconds=prev.gen_seconds if prev else 0.0,
         created_at=prev.created_at if prev else time.time(), finished_at=time.time(),
         constrain=state.get("constrain") or (prev.constrain if prev else None),
-        site=state.get("site", prev.site if prev else None)))
+        sites=state.get("sites", prev.sites if prev else None)))
     d = deps.candidate_dir(cid)
     d.mkdir(parents=True, exist_ok=True)
     if state.get("diff"):

@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold answers to a grammar of the diffs that apply (default), pre-fill the header, "
                         "or leave them free (the paper's protocol)")
     r.add_argument("--sites", choices=["sampled", "free"],
-                   help="under the grammar: the search places each edit at a drawn layer line (default), "
+                   help="under the grammar: the search draws the layer lines each answer edits (default), "
                         "or the model chooses")
+    r.add_argument("--layers", choices=["typed", "free"],
+                   help="under the grammar: a line added inside an nn.Sequential is a layer that keeps the "
+                        "shapes there (default), or any constructor call")
     r.add_argument("--seed", type=int)
     r.add_argument("--name", help="run name (default: run)")
     r.add_argument("--run-dir", metavar="DIR", help="default: runs/<name>")
@@ -174,7 +177,7 @@ def _run_overrides(a: argparse.Namespace) -> dict:
         "search.seed": a.seed, "sandbox.type": a.sandbox, "sandbox.timeout_s": a.timeout,
         "sandbox.device": a.device, "sandbox.workers": a.workers, "llm.max_new_tokens": a.max_new_tokens,
         "sandbox.executor": a.executor, "sandbox.ray_address": a.ray_address,
-        "llm.constrain": a.constrain, "llm.sites": a.sites,
+        "llm.constrain": a.constrain, "llm.sites": a.sites, "llm.layers": a.layers,
         "baselines": [b.strip() for b in a.baselines.split(",") if b.strip()] if a.baselines else None,
     }
 

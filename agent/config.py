@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,8 +37,9 @@ class LLMConfig(_Section):
     temperature: float = Field(0.35, ge=0)
     top_k: int = Field(50, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(384, gt=0)
-    """The paper uses 1024; the CPU demo caps answers lower so it finishes in minutes."""
+    max_new_tokens: int = Field(512, gt=0)
+    """The paper uses 1024; the CPU demo caps answers lower so it finishes in minutes (an answer
+    at four edit sites takes 250-450 tokens)."""
     timeout_s: float = Field(600.0, gt=0)
     """Per-request timeout for server backends."""
     gpu_memory: float = Field(0.5, gt=0, le=1)
@@ -49,9 +50,13 @@ class LLMConfig(_Section):
     prefix elsewhere). `prefix`: the diff's header is pre-filled. `none`: the paper's unconstrained
     protocol (`--preset paper`)."""
     sites: Literal["sampled", "free"] = "sampled"
-    """Under the grammar, where an edit goes. `sampled`: the search draws one layer line per candidate
-    and the answer edits there (a small model chooses sites poorly, and the draws spread a cycle's
-    edits over the network); `free`: wherever the model chooses."""
+    """Under the grammar, where edits go. `sampled`: the search draws `search.edit_sites` layer lines
+    per candidate and the answer edits each of them (a small model chooses sites poorly, and the
+    draws spread a cycle's edits over the network); `free`: wherever the model chooses."""
+    layers: Literal["typed", "free"] = "typed"
+    """Under the grammar, what a line added inside an `nn.Sequential` may be. `typed`: a layer from
+    a menu that keeps the shapes there, its channel count read from the parent
+    (tools/layer_types.py), so any model's additions there build; `free`: any constructor call."""
     seed_requests: bool = False
     """`openai:`: send the run's seed with each request. Off by default: vLLM's CPU engine dies on
     per-request seeds; a server's own seed (`deltanas serve` sets one) still applies."""
@@ -80,17 +85,31 @@ class SearchConfig(_Section):
     train_duplicates: bool = False
     """Train near-copies too and record their accuracy. They stay `duplicate` and never become
     parents; a measurement (bench/valid_rate.py) then sees whether they would have trained."""
-    max_hunks: int = Field(3, gt=0)
+    edit_sites: int = Field(4, gt=0)
+    """Under sampled sites, the layer lines each candidate edits, one hunk apiece. One-line edits
+    are near-copies under the paper's novelty rule (similarity 0.95-0.98 to the parent); edits at
+    four places, two lines or more each, take most zoo networks below 0.90."""
+    max_hunks: int = Field(4, gt=0)
     """Diff limits under the grammar: hunks per answer..."""
     max_removed: int = Field(6, gt=0)
     """...lines one change removes..."""
     max_added: int = Field(6, gt=0)
-    """...and lines it adds: an edit, not a rewrite."""
+    """...and lines it adds: an edit, not a rewrite..."""
+    min_added: int = Field(2, gt=0)
+    """...at least, where a change only adds (a one-line insertion is hardly new)."""
     tournament_size: int = Field(3, gt=0)
     """Parent selection: best of this many random archive members..."""
     explore: float = Field(0.2, ge=0, le=1)
     """...except with this probability, when a uniformly random member is taken."""
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _sites_fit(self) -> SearchConfig:
+        if self.edit_sites > self.max_hunks:
+            raise ValueError(f"edit_sites ({self.edit_sites}) needs as many hunks, but max_hunks is {self.max_hunks}")
+        if self.min_added > self.max_added:
+            raise ValueError(f"min_added ({self.min_added}) is above max_added ({self.max_added})")
+        return self
 
 
 class DataConfig(_Section):

@@ -3,15 +3,18 @@
 `llm.constrain = "grammar"` needs a backend that decodes under a grammar (`supports_grammar`:
 hf, vllm, openai); one that can only pre-fill the answer gets the prefix, and one that takes
 neither (the mutator, scripted replays) answers as it does. Under the grammar with
-`llm.sites = "sampled"`, each candidate's edit is placed at a layer line drawn from the run's
-seed, the cycle and the candidate's index, so a resume draws the same line.
+`llm.sites = "sampled"`, each candidate edits `search.edit_sites` layer lines drawn from the run's
+seed, the cycle and the candidate's index (so a resume draws the same lines), one hunk apiece:
+one-line edits are near-copies under the paper's novelty rule. With `llm.layers = "typed"`, a
+line added inside an `nn.Sequential` is a layer that keeps the shapes there.
 """
 from __future__ import annotations
 
 import logging
 
 from deltanas.agent.config import Config
-from deltanas.tools.diff_grammar import AnswerFormat, DiffShape, answer_format, pick_site
+from deltanas.tools.diff_grammar import AnswerFormat, DiffShape, answer_format, pick_sites
+from deltanas.tools.layer_types import pick_families
 
 log = logging.getLogger(__name__)
 
@@ -24,20 +27,38 @@ def effective_constrain(llm, wanted: str) -> str:
     return wanted
 
 
-def site_for(config: Config, llm, parent_source: str, cycle: int, idx: int) -> int | None:
-    """The parent line a candidate's edit goes to, when the search places edits."""
-    if (config.search.mode != "delta" or config.llm.sites != "sampled"
-            or effective_constrain(llm, config.llm.constrain) != "grammar"):
+def _draw_key(config: Config, cycle: int, idx: int) -> str:
+    return f"{config.search.seed}-{cycle}-{idx}"
+
+
+def _grammar(config: Config, llm) -> bool:
+    return config.search.mode == "delta" and effective_constrain(llm, config.llm.constrain) == "grammar"
+
+
+def families_for(config: Config, llm, parent_source: str, cycle: int, idx: int) -> tuple[str, ...] | None:
+    """The kinds of layer a candidate may add under typed layers: an idea of its own."""
+    if not _grammar(config, llm) or config.llm.layers != "typed":
         return None
-    return pick_site(parent_source, f"{config.search.seed}-{cycle}-{idx}",
-                     allow_train_changes=config.search.allow_train_changes)
+    return pick_families(_draw_key(config, cycle, idx), parent_source)
 
 
-def format_for(config: Config, llm, parent_source: str, site: int | None) -> AnswerFormat:
+def sites_for(config: Config, llm, parent_source: str, cycle: int, idx: int) -> list[int] | None:
+    """The parent lines a candidate's edits go to, when the search places edits."""
+    if not _grammar(config, llm) or config.llm.sites != "sampled":
+        return None
+    return pick_sites(parent_source, _draw_key(config, cycle, idx), config.search.edit_sites,
+                      allow_train_changes=config.search.allow_train_changes,
+                      typed=config.llm.layers == "typed") or None
+
+
+def format_for(config: Config, llm, parent_source: str, sites: list[int] | None,
+               families: tuple[str, ...] | None = None) -> AnswerFormat:
     s = config.search
     fmt = answer_format(parent_source, mode=s.mode, constrain=effective_constrain(llm, config.llm.constrain),
-                        shape=DiffShape(max_hunks=s.max_hunks, max_removed=s.max_removed, max_added=s.max_added),
-                        allow_train_changes=s.allow_train_changes, site=site)
+                        shape=DiffShape(max_hunks=s.max_hunks, max_removed=s.max_removed, max_added=s.max_added,
+                                        min_added=s.min_added),
+                        allow_train_changes=s.allow_train_changes, sites=sites,
+                        typed=config.llm.layers == "typed", families=families)
     if fmt.note:
         log.warning("%s; this answer is pre-filled only", fmt.note)
     return fmt

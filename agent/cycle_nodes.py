@@ -92,7 +92,7 @@ def _stored_proposals(deps: Deps, cycle: int, n: int) -> list[Proposal] | None:
         out.append(Proposal(candidate_id=r.id, cycle=cycle, idx=r.idx, parent_id=r.parent_id,
                             messages=deps.store.get_trajectory(r.id) or [], completion=r.completion or "",
                             prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                            constrain=r.constrain or "none", site=r.site))
+                            constrain=r.constrain or "none", sites=r.sites))
     return out
 
 
@@ -106,20 +106,21 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
     deps.check_stop()
     s = deps.config.search
     llm = deps.proposer(cycle)
-    prompts, chats, formats, sites = [], [], [], []
+    prompts, chats, formats, placed = [], [], [], []
     for idx, pid in enumerate(parent_ids):
         parent = deps.store.get(pid)
-        site = constraint.site_for(deps.config, llm, parent.source, cycle, idx)
+        sites = constraint.sites_for(deps.config, llm, parent.source, cycle, idx)
+        families = constraint.families_for(deps.config, llm, parent.source, cycle, idx)
         chat = prompting.propose_messages(
             parent_source=parent.source, dataset=deps.dataset.name, in_shape=deps.dataset.in_shape,
             num_classes=deps.dataset.num_classes, parent_accuracy=parent.accuracy, goal=s.goal, mode=s.mode,
-            allow_train_changes=s.allow_train_changes, site=site)
-        fmt = constraint.format_for(deps.config, llm, parent.source, site)
+            allow_train_changes=s.allow_train_changes, sites=sites, families=families)
+        fmt = constraint.format_for(deps.config, llm, parent.source, sites, families)
         chats.append(chat)
         formats.append(fmt)
-        sites.append(site)
+        placed.append(sites)
         prompts.append(Prompt(messages=chat, base_source=parent.source, mode=s.mode, prefix=fmt.prefix,
-                              grammar=fmt.grammar))
+                              grammar=fmt.grammar, hunks=fmt.hunks))
     started = time.perf_counter()
     deps.store.set_meta(f"proposer:{cycle}", getattr(llm, "name", type(llm).__name__))
     completions = llm.generate(prompts, deps.sampling)
@@ -128,7 +129,7 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
     if stats is not None:  # what constraining has cost so far: grammar compiles and token masks
         deps.store.set_meta(f"constraint:{cycle}", stats())
     proposals: list[Proposal] = []
-    for idx, (pid, chat, comp, fmt, site) in enumerate(zip(parent_ids, chats, completions, formats, sites)):
+    for idx, (pid, chat, comp, fmt, sites) in enumerate(zip(parent_ids, chats, completions, formats, placed)):
         cid = candidate_id(cycle, idx)
         messages = proposal_step(chat, comp.text)
         # A server that turned out to ignore the grammar answered unconstrained: say what happened.
@@ -137,10 +138,10 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
         deps.store.upsert(CandidateRow(
             id=cid, cycle=cycle, idx=idx, kind=s.mode, parent_id=pid, dataset=deps.dataset.name,
             status="proposed", completion=comp.text, prompt_tokens=comp.prompt_tokens,
-            completion_tokens=comp.completion_tokens, gen_seconds=per_candidate, constrain=mode, site=site))
+            completion_tokens=comp.completion_tokens, gen_seconds=per_candidate, constrain=mode, sites=sites))
         proposals.append(Proposal(candidate_id=cid, cycle=cycle, idx=idx, parent_id=pid, messages=messages,
                                   completion=comp.text, prompt_tokens=comp.prompt_tokens,
-                                  completion_tokens=comp.completion_tokens, constrain=mode, site=site))
+                                  completion_tokens=comp.completion_tokens, constrain=mode, sites=sites))
     return {"proposals": proposals}
 
 

@@ -54,7 +54,7 @@ def fan_out(state: RunState) -> list[Send]:
         candidate_id=p["candidate_id"], cycle=p["cycle"], idx=p["idx"], parent_id=p["parent_id"],
         messages=p["messages"], completion=p["completion"], attempts=0, prompt_tokens=p["prompt_tokens"],
         completion_tokens=p["completion_tokens"], error=None, novelty=None, outcome=None,
-        constrain=p.get("constrain", "none"), site=p.get("site")))
+        constrain=p.get("constrain", "none"), sites=p.get("sites")))
         for p in state["proposals"]]
 
 

@@ -19,7 +19,7 @@ class Proposal(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     constrain: str  # how the answer was held to the format: grammar | prefix | none
-    site: int | None  # the parent line (0-based) the search placed the edit at, if it chose one
+    sites: list[int] | None  # the parent lines (0-based) the search placed the edits at, if it chose them
 
 
 class RunState(TypedDict, total=False):
@@ -38,7 +38,7 @@ class CandidateState(TypedDict, total=False):
     messages: list[dict[str, Any]]
     completion: str  # the latest raw model answer
     constrain: str
-    site: int | None
+    sites: list[int] | None
     attempts: int  # repairs made so far
     prompt_tokens: int
     completion_tokens: int

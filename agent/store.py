@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS candidates (
     gen_seconds REAL NOT NULL DEFAULT 0,
     created_at REAL NOT NULL, finished_at REAL,
     constrain TEXT,                    -- grammar | prefix | none: how the answer was held to the format
-    site INTEGER                       -- the parent line (0-based) the edit was placed at, if the search chose one
+    sites TEXT                         -- JSON: the parent lines (0-based) the edits were placed at, if the search chose them
 );
 CREATE INDEX IF NOT EXISTS candidates_cycle ON candidates(cycle);
 CREATE TABLE IF NOT EXISTS trajectories (candidate_id TEXT PRIMARY KEY, messages TEXT NOT NULL);
@@ -107,7 +107,7 @@ class CandidateRow:
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     constrain: str | None = None
-    site: int | None = None
+    sites: list[int] | None = None
 
     @property
     def final(self) -> bool:
@@ -119,6 +119,8 @@ _COLUMNS = tuple(CandidateRow.__dataclass_fields__)
 
 def _row_to_candidate(row: sqlite3.Row) -> CandidateRow:
     d = dict(row)
+    old_site = d.pop("site", None)  # an archive from before edits had several sites held one line
+    d["sites"] = json.loads(d["sites"]) if d.get("sites") else ([old_site] if old_site is not None else None)
     if d.get("novel") is not None:
         d["novel"] = bool(d["novel"])
     return CandidateRow(**d)
@@ -161,7 +163,7 @@ class Store:
     def _add_columns(self) -> None:
         """Columns added since an archive was made: a resumed older run gains them, empty."""
         have = {r[1] for r in self._conn.execute("PRAGMA table_info(candidates)")}
-        for name, sql_type in (("constrain", "TEXT"), ("site", "INTEGER")):
+        for name, sql_type in (("constrain", "TEXT"), ("sites", "TEXT")):
             if name not in have:
                 self._conn.execute(f"ALTER TABLE candidates ADD COLUMN {name} {sql_type}")
 
@@ -195,7 +197,8 @@ class Store:
 
     # --- candidates -----------------------------------------------------------------------
     def upsert(self, cand: CandidateRow) -> None:
-        values = [getattr(cand, c) for c in _COLUMNS]
+        values = [json.dumps(cand.sites) if c == "sites" and cand.sites is not None else getattr(cand, c)
+                  for c in _COLUMNS]
         placeholders = ",".join("?" * len(_COLUMNS))
         updates = ",".join(f"{c}=excluded.{c}" for c in _COLUMNS if c not in ("id", "created_at"))
         with self._tx() as c:

@@ -112,7 +112,7 @@ BENCHES = (
                   lambda j: (100 * j["delta"]["valid_rate"], 100 * j["full"]["valid_rate"]),
                   lambda m, b: b is not None and m > b, "smoke: mutate, 2 candidates per mode"),)),
     Bench("valid_rate.py",
-          ("--llm", "hf:tinycoder", "--candidates", "2", "--quick", "--max-new-tokens", "96", "--modes", "grammar,none",
+          ("--llm", "hf:tinycoder", "--candidates", "2", "--quick", "--max-new-tokens", "320", "--modes", "grammar,none",
            "--dataset", "digits", "--baselines", "lenet", "--", "--sandbox", "process"), 600,
           (Figure("answers whose hunks place: grammar vs unconstrained", "100% under the grammar, any model", "%",
                   lambda j: (100 * j["modes"]["grammar"]["placed_first"], 100 * j["modes"]["none"]["placed_first"]),

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", type=int, default=1)
     p.add_argument("--candidates", type=int, default=8)
     p.add_argument("--repairs", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--limit-train", type=int, default=None)

@@ -25,6 +25,14 @@ accepts, shaped like an edit rather than a rewrite:
   (`supported_hyperparameters`, `Net.train_setup`, `Net.learn`); their lines serve as context only.
 - `sites` narrows where a group may start (gap i: before line i): the search can place each
   candidate's edit, which small models do poorly and which spreads a cycle's edits over the file.
+- `anchors` (the product's default, `pick_sites`) go further: hunk h edits anchor h (the line
+  itself, or layers just before or after it), every anchor in file order, and the answer may close
+  only after the last. One-line edits are near-copies under the paper's novelty rule; edits at
+  several places are not.
+- `typed`: a `+` line inside a one-element-per-line `nn.Sequential` is a layer from the menu of
+  `tools/layer_types.py`, which keeps the tensor shape there (its channel count read from the
+  parent), and a removed run there is whole layers that keep it too. Any answer at typed anchors
+  builds a network whose shapes fit.
 
 Full mode's grammar is one ```python fence that holds a `class Net` line.
 """
@@ -63,14 +71,17 @@ class GrammarError(ValueError):
 class DiffShape:
     """How big one answer may be: an edit, not a rewrite."""
 
-    max_hunks: int = 3
+    max_hunks: int = 4
     max_removed: int = 6  # per change group
     max_added: int = 8  # per change group
+    min_added: int = 1  # per group that only adds
 
     def __post_init__(self) -> None:
-        for name in ("max_hunks", "max_removed", "max_added"):
+        for name in ("max_hunks", "max_removed", "max_added", "min_added"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.min_added > self.max_added:
+            raise ValueError(f"min_added ({self.min_added}) is above max_added ({self.max_added})")
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class Grammar:
     rules: int
     build_seconds: float
     sites: tuple[int, ...] = ()  # gaps where a change group may start (delta)
+    windows: tuple[tuple[int, ...], ...] = ()  # under anchors: the gaps of each required hunk, in order
 
 
 def anchor_counts(lines: list[str]) -> Counter:
@@ -179,9 +191,11 @@ def edit_sites(source: str, *, allow_train_changes: bool = False) -> tuple[list[
 
 class _Builder:
     def __init__(self, lines: list[str], shape: DiffShape, sites: list[int], removable: set[int],
-                 narrow: bool = False):
+                 narrow: bool = False, windows: list[list[int]] | None = None, typed: tuple | None = None):
         self.lines, self.shape = lines, shape
         self.narrow = narrow  # sites were given: a small grammar can afford per-group terminals
+        self.windows = windows  # hunk h edits windows[h - 1], every window in order (None: any sites)
+        self.typed = typed  # (flows, removable elements, nn prefix): layers from a menu in a Sequential
         self.n = len(lines)
         self.sites = sites
         self.site_set = set(sites)
@@ -196,7 +210,8 @@ class _Builder:
             if m in self.site_set:
                 nxt = m
             self._next[m] = nxt
-        self._plus: dict[str, str] = {}  # indentation alternatives -> rule name
+        self._plus: dict[tuple, str] = {}  # (indentation alternatives, context, exclusions, flow) -> rule name
+        self._menus: dict[object, str] = {}  # flow -> the terminal of the layers that keep it
         self.counts = anchor_counts(lines)
         self.depth = bracket_depths(lines)
 
@@ -235,28 +250,42 @@ class _Builder:
         opener = next((self.lines[k] for k in range(j - 1, -1, -1) if self.depth[k] < depth), "")
         return "MODULE" if re.search(r"\b(Sequential|ModuleList)\(\[?\s*$", opener) else "ELEMENT"
 
+    def menu(self, j: int) -> str:
+        """The terminal of the layers an `nn.Sequential` may take at gap j (tools/layer_types.py)."""
+        from deltanas.tools.layer_types import menu
+
+        flows, _, nn, families = self.typed
+        flow = flows.get(j)
+        name = self._menus.get(flow)
+        if name is None:
+            name = self._menus[flow] = f"LAYER{len(self._menus)}"
+            self.rules[name] = menu(flow, nn, families)
+        return name
+
     def plus(self, j: int, at_least: int, removed: tuple[int, ...] = ()) -> str:
-        """The rule for 0 or 1 to max_added lines added at gap j. Under narrowed sites, a line that
-        repeats one the group removed is not admitted: the pair would change nothing."""
+        """The rule for `at_least` to max_added lines added at gap j. Under narrowed sites, a line
+        that repeats one the group removed is not admitted: the pair would change nothing."""
         ind, kind = self.indents(j), self.context(j)
+        terminal = self.menu(j) if self.typed and kind == "MODULE" else kind
         exclude = tuple(sorted({self.lines[k].strip() for k in removed})) if self.narrow else ()
-        key = ("|".join(ind), kind, exclude)
+        key = ("|".join(ind), terminal, exclude)
         name = self._plus.get(key)
         if name is None:
             name = f"plus{len(self._plus)}"
             upper = name.upper()
             self._plus[key] = name
-            body = kind
+            body = terminal
             if exclude:
                 body = f"{upper}_BODY"
                 same = "|".join(_lark_regex(x) for x in exclude)
-                self.rules[body] = f"{kind} & ~/(?:{same})" + r"[ \t]*/"
+                self.rules[body] = f"{terminal} & ~/(?:{same})" + r"[ \t]*/"
             alt = "|".join(re.escape(x).replace("\\ ", " ") for x in ind)
             deeper = f"(?:{re.escape(self.unit).replace(chr(92) + ' ', ' ')}){{0,2}}" if kind != "STATEMENT" else ""
             self.rules[upper] = f'"+" /(?:{alt}){deeper}/ {body} "\\n"'
-            self.rules[f"{name}_0"] = f"{upper}{{0,{self.shape.max_added}}}"
-            self.rules[f"{name}_1"] = f"{upper}{{1,{self.shape.max_added}}}"
-        return f"{name}_{at_least}"
+        rule = f"{name}_{at_least}"
+        if rule not in self.rules:
+            self.rules[rule] = f"{name.upper()}{{{at_least},{self.shape.max_added}}}"
+        return rule
 
     def body_terminals(self) -> dict[str, str]:
         """One added line's text, by where it lands. Everywhere: brackets balanced (three levels
@@ -296,11 +325,29 @@ class _Builder:
         return name
 
     def s(self, h: int, m: int) -> str | None:
-        """'Hunk h starts at gap m or later', or None when no hunk may start there."""
+        """'Hunk h starts at gap m or later' (in window h, under windows), or None when no hunk may
+        start there."""
         if h > self.shape.max_hunks or m > self.n:
             return None
-        g = self._next.get(m)
+        if self.windows is not None:
+            g = next((x for x in self.windows[h - 1] if x >= m), None) if h <= len(self.windows) else None
+        else:
+            g = self._next.get(m)
         return None if g is None else self.want(f"s{h}_{g}", lambda: self.make_s(h, g))
+
+    def last_hunk(self, h: int) -> bool:
+        """May the answer close after hunk h? Under windows, only once every window is edited."""
+        return self.windows is None or h == len(self.windows)
+
+    def group_sites(self, h: int) -> set[int]:
+        return self.site_set if self.windows is None else set(self.windows[h - 1])
+
+    def limit(self, h: int) -> int:
+        """The last line a group of hunk h may end on with its context line: under windows, the
+        line before the next window, so the next hunk can still open there."""
+        if self.windows is None or h >= len(self.windows):
+            return self.n
+        return self.windows[h][0] - 1
 
     def g(self, h: int, i: int) -> str:
         return self.want(f"g{h}_{i}", lambda: " | ".join(self.group_alts(h, i)))
@@ -319,14 +366,17 @@ class _Builder:
     def make_e(self, h: int, k: int) -> str:
         """After a group and one context line, at line k: close, start the next hunk, or go on
         with another group after zero or one more context line."""
-        alts = [_q(CLOSE)]
+        alts = [_q(CLOSE)] if self.last_hunk(h) else []
         nxt = self.s(h + 1, k)
         if nxt:
             alts.append(nxt)
-        if k < self.n and k in self.site_set:
+        here = self.group_sites(h)
+        if k < self.n and k in here:
             alts.append(self.g(h, k))
-        if k + 1 < self.n and k + 1 in self.site_set:
+        if k + 1 < self.n and k + 1 in here:
             alts.append(f"{self.ctx(k)} {self.g(h, k + 1)}")
+        if not alts:
+            raise AssertionError(f"no way on after hunk {h} at line {k}")
         return " | ".join(alts)
 
     def build(self) -> str:
@@ -341,10 +391,14 @@ class _Builder:
         head = f"start: {first}"
         return "\n".join([head] + [f"{k}: {v}" for k, v in self.rules.items()]) + "\n"
 
-    def after(self, h: int, j: int) -> str:
+    def after(self, h: int, j: int) -> str | None:
         """What follows a change group of hunk h that ends before line j: the context line below,
-        or the end of the answer at the end of the file."""
-        return f"{self.ctx(j)} {self.e(h, j + 1)}" if j < self.n else _q(CLOSE)
+        or the end of the answer at the end of the file (None: the group may not end there)."""
+        if j > self.limit(h):
+            return None
+        if j < self.n:
+            return f"{self.ctx(j)} {self.e(h, j + 1)}"
+        return _q(CLOSE) if self.last_hunk(h) else None
 
     def group_alts(self, h: int, i: int) -> list[str]:
         """A group at gap i: lines i..j-1 removed, then additions; or additions alone before line i.
@@ -353,9 +407,10 @@ class _Builder:
         alts = []
         removed = []
         first = len(_indent(self.lines[i])) if i < self.n else 0
+        layers = self.typed is not None and self.context(i) == "MODULE"  # whole layers that keep the flow
         for k in range(1, self.shape.max_removed + 1):
             j = i + k - 1
-            if j >= self.n or j not in self.removable:
+            if j >= self.n or j not in self.removable or (layers and j not in self.typed[1]):
                 break
             if self.lines[j].strip() and len(_indent(self.lines[j])) < first:
                 break
@@ -364,10 +419,16 @@ class _Builder:
             removed.append(self.rem(j))
             if self.depth[j + 1] != self.depth[i]:
                 continue
+            then = self.after(h, j + 1)
+            if then is None:
+                break
             adds = self.plus(j + 1, 1 if self.empties(i, j + 1) else 0, tuple(range(i, j + 1)))
-            alts.append(f"{' '.join(removed)} {adds} {self.after(h, j + 1)}")
-        if i < self.n:
-            alts.append(f"{self.plus(i, 1)} {self.after(h, i)}")
+            alts.append(f"{' '.join(removed)} {adds} {then}")
+        then = self.after(h, i) if i < self.n else None
+        if then is not None:
+            alts.append(f"{self.plus(i, self.shape.min_added)} {then}")
+        if not alts:
+            raise AssertionError(f"no change group at line {i}")
         return alts
 
     def empties(self, i: int, j: int) -> bool:
@@ -379,10 +440,14 @@ class _Builder:
 
 
 def delta_grammar(parent_source: str, *, shape: DiffShape | None = None, allow_train_changes: bool = False,
-                  sites: list[int] | None = None) -> Grammar:
+                  sites: list[int] | None = None, anchors: list[int] | None = None,
+                  typed: bool = False, families: tuple[str, ...] | None = None) -> Grammar:
     """The grammar of the diffs against `parent_source` that apply (see the module docstring).
-    `sites`: gaps where change groups may start (default: everywhere allowed). Raises
-    GrammarError for a parent it cannot serve."""
+    `sites`: gaps where change groups may start (default: everywhere allowed). `anchors`: lines
+    that must each be edited, one hunk apiece in file order (changed, or layers added just before
+    or after). `typed`: a line added inside an `nn.Sequential` is a layer that keeps the shapes
+    there (tools/layer_types.py), of the kinds in `families` (default: all). Raises GrammarError
+    for a parent it cannot serve."""
     started = time.perf_counter()
     shape = shape or DiffShape()
     if not isinstance(parent_source, str) or not parent_source.strip():
@@ -399,16 +464,37 @@ def delta_grammar(parent_source: str, *, shape: DiffShape | None = None, allow_t
         allowed, removable = edit_sites(parent_source, allow_train_changes=allow_train_changes)
     except SyntaxError as e:
         raise GrammarError("parent_syntax", f"the parent does not parse: {e.msg} (line {e.lineno})") from None
+    windows = None
+    if anchors is not None:
+        ok = set(allowed)
+        windows = []
+        for a in sorted(set(anchors)):  # a window too close to the one before it joins nothing: dropped
+            w = [g for g in site_window(a) if g in ok and g < len(lines)]
+            if w and (not windows or w[0] > windows[-1][-1]):
+                windows.append(w)
+        if not windows:
+            raise GrammarError("no_edit_site", "no line of the parent may change at the anchors asked for "
+                                               "(they are in protected functions)")
+        if len(windows) > shape.max_hunks:
+            raise GrammarError("too_many_anchors", f"{len(windows)} anchors need as many hunks; "
+                                                   f"max_hunks is {shape.max_hunks}")
+        sites = [g for w in windows for g in w]
     if sites is not None:
         allowed = sorted(set(allowed) & set(sites))
     elif len(allowed) > MAX_SITES:
         raise GrammarError("too_many_sites", f"the parent has {len(allowed)} places a diff may start; a grammar "
                                              f"over all of them passes {MAX_SITES}, past what grammar engines "
                                              "parse by default. Narrow them with sites (llm.sites = \"sampled\")")
-    builder = _Builder(lines, shape, allowed, removable, narrow=sites is not None)
+    typing = None
+    if typed:
+        from deltanas.tools.layer_types import flows, nn_prefix, removable_lines
+
+        typing = (flows(parent_source), removable_lines(parent_source), nn_prefix(parent_source), families)
+    builder = _Builder(lines, shape, allowed, removable, narrow=sites is not None, windows=windows, typed=typing)
     lark = builder.build()
     return Grammar(lark=lark, prefix=DIFF_PREFIX, kind="delta", rules=len(builder.rules) + 1,
-                   build_seconds=time.perf_counter() - started, sites=tuple(allowed))
+                   build_seconds=time.perf_counter() - started, sites=tuple(allowed),
+                   windows=tuple(tuple(w) for w in windows or ()))
 
 
 def full_grammar(*, max_line_chars: int = 240) -> Grammar:
@@ -491,16 +577,33 @@ def accepts(lark: str, text: str, *, partial: bool = False) -> bool:
 CONSTRAIN_MODES = ("grammar", "prefix", "none")
 
 
-def pick_site(source: str, key: str, *, allow_train_changes: bool = False) -> int | None:
-    """A layer line (0-based) for one candidate's edit, drawn from `key` (seed, cycle and index),
-    so a resume draws the same and a cycle's candidates spread over the network."""
+def pick_sites(source: str, key: str, count: int = 1, *, allow_train_changes: bool = False,
+               typed: bool = False) -> list[int]:
+    """Layer lines (0-based, in file order, at least two apart) for one candidate's edits, drawn
+    from `key` (seed, cycle and index), so a resume draws the same and a cycle's candidates spread
+    over the network. With `typed`, only the layers of one-per-line `nn.Sequential`s are drawn
+    while the parent has any (a line added there comes from a menu of layers that fit; a free
+    statement is where small models break a network), so fewer than `count` may come back."""
     import random
 
     try:
         lines = layer_lines(source, allow_train_changes=allow_train_changes)
+        if typed:
+            from deltanas.tools.layer_types import flows
+
+            known = flows(source)
     except SyntaxError:
-        return None
-    return random.Random(key).choice(lines) if lines else None
+        return []
+    rng = random.Random(key)
+    pool = [i for i in lines if typed and i in known and i + 1 in known] or lines
+    rng.shuffle(pool)
+    chosen: list[int] = []
+    for i in pool:
+        if len(chosen) == count:
+            break
+        if all(abs(i - c) >= 2 for c in chosen):
+            chosen.append(i)
+    return sorted(chosen)
 
 
 @dataclass(frozen=True)
@@ -512,10 +615,12 @@ class AnswerFormat:
     prefix: str = ""
     grammar: str | None = None
     note: str = ""  # why a mode fell back to a weaker one
+    hunks: int = 0  # hunks the grammar requires (one per edit window)
 
 
 def answer_format(parent_source: str, *, mode: str, constrain: str, shape: DiffShape | None = None,
-                  allow_train_changes: bool = False, site: int | None = None) -> AnswerFormat:
+                  allow_train_changes: bool = False, sites: list[int] | None = None,
+                  typed: bool = False, families: tuple[str, ...] | None = None) -> AnswerFormat:
     """The prefix and grammar of one answer. A parent the grammar cannot serve gets the prefix,
     and the reason in `note`."""
     if constrain not in CONSTRAIN_MODES:
@@ -529,7 +634,7 @@ def answer_format(parent_source: str, *, mode: str, constrain: str, shape: DiffS
         return AnswerFormat("grammar", prefix, full_grammar().lark)
     try:
         g = delta_grammar(parent_source, shape=shape, allow_train_changes=allow_train_changes,
-                          sites=None if site is None else site_window(site))
+                          anchors=sites or None, typed=typed, families=families)
     except GrammarError as e:
         return AnswerFormat("prefix", prefix, note=f"grammar unavailable ({e.code}): {e}")
-    return AnswerFormat("grammar", prefix, g.lark)
+    return AnswerFormat("grammar", prefix, g.lark, hunks=len(g.windows))

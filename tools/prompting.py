@@ -83,14 +83,16 @@ def system_message(mode: str = "delta") -> Message:
 def propose_messages(*, parent_source: str, dataset: str, in_shape: tuple, num_classes: int,
                      parent_accuracy: float | None, goal: str = "improve first-epoch test accuracy",
                      mode: str = "delta", allow_train_changes: bool = False,
-                     site: int | None = None) -> list[Message]:
+                     sites: list[int] | None = None, families: tuple[str, ...] | None = None) -> list[Message]:
     """The system turn and the user turn that asks for one proposal against `parent_source`;
-    `site` (0-based) names the line the edit goes to, when the search chose one."""
+    `sites` (0-based) name the lines the edits go to, when the search chose them, and `families`
+    the kinds of layer this candidate may add (tools/layer_types.py)."""
+    from deltanas.tools.layer_types import family_names
+
     _check_mode(mode)
-    where = None
-    if site is not None:
-        where = (site + 1, parent_source.splitlines()[site].strip())
-    user = render("full.j2" if mode == "full" else "propose.j2", site=where,
+    lines = parent_source.splitlines()
+    where = [(i + 1, lines[i].strip()) for i in sites or ()]
+    user = render("full.j2" if mode == "full" else "propose.j2", sites=where, layers=family_names(families),
                   parent_source=_with_newline(parent_source), dataset=dataset,
                   in_shape=tuple(in_shape), num_classes=num_classes,
                   accuracy=format_accuracy(parent_accuracy), goal=goal.rstrip("."),

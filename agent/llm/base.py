@@ -26,7 +26,7 @@ class Prompt:
     chat text. `prefix` is the start of the answer, written for the model (the
     diff's header); the completion's text includes it. `grammar` (llguidance's
     Lark, tools/diff_grammar.py) constrains the whole answer, prefix included,
-    on backends that support it.
+    on backends that support it, and requires `hunks` hunks.
     """
 
     messages: list[Message]
@@ -34,6 +34,7 @@ class Prompt:
     mode: str = "delta"  # "delta" or "full"
     prefix: str = ""
     grammar: str | None = None
+    hunks: int = 0  # hunks the grammar requires, one per edit site (for a backend's closing rule)
 
 
 @dataclass

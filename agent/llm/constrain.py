@@ -61,22 +61,28 @@ class Constrainer:
         self.stats = MaskStats()
         first = np.zeros(self.vocab, dtype=bool)  # tokens whose text starts a diff line we may close with
         fence = np.zeros(self.vocab, dtype=bool)
+        header = np.zeros(self.vocab, dtype=bool)
         plus = np.zeros(self.vocab, dtype=bool)
         newline = np.zeros(self.vocab, dtype=bool)
+        line_end = np.zeros(self.vocab, dtype=bool)
         closer = np.zeros(self.vocab, dtype=bool)
         opener = np.zeros(self.vocab, dtype=bool)
         for t in range(self.vocab):
             b = self.ll.decode_bytes([t])
             first[t] = b[:1] in (b" ", b"`")
             fence[t] = b[:1] == b"`"
+            header[t] = b[:1] == b"@"
             plus[t] = b[:1] == b"+"
             newline[t] = b"\n" in b
+            line_end[t] = b.endswith(b"\n")
             closer[t] = any(c in b for c in b")]},")
             opener[t] = b"(" in b
         self.starts_closing_line = first
         self.starts_fence = fence
+        self.starts_header = header
         self.starts_plus = plus
         self.has_newline = newline
+        self.ends_line = line_end
         self.has_closer = closer
         self.has_opener = opener
 
@@ -109,6 +115,15 @@ class Constrainer:
         longest = max(lines, key=len)
         return 2 * len(self.tokens(" " + longest + "\n")) + CLOSE_SLACK
 
+    def per_hunk(self, parent_source: str) -> int:
+        """New tokens a hunk the grammar still requires takes at least: its header, two context lines
+        and an added line, as long as a typical (third-longest quarter) line of the parent, and
+        another added line as long as its longest (a layer written out in full)."""
+        lines = sorted((x for x in parent_source.splitlines() if x.strip()), key=len) or [""]
+        typical = lines[(3 * len(lines)) // 4 - (1 if len(lines) >= 4 else 0)]
+        return (3 * len(self.tokens(" " + typical + "\n")) + len(self.tokens(" " + lines[-1] + "\n"))
+                + len(self.tokens("@@ -100 @@\n")))
+
     def processor(self, rows: list["RowGrammar | None"], max_new_tokens: int) -> "GrammarLogitsProcessor":
         return GrammarLogitsProcessor(self, rows, max_new_tokens)
 
@@ -121,6 +136,8 @@ class RowGrammar:
     lark: str
     prefix: str = ""
     reserve: int = 0
+    hunks: int = 0  # hunks the grammar requires (one per edit site)
+    per_hunk: int = 0  # tokens each required hunk not yet started takes at least
     matcher: object = None
     text: str = ""  # what the row has written since its last newline (for the closing rule)
     lines: list[str] = field(default_factory=list)  # the answer's finished lines
@@ -177,7 +194,7 @@ class GrammarLogitsProcessor:
                 self.c.stats.masks += 1
                 if not allowed.any():  # cannot happen for a well-formed grammar; never sample from nothing
                     allowed[self.c.ll.eos_tokens] = True
-                elif left <= r.reserve:
+                elif left <= r.reserve + r.per_hunk * max(0, r.hunks - self._started(r)):
                     allowed = self._closing(r, allowed)
                 elif r.text == "" and self._repeating(r):
                     allowed = self._prefer(allowed, ~self.c.starts_plus)
@@ -194,6 +211,10 @@ class GrammarLogitsProcessor:
         return out
 
     @staticmethod
+    def _started(r: RowGrammar) -> int:
+        return sum(x.startswith("@@") for x in r.lines) + r.text.startswith("@@")
+
+    @staticmethod
     def _repeating(r: RowGrammar) -> bool:
         """Did the last '+' line repeat the line before it? Small models loop on a line until the
         group's cap; a repeated line ends the group instead."""
@@ -205,15 +226,22 @@ class GrammarLogitsProcessor:
         return both if both.any() else allowed
 
     def _closing(self, r: RowGrammar, allowed):
-        """Among the allowed tokens, those that move toward the end: end a '+' line, start the
-        closing fence or else a context line. Falls back to all allowed tokens when none of those is."""
+        """Among the allowed tokens, those that move toward the end. At a line's start: the closing
+        fence, else the next hunk's header (a hunk the grammar still requires), else a context line
+        (which ends a change group). In a '+' line: end it. Falls back to all allowed tokens when
+        none of those is."""
         self.c.stats.closing_steps += 1
         if r.text == "":
-            return self._prefer(self._prefer(allowed, self.c.starts_fence), self.c.starts_closing_line)
+            for wanted in (self.c.starts_fence, self.c.starts_header):
+                both = allowed & wanted
+                if both.any():
+                    return both
+            return self._prefer(allowed, self.c.starts_closing_line)
         if r.text.startswith("+"):
-            # End the line if it may end; else close a bracket or the element; else open the call
-            # a constructor needs. Each step then moves toward the newline.
-            for wanted in (self.c.has_newline, self.c.has_closer, self.c.has_opener):
+            # End the line if it may end (with a bare newline, so that the next line's start is
+            # chosen by the rule above); else close a bracket or the element; else open the call a
+            # constructor needs. Each step then moves toward the newline.
+            for wanted in (self.c.ends_line, self.c.has_newline, self.c.has_closer, self.c.has_opener):
                 both = allowed & wanted
                 if both.any():
                     return both

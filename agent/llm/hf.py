@@ -332,8 +332,9 @@ class HFBackend:
         if not any(p.grammar for p in prompts):
             return None
         c = self.constrainer
-        rows = [RowGrammar(p.grammar, p.prefix, c.reserve(p.base_source) if p.mode == "delta" else 0)
-                if p.grammar else None for p in prompts]
+        rows = [RowGrammar(p.grammar, p.prefix, c.reserve(p.base_source), p.hunks, c.per_hunk(p.base_source))
+                if p.grammar and p.mode == "delta" else RowGrammar(p.grammar, p.prefix) if p.grammar else None
+                for p in prompts]
         return c.processor(rows, sampling.max_new_tokens)
 
     def _generate_chunk(self, texts: list[str], sampling: Sampling, prompts: list[Prompt]) -> list[Completion]:

@@ -39,6 +39,9 @@ def test_roundtrip_dump(tmp_path):
     ("[search]\nmode = \"half\"\n", "search.mode"),
     ("[llm]\ndtype = \"float64\"\n", "llm.dtype"),
     ("[search\n", "not valid TOML"),
+    ("[search]\nedit_sites = 5\n", "max_hunks is 4"),
+    ("[search]\nmin_added = 7\n", "above max_added"),
+    ("[llm]\nlayers = \"any\"\n", "llm.layers"),
 ])
 def test_bad_config_is_one_clear_message(tmp_path, text, needle):
     p = tmp_path / "bad.toml"

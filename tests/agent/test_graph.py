@@ -196,11 +196,14 @@ def test_each_candidate_records_how_its_answer_was_constrained(tmp_path):
     assert run_graph(deps, InMemorySaver()).status == "finished"
     rows = deps.store.candidates(cycle=0)
     assert [r.constrain for r in rows] == ["grammar", "grammar"]
-    assert all(r.site is not None for r in rows)
+    assert all(r.sites and r.sites == sorted(r.sites) for r in rows)
     first = seen[:2]
     assert all(p.grammar and p.prefix == DIFF_PREFIX for p in first)
     lines = first[0].base_source.splitlines()
-    assert f"line {rows[0].site + 1}: `{lines[rows[0].site].strip()}`" in first[0].messages[-1]["content"]
+    for i in rows[0].sites:  # the prompt names every line the grammar holds the answer to
+        assert f"line {i + 1}: `{lines[i].strip()}`" in first[0].messages[-1]["content"]
+    ideas = [p.messages[-1]["content"].split("This candidate's idea")[1].split("\n")[0] for p in first]
+    assert ideas[0] != ideas[1]  # each candidate its own kinds of layer, which its grammar holds it to
     # a plain scripted backend takes neither prefix nor grammar: its answers are recorded as free
     deps2 = make_deps(tmp_path / "b", ScriptedBackend(answer), InstantExecutor(),
                       **{"search.cycles": 1, "search.candidates": 1})

@@ -312,19 +312,19 @@ def test_bf16_predicts_the_tokens_fp32_does(smollm2_fp32):
     bf16.close()
 
 
-def _grammar_prompts(names, *, sites=True, budget_rows=None):
-    """Proposal prompts held to their parent's grammar, each at a drawn edit site."""
-    from deltanas.tools.diff_grammar import answer_format, pick_site
+def _grammar_prompts(names, *, sites=True, count=4):
+    """Proposal prompts held to their parent's grammar, each at drawn edit sites (typed layers)."""
+    from deltanas.tools.diff_grammar import answer_format, pick_sites
     from deltanas.tools.zoo import get_baseline
 
     out = []
     for i, n in enumerate(names):
         src = get_baseline(n).source
-        site = pick_site(src, f"test-{i}") if sites else None
-        fmt = answer_format(src, mode="delta", constrain="grammar", site=site)
+        at = pick_sites(src, f"test-{i}", count, typed=True) if sites else None
+        fmt = answer_format(src, mode="delta", constrain="grammar", sites=at, typed=sites)
         chat = prompting.propose_messages(parent_source=src, dataset="mnist", in_shape=(1, 1, 28, 28), num_classes=10,
-                                          parent_accuracy=0.97, site=site)
-        out.append(Prompt(messages=chat, base_source=src, prefix=fmt.prefix, grammar=fmt.grammar))
+                                          parent_accuracy=0.97, sites=at)
+        out.append(Prompt(messages=chat, base_source=src, prefix=fmt.prefix, grammar=fmt.grammar, hunks=fmt.hunks))
     return out
 
 
@@ -347,7 +347,7 @@ def test_a_random_model_under_the_grammar_writes_only_diffs_that_place_and_close
     backend = tiny_pair[0]
     prompts = _grammar_prompts(["lenet", "resnet", "mobilenet"])
     free = Prompt(messages=[{"role": "user", "content": "Add dropout."}])
-    sampling = Sampling(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=120, seed=3)
+    sampling = Sampling(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=260, seed=3)
     out = backend.generate([*prompts, free], sampling)
     for p, c in zip(prompts, out):
         assert c.meta["constrained"] and c.meta["grammar_error"] is None

@@ -67,3 +67,23 @@ def test_cycles_and_meta(tmp_path):
     s.set_meta("k", {"v": 1})
     assert s.cycles()[0]["summary"] == {"candidates": 3}
     assert s.get_meta("k") == {"v": 1}
+
+
+def test_edit_sites_round_trip_and_an_older_archive_gains_the_column(tmp_path):
+    p = tmp_path / "a.sqlite"
+    s = Store(p)
+    s.upsert(_row(1, constrain="grammar", sites=[3, 9, 20]))
+    s.upsert(_row(2, constrain="none"))
+    assert s.get("c000-001").sites == [3, 9, 20] and s.get("c000-002").sites is None
+    s.close()
+    # An archive from before several sites per candidate: one `site` column, and no `sites`.
+    con = sqlite3.connect(p)
+    con.execute("ALTER TABLE candidates DROP COLUMN sites")
+    con.execute("ALTER TABLE candidates ADD COLUMN site INTEGER")
+    con.execute("UPDATE candidates SET site=16 WHERE id='c000-001'")
+    con.commit()
+    con.close()
+    old = Store(p)
+    assert old.get("c000-001").sites == [16] and old.get("c000-002").sites is None
+    old.upsert(_row(3, sites=[5]))
+    assert [r.sites for r in old.candidates()] == [[16], None, [5]]

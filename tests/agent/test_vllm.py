@@ -77,10 +77,10 @@ def main():
     # Sampled, as a run decodes (the paper's settings and a seed): the CPU engine must survive it.
     sampled = b.generate(prompts, Sampling(temperature=0.35, top_k=50, top_p=0.9, max_new_tokens=8, seed=3))
     # Held to a parent's grammar (vLLM's structured outputs), at one edit site: a diff that places.
-    from deltanas.tools.diff_grammar import DiffShape, accepts, answer_format, pick_site
+    from deltanas.tools.diff_grammar import DiffShape, accepts, answer_format, pick_sites
     from deltanas.tools.zoo import get_baseline
     src = get_baseline("lenet").source
-    fmt = answer_format(src, mode="delta", constrain="grammar", site=pick_site(src, "vllm"),
+    fmt = answer_format(src, mode="delta", constrain="grammar", sites=pick_sites(src, "vllm", 1, typed=True), typed=True,
                         shape=DiffShape(max_hunks=1, max_added=2))
     g = b.generate([Prompt(messages=[{"role": "user", "content": "Improve this network. " + src}],
                            base_source=src, prefix=fmt.prefix, grammar=fmt.grammar)],
@@ -180,10 +180,10 @@ def test_deltanas_serve_loads_run_adapters_and_new_ones_at_runtime(vllm_env, tmp
         with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
             backend.load_adapter(str(tmp_path))
         # The answer grammar through the server's structured outputs (the guidance backend serve asks for).
-        from deltanas.tools.diff_grammar import DiffShape, accepts, answer_format, pick_site
+        from deltanas.tools.diff_grammar import DiffShape, accepts, answer_format, pick_sites
         from deltanas.tools.zoo import get_baseline
         src = get_baseline("lenet").source
-        fmt = answer_format(src, mode="delta", constrain="grammar", site=pick_site(src, "serve"),
+        fmt = answer_format(src, mode="delta", constrain="grammar", sites=pick_sites(src, "serve", 1),
                             shape=DiffShape(max_hunks=1, max_added=2))
         g = backend.generate([Prompt(messages=[{"role": "user", "content": "Improve this network. " + src}],
                                      base_source=src, prefix=fmt.prefix, grammar=fmt.grammar)],

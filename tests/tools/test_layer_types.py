@@ -1,0 +1,185 @@
+"""Typed layers: what flows between the layers of an nn.Sequential, and answers held to edit sites
+that build a network whatever the model writes."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from deltanas.tools.diff_apply import apply_model_output
+from deltanas.tools.diff_grammar import (
+    DIFF_PREFIX,
+    DiffShape,
+    GrammarError,
+    accepts,
+    anchor_counts,
+    delta_grammar,
+    hunk_header,
+    pick_sites,
+)
+from deltanas.tools.layer_types import Flow, flows, menu, nn_prefix, removable_lines
+from deltanas.tools.zoo import get_baseline, list_baselines
+
+llguidance = pytest.importorskip("llguidance")
+
+LENET = get_baseline("lenet").source
+LINES = LENET.splitlines()
+
+
+def line_of(text: str, source: str = LENET, nth: int = 0) -> int:
+    hits = [i for i, x in enumerate(source.splitlines()) if x.strip() == text]
+    return hits[nth]
+
+
+def test_flows_read_channels_forward_and_backward():
+    f = flows(LENET)
+    pool = line_of("nn.MaxPool2d(2),")
+    assert f[pool] == Flow("spatial", "16") and f[pool + 1] == Flow("spatial", "16")
+    first_linear = line_of("nn.Linear(32 * 5 * 5, 120),")
+    assert f[first_linear] == Flow("flat", "32 * 5 * 5")  # read backward through Flatten's successor
+    after = line_of("nn.Linear(120, 84),") + 1
+    assert f[after] == Flow("flat", "84", before_inplace=True)  # ReLU(inplace=True) comes next
+    assert '"nn.ReLU()"' not in menu(f[after]) and '"nn.ReLU()"' in menu(f[first_linear])
+    resnet = get_baseline("resnet").source
+    rf = flows(resnet)
+    assert rf[line_of("nn.BatchNorm2d(out_channels),", resnet)] == Flow("spatial", "out_channels")
+    mobile = get_baseline("mobilenet").source
+    between = line_of("separable(32, 64, stride=2),", mobile)
+    assert between not in flows(mobile)  # two helper calls say nothing of what passes between them
+    assert nn_prefix(LENET) == "nn." and nn_prefix("import torch\nx = 1\n") == "torch.nn."
+
+
+def test_only_layers_that_keep_the_flow_are_removable():
+    r = removable_lines(LENET)
+    assert line_of("nn.ReLU(inplace=True),") in r and line_of("nn.Dropout(prm['dropout']),") in r
+    assert line_of("nn.Conv2d(16, 32, kernel_size=5),") not in r  # changes channels
+    assert line_of("nn.MaxPool2d(2),") not in r  # changes the spatial size
+    resnet = get_baseline("resnet").source
+    same = "nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),"
+    assert line_of(same, resnet) in removable_lines(resnet)
+    strided = "nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),"
+    assert line_of(strided, resnet) not in removable_lines(resnet)
+
+
+def _sample(lark: str, rng: random.Random, cap: int = 6000) -> str:
+    """An answer the grammar admits, byte by byte at random: what any model could write under it."""
+    from deltanas.tools.diff_grammar import _byte_tokenizer
+
+    m = llguidance.LLMatcher(_byte_tokenizer(), lark, log_level=0)
+    assert not m.is_error(), m.get_error()
+    out = []
+    for _ in range(cap):
+        bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
+        allowed = [b for b in range(257) if bits[b // 8] >> (b % 8) & 1]
+        if 256 in allowed and (len(allowed) == 1 or rng.random() < 0.5):
+            break
+        b = rng.choice([b for b in allowed if b != 256])
+        assert m.consume_token(b)
+        out.append(b)
+    return bytes(out).decode()
+
+
+@pytest.mark.parametrize("name", [b.name for b in list_baselines()])
+def test_any_answer_at_typed_sites_builds_a_network_that_runs(name):
+    src = get_baseline(name).source
+    ran = 0
+    for t in range(4):
+        rng = random.Random(t)
+        anchors = pick_sites(src, f"typed-{t}", 4, typed=True)
+        g = delta_grammar(src, anchors=anchors, typed=True, shape=DiffShape(max_added=3))
+        ans = _sample(g.lark, rng)
+        assert ans.count("\n@@") + ans.startswith("@@") == len(g.windows) == len(anchors) >= 3, ans  # each, once
+        res = apply_model_output(src, DIFF_PREFIX + ans)
+        assert res.ok, (res.error, ans)
+        ns: dict = {}
+        exec(compile(res.source, f"{name}-{t}", "exec"), ns)
+        for shape in ((1, 1, 28, 28), (1, 3, 32, 32)):
+            net = ns["Net"](shape, (10,), {"lr": 0.01, "momentum": 0.9, "dropout": 0.2}, torch.device("cpu"))
+            net.train()
+            y = net(torch.randn(4, *shape[1:]))
+            assert y.shape == (4, 10), ans
+            y.square().mean().backward()  # what training does: no layer overwrote what backward needs
+        ran += 1
+    assert ran == 4
+
+
+def test_anchors_must_each_be_edited_in_order_with_layers_that_fit():
+    relu, conv2 = line_of("nn.ReLU(inplace=True),"), line_of("nn.Conv2d(16, 32, kernel_size=5),")
+    lin = line_of("nn.Linear(120, 84),")
+    g = delta_grammar(LENET, anchors=[lin, relu], typed=True)  # given in any order, edited in file order
+    assert len(g.windows) == 2
+
+    counts = anchor_counts(LINES)
+
+    def hunk(gap: int, add: str) -> str:  # layers added at a gap, between its two context lines
+        return f"{hunk_header(counts, LINES, gap)}\n {LINES[gap - 1]}\n+{add}\n {LINES[gap]}\n"
+
+    ind = " " * 12
+    first = hunk(relu + 1, ind + "nn.BatchNorm2d(16),")
+    second = hunk(lin + 1, ind + "nn.LayerNorm(84),")
+    assert accepts(g.lark, first + second + "```")
+    assert not accepts(g.lark, first + "```")  # the second site was not edited
+    assert not accepts(g.lark, second + first + "```")  # out of order
+    assert not accepts(g.lark, first.replace("BatchNorm2d(16)", "BatchNorm2d(32)") + second + "```")  # 16 flow here
+    assert not accepts(g.lark, first + second.replace("LayerNorm(84)", "BatchNorm2d(84)") + "```")  # flat here
+    assert not accepts(g.lark, first.replace("nn.BatchNorm2d(16)", "print(1)") + second + "```")
+    # a layer that keeps the flow may be swapped; one that changes channels may not be removed
+    swap = f"{hunk_header(counts, LINES, relu)}\n {LINES[relu - 1]}\n-{LINES[relu]}\n+{ind}nn.GELU(),\n {LINES[relu + 1]}\n"
+    assert accepts(g.lark, swap + second + "```")
+    gc = delta_grammar(LENET, anchors=[conv2, lin], typed=True)
+    drop_conv = f"{hunk_header(counts, LINES, conv2)}\n {LINES[conv2 - 1]}\n-{LINES[conv2]}\n+{ind}nn.GELU(),\n {LINES[conv2 + 1]}\n"
+    assert not accepts(gc.lark, drop_conv + second + "```")
+    # free layers: any constructor call
+    free = delta_grammar(LENET, anchors=[lin, relu], typed=False)
+    assert accepts(free.lark, first.replace("BatchNorm2d(16)", "BatchNorm2d(32)") + second + "```")
+
+
+def test_sites_are_drawn_apart_reproducibly_and_from_typed_layers_first():
+    a = pick_sites(LENET, "0-1-2", 4, typed=True)
+    assert a == pick_sites(LENET, "0-1-2", 4, typed=True) and a == sorted(a) and len(a) == 4
+    assert all(y - x >= 2 for x, y in zip(a, a[1:]))
+    f = flows(LENET)
+    assert all(i in f and i + 1 in f for i in a)
+    draws = {tuple(pick_sites(LENET, f"k{i}", 4, typed=True)) for i in range(20)}
+    assert len(draws) > 5  # the candidates of a cycle spread over the network
+    assert pick_sites("not python (", "k", 4) == []
+
+
+def test_more_anchors_than_hunks_or_none_editable_are_typed_errors():
+    relu = [i for i, x in enumerate(LINES) if x.strip() == "nn.ReLU(inplace=True),"]
+    with pytest.raises(GrammarError) as e:
+        delta_grammar(LENET, anchors=relu + [line_of("nn.Linear(120, 84),") - 5], shape=DiffShape(max_hunks=2))
+    assert e.value.code == "too_many_anchors"
+    learn = next(i for i, x in enumerate(LINES) if "self.optimizer.step()" in x)
+    with pytest.raises(GrammarError) as e:
+        delta_grammar(LENET, anchors=[learn])
+    assert e.value.code == "no_edit_site"
+
+
+def test_each_candidate_gets_its_own_kinds_of_layer_and_the_grammar_holds_it_to_them():
+    from deltanas.tools.layer_types import FAMILIES, family_names, pick_families
+    from deltanas.tools.prompting import propose_messages
+
+    fams = pick_families("0-1-2")
+    assert fams == pick_families("0-1-2") and len(fams) == 6
+    assert sum(FAMILIES[f][0] == "any" for f in fams) == 2  # every gap keeps a choice
+    assert len({pick_families(f"0-0-{i}") for i in range(8)}) >= 6  # a cycle's candidates differ
+    for i in range(8):  # kinds the parent lacks come first: LeNet has ReLU, MaxPool2d, 5x5 convs, Linear
+        f = pick_families(f"0-0-{i}", LENET)
+        assert not {"relu", "maxpool", "conv5x5", "linear"} & set(f), f
+    chosen = ("gelu", "elu", "maxpool", "batchnorm", "conv5x5", "linear")
+    m = menu(Flow("spatial", "16"), "nn.", chosen)
+    assert '"nn.BatchNorm2d(16)"' in m and '"nn.GELU()"' in m
+    assert '"nn.ReLU()"' not in m and "GroupNorm" not in m and "kernel_size=3" not in m
+    assert menu(Flow("flat", "84"), "nn.", ("gelu", "elu", "maxpool", "batchnorm", "conv5x5", "linear")).count(
+        "|") == 2  # GELU, ELU and Linear(84, 84): the spatial kinds do not fit flat features
+    relu = line_of("nn.ReLU(inplace=True),")
+    g = delta_grammar(LENET, anchors=[relu], typed=True, families=chosen)
+    add = f"{hunk_header(anchor_counts(LINES), LINES, relu + 1)}\n {LINES[relu]}\n+{' ' * 12}nn.%s,\n {LINES[relu + 1]}\n```"
+    assert accepts(g.lark, add % "Conv2d(16, 16, kernel_size=5, padding=2)")
+    assert not accepts(g.lark, add % "GroupNorm(1, 16)")
+    chat = propose_messages(parent_source=LENET, dataset="mnist", in_shape=(1, 1, 28, 28), num_classes=10,
+                            parent_accuracy=0.9, sites=[relu], families=chosen)
+    assert ", ".join(family_names(chosen)) in chat[-1]["content"]
