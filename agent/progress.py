@@ -65,7 +65,7 @@ def candidates_table(rows: list[CandidateRow], title: str = "latest candidates")
         diff = f"+{r.added}/-{r.removed}" if r.added is not None else "—"
         nov = "—" if r.similarity is None else f"{r.similarity:.3f}"
         secs = "—" if r.eval_seconds is None else f"{r.eval_seconds:.1f}"
-        held = "—" if r.constrain is None else r.constrain + ("" if not r.sites else "@" + ",".join(str(i + 1) for i in r.sites))
+        held = "—" if r.constrain is None else r.constrain  # its edit sites are in the archive (`sites`)
         t.add_row(r.id, r.parent_id or "", held, diff, f"[{style}]{status}[/]", nov, _fmt_acc(r.accuracy), secs)
     return t
 

@@ -6,8 +6,10 @@
 For every zoo baseline and a 200-line parent (the zoo's resnet with distinct helper blocks added
 before `class Net`), two grammars from `tools/diff_grammar.py`:
 - full: `delta_grammar(src)`, a change group may start at any allowed line;
-- narrowed: `delta_grammar(src, sites=site_window(a))`, the product's default, `a` a line of
-  `layer_lines(src)` (the one the measured answer edits).
+- narrowed: `delta_grammar(src, sites=site_window(a))`, one drawn edit site, `a` a line of
+  `layer_lines(src)` (the one the measured answer edits). The product's default since draws four
+  sites, a hunk each, with typed layers (`anchors=`, `typed=True`); its compile time is what
+  `bench/valid_rate.py` reports.
 Each library compiles each grammar `--repeats` times (fresh, no cache; the median is shown) and
 then walks one real admitted answer token by token, timing the next-token mask at every step
 (the first mask apart, since a lazy library does work there that an eager one did at compile);

@@ -195,7 +195,7 @@ class _Builder:
         self.lines, self.shape = lines, shape
         self.narrow = narrow  # sites were given: a small grammar can afford per-group terminals
         self.windows = windows  # hunk h edits windows[h - 1], every window in order (None: any sites)
-        self.typed = typed  # (flows, removable elements, nn prefix): layers from a menu in a Sequential
+        self.typed = typed  # (flows, removable elements, nn prefix, kinds): layers from a menu in a Sequential
         self.n = len(lines)
         self.sites = sites
         self.site_set = set(sites)
@@ -280,7 +280,9 @@ class _Builder:
                 same = "|".join(_lark_regex(x) for x in exclude)
                 self.rules[body] = f"{terminal} & ~/(?:{same})" + r"[ \t]*/"
             alt = "|".join(re.escape(x).replace("\\ ", " ") for x in ind)
-            deeper = f"(?:{re.escape(self.unit).replace(chr(92) + ' ', ' ')}){{0,2}}" if kind != "STATEMENT" else ""
+            # A layer from the menu sits exactly as deep as its neighbours (free elements may go deeper).
+            deeper = f"(?:{re.escape(self.unit).replace(chr(92) + ' ', ' ')}){{0,2}}" \
+                if kind != "STATEMENT" and terminal == kind else ""
             self.rules[upper] = f'"+" /(?:{alt}){deeper}/ {body} "\\n"'
         rule = f"{name}_{at_least}"
         if rule not in self.rules:

@@ -365,12 +365,13 @@ def test_a_random_model_under_the_grammar_writes_only_diffs_that_place_and_close
 def test_smollm2_under_the_grammar_writes_diffs_that_apply(smollm2_fp32):
     from deltanas.tools.diff_apply import apply_model_output
 
-    prompts = _grammar_prompts(["lenet", "resnet", "mobilenet", "vgg"])
-    out = smollm2_fp32.generate(prompts, Sampling(max_new_tokens=160, seed=0))
+    prompts = _grammar_prompts(["lenet", "resnet", "mobilenet", "vgg"], count=2)
+    out = smollm2_fp32.generate(prompts, Sampling(max_new_tokens=224, seed=0))
     codes = []
     for p, c in zip(prompts, out):
         assert _admitted(p, c), c.text
         res = apply_model_output(p.base_source, c.text)
         codes.append(None if res.ok else res.error.code.value)
-    assert not set(codes) & PLACEMENT_ERRORS, codes
-    assert codes.count(None) >= 2, codes  # the rest may still break Python's syntax or change nothing
+    # Every answer closed and applies: at typed sites an added line is a whole layer, so nothing
+    # breaks Python's syntax either.
+    assert codes == [None] * len(prompts), codes
