@@ -113,29 +113,20 @@ def _element(source: str, node: ast.expr) -> _Element:
     return _Element(first, last, "unknown")
 
 
-def _forward(e: _Element, f: Flow) -> Flow:
+def _through(e: _Element, f: Flow, forward: bool) -> Flow:
+    """The flow on the far side of `e`, given the flow `f` on this side: its output when going
+    forward, its input when going backward."""
     if e.kind == "transparent":
         return f
     if e.kind in ("spatial_same", "pool"):
         return Flow("spatial", f.channels)
+    c = e.c_out if forward else e.c_in
     if e.kind in ("norm2d", "conv"):
-        return Flow("spatial", e.c_out)
+        return Flow("spatial", c)
     if e.kind in ("norm1d", "linear"):
-        return Flow("flat", e.c_out)
-    if e.kind == "flatten":
+        return Flow("flat", c)
+    if e.kind == "flatten" and forward:
         return Flow("flat", None)
-    return Flow()
-
-
-def _backward(e: _Element, f: Flow) -> Flow:
-    if e.kind == "transparent":
-        return f
-    if e.kind in ("spatial_same", "pool"):
-        return Flow("spatial", f.channels)
-    if e.kind in ("norm2d", "conv"):
-        return Flow("spatial", e.c_in)
-    if e.kind in ("norm1d", "linear"):
-        return Flow("flat", e.c_in)
     return Flow()  # flatten takes any rank; an unknown layer says nothing
 
 
@@ -167,9 +158,9 @@ def flows(source: str) -> dict[int, Flow]:
         n = len(elems)
         fwd, bwd = [Flow()] * (n + 1), [Flow()] * (n + 1)
         for k, e in enumerate(elems):
-            fwd[k + 1] = _forward(e, fwd[k])
+            fwd[k + 1] = _through(e, fwd[k], forward=True)
         for k in range(n - 1, -1, -1):
-            bwd[k] = _backward(elems[k], bwd[k + 1])
+            bwd[k] = _through(elems[k], bwd[k + 1], forward=False)
         for k in range(n + 1):
             f = Flow(fwd[k].dim or bwd[k].dim, fwd[k].channels or bwd[k].channels)
             if f == Flow():
