@@ -49,6 +49,11 @@ def _positive_float(v: str) -> float:
     return x
 
 
+UNSAFE_HELP = ("with the process sandbox: run model-written code even where it gets no filesystem view of its own "
+               "(no Docker, bubblewrap or Landlock here), so that it can read the test labels and your files; "
+               "without it such a run is refused")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltanas", description="Delta-based neural architecture search driven by a "
                                 "language model that proposes unified diffs to PyTorch networks.")
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", choices=["delta", "full"])
     r.add_argument("--baselines", metavar="A,B,..", help="zoo networks to start from")
     r.add_argument("--sandbox", choices=["auto", "docker", "process"])
+    r.add_argument("--unsafe-no-isolation", action="store_true", default=None, help=UNSAFE_HELP)
     r.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="per-candidate wall-clock limit")
     r.add_argument("--device", help="proxy-training device: cpu, cuda, cuda:N")
     r.add_argument("--workers", type=_positive_int, help="candidates trained at once")
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--epochs", type=_positive_int, default=1)
     e.add_argument("--device", default="cpu")
     e.add_argument("--sandbox", choices=["auto", "docker", "process"], default="auto")
+    e.add_argument("--unsafe-no-isolation", action="store_true", help=UNSAFE_HELP)
     e.add_argument("--limit-train", type=_positive_int)
     e.add_argument("--json", action="store_true")
 
@@ -177,6 +184,7 @@ def _run_overrides(a: argparse.Namespace) -> dict:
         "search.seed": a.seed, "sandbox.type": a.sandbox, "sandbox.timeout_s": a.timeout,
         "sandbox.device": a.device, "sandbox.workers": a.workers, "llm.max_new_tokens": a.max_new_tokens,
         "sandbox.executor": a.executor, "sandbox.ray_address": a.ray_address,
+        "sandbox.unsafe_no_isolation": a.unsafe_no_isolation,
         "llm.constrain": a.constrain, "llm.sites": a.sites, "llm.layers": a.layers,
         "baselines": [b.strip() for b in a.baselines.split(",") if b.strip()] if a.baselines else None,
     }
@@ -189,13 +197,16 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.resume:
         if a.config or a.run_dir:
             raise CLIError("--resume takes its config from the run directory; drop --config/--run-dir")
-        # Where candidates train does not change what a run is: a resume may move it onto Ray.
-        allowed = {"search.cycles": a.cycles, "sandbox.executor": a.executor, "sandbox.ray_address": a.ray_address}
+        # Where candidates train does not change what a run is: a resume may move it onto Ray, or
+        # onto a machine without isolation (the archive records each session's).
+        allowed = {"search.cycles": a.cycles, "sandbox.executor": a.executor, "sandbox.ray_address": a.ray_address,
+                   "sandbox.unsafe_no_isolation": a.unsafe_no_isolation}
         other = {k: v for k, v in _run_overrides(a).items() if v is not None and k not in allowed}
         if a.preset:
             other["--preset"] = a.preset
         if other:
-            raise CLIError(f"--resume can only extend --cycles (and pick --executor, --ray-address); these would change the run: {', '.join(other)}")
+            raise CLIError(f"--resume can only extend --cycles (and pick --executor, --ray-address, "
+                           f"--unsafe-no-isolation); these would change the run: {', '.join(other)}")
         run_dir = Path(a.resume)
         cfg = rundir.open_run_dir(run_dir, allowed)
     else:
@@ -339,8 +350,9 @@ def cmd_diff_apply(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     import tempfile
 
+    from deltanas.agent import isolation
     from deltanas.agent.config import load_config
-    from deltanas.agent.runtime import load_run_dataset, make_sandbox
+    from deltanas.agent.runtime import check_device, load_run_dataset, make_sandbox
     from deltanas.sandbox.base import Limits
     from deltanas.tools.datasets import default_cache_dir, prepare_handle
     from deltanas.tools.proxy import evaluate_source
@@ -348,15 +360,20 @@ def cmd_eval(a: argparse.Namespace) -> int:
     source = _read_text(a.model, "model file")
     cfg = load_config(None, {"data.dataset": a.dataset, "data.data_dir": a.data_dir, "sandbox.type": a.sandbox,
                              "sandbox.timeout_s": a.timeout, "sandbox.device": a.device,
-                             "data.limit_train": a.limit_train, "train.epochs": a.epochs})
-    from deltanas.agent.runtime import check_device
-
+                             "data.limit_train": a.limit_train, "train.epochs": a.epochs,
+                             "sandbox.unsafe_no_isolation": a.unsafe_no_isolation})
     check_device(cfg.sandbox.device)
-    ds = load_run_dataset(cfg)
-    handle = prepare_handle(ds, default_cache_dir() / "handles")
     with tempfile.TemporaryDirectory(prefix="deltanas-eval-") as tmp:
         sandbox = make_sandbox(cfg, Path(tmp))
         try:
+            # Any file may be model-written: no trusted-code exemption here.
+            missing = isolation.fs_isolation(sandbox)
+            isolation.require(missing, model_code=True, opted_in=a.unsafe_no_isolation, config_key=False)
+            if missing is not None:
+                print(f"deltanas: warning: {a.model} runs without filesystem isolation ({missing}), as "
+                      f"{isolation.OPT_IN_FLAG} asks", file=sys.stderr)
+            ds = load_run_dataset(cfg)
+            handle = prepare_handle(ds, default_cache_dir() / "handles")
             s = cfg.sandbox
             out = evaluate_source(source, sandbox=sandbox, dataset=ds, handle_dir=handle,
                                   candidate_id=Path(a.model).stem, hyperparameters=cfg.train.hyperparameters(),
@@ -398,6 +415,14 @@ def cmd_sandbox(a: argparse.Namespace) -> int:
         print(f"docker: {'available' if info['docker']['available'] else 'not available'}: {info['docker']['detail']}")
         print(f"image {info['image']['tag']}: {'present' if info['image']['present'] else 'missing'}")
         print(f"isolation: {info['isolation']}")
+        for layer in info.get("layers") or ():
+            print(f"  {layer['name']}: {'in force' if layer['in_force'] else 'NOT in force'}: {layer['why']}")
+        if info["sandbox"] == "process" and info.get("layers") is not None:
+            from deltanas.agent.isolation import FS_LAYERS, OPT_IN_FLAG
+
+            fs = any(layer["in_force"] for layer in info["layers"] if layer["name"] in FS_LAYERS)
+            print("model-written code: " + ("runs, each job in a filesystem view of its own" if fs else
+                                            f"refused (no filesystem isolation) unless {OPT_IN_FLAG} is given"))
     return EXIT_OK if info["sandbox"] else EXIT_FAIL
 
 

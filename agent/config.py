@@ -118,7 +118,9 @@ class DataConfig(_Section):
     """Where torchvision-format files are, for datasets that are not shipped offline."""
     download: bool = False
     """Let torchvision download missing datasets (needs a network)."""
-    limit_train: int | None = Field(None, gt=0)
+    limit_train: int | None = Field(10_000, gt=0)
+    """Train on a class-stratified subset of this many images (None: the whole training set).
+    10,000 keeps the CPU demo within its 10 minutes; `--preset paper` trains on the whole set."""
     limit_test: int | None = Field(None, gt=0)
 
     @field_validator("dataset")
@@ -170,13 +172,24 @@ class SandboxConfig(_Section):
     gpu_memory_mb: int | None = Field(None, gt=0)
     """On a GPU: each candidate's share of the card's memory; past it the candidate alone fails
     as `oom`. Unset with `workers` > 1: an equal share of what is left after each worker's CUDA context."""
+    unsafe_no_isolation: bool = False
+    """Run model-written candidates even where they cannot get a filesystem view of their own
+    (no Docker, bubblewrap or Landlock): they can then read the test labels and your files and
+    write anywhere you can. Off, such a run is refused (agent/isolation.py); the `mutate`
+    backend's candidates run either way. `--unsafe-no-isolation` sets it; the archive records it."""
 
 
 class LearnConfig(_Section):
-    """The LoRA update after each cycle (agent/lora.py); the defaults are the paper's."""
+    """The LoRA update after each cycle (agent/lora.py). The defaults suit the few examples a
+    small run gathers (one epoch, a step per example, a higher rate) and keep the CPU demo within
+    its 10 minutes; `--preset paper` has the paper's (3 epochs, 8 accumulated steps, 1e-5)."""
 
     enabled: bool = True
     """Train an adapter after each cycle and generate with it (hf backends; others skip, saying why)."""
+    after_last_cycle: bool = False
+    """Also train after the run's last cycle. No cycle of the run proposes with that adapter, so by
+    default it is recorded as `deferred` and trained first when the run is extended
+    (`deltanas run --resume DIR --cycles N`); `--preset paper` trains it, as the paper does."""
     rule: Literal["improved", "valid", "top_k"] = "improved"
     """Which candidates teach: valid, novel and at least the parent's accuracy; valid and novel; the top k."""
     top_k: int = Field(5, gt=0)
@@ -204,9 +217,9 @@ class LearnConfig(_Section):
     r: int = Field(32, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    lr: float = Field(1e-5, gt=0)
-    epochs: float = Field(3.0, gt=0)
-    grad_accum: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     scheduler: str = "cosine"
     batch_size: int = Field(1, gt=0)
@@ -283,11 +296,12 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's protocol (DESIGN.md): 22 cycles of 50, its decoding, 2 repairs, LoRA after each cycle
-    # with its settings (the [learn] defaults).
+    # The paper's protocol (DESIGN.md): 22 cycles of 50, its decoding, 2 repairs, the whole training
+    # set, and LoRA after each cycle with its settings.
     "paper": {"search.cycles": 22, "search.candidates": 50, "search.max_repairs": 2, "llm.temperature": 0.35,
-              "llm.constrain": "none",
-              "llm.top_k": 50, "llm.top_p": 0.9, "llm.max_new_tokens": 1024, "learn.enabled": True},
+              "llm.constrain": "none", "data.limit_train": None,
+              "llm.top_k": 50, "llm.top_p": 0.9, "llm.max_new_tokens": 1024, "learn.enabled": True,
+              "learn.after_last_cycle": True, "learn.epochs": 3.0, "learn.grad_accum": 8, "learn.lr": 1e-5},
     # A CPU-sized loop: one cycle of mutator cold-start pairs, then the model with short LoRA updates.
     "quick": {"search.cycles": 4, "search.candidates": 4, "llm.max_new_tokens": 384, "learn.cold_start_cycles": 1,
               "learn.epochs": 1.0, "learn.grad_accum": 1, "learn.lr": 1e-4, "learn.max_length": 1536,

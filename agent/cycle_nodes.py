@@ -209,6 +209,10 @@ def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:
         return {}
     if k in done and done[k]["status"] in ("skipped", "failed"):
         return {}
+    if k == deps.config.search.cycles - 1 and not cfg.after_last_cycle:
+        deps.store.put_adapter(k, "deferred", note="after the last cycle (learn.after_last_cycle = false): "
+                                                   "trained first if the run is extended with --cycles")
+        return {}
     if deps.learner is None:
         deps.store.put_adapter(k, "skipped", note=deps.learner_note)
         return {}
@@ -237,8 +241,11 @@ def cold_start(state: RunState, deps: Deps) -> dict[str, Any]:
     """Before cycle 0: teach the model deltas from pairs found outside this run (another run's
     archive, LEMUR data: agent/coldstart.py), then generate with that adapter. The pairs are read
     once and kept in the archive, and every later update trains on them too. A path that cannot be
-    read is recorded and the run goes on; the update is recorded like the others, under cycle -1."""
+    read is recorded and the run goes on; the update is recorded like the others, under cycle -1.
+    A run extended past its last cycle passes here too: it trains the update deferred then."""
     cfg = deps.config.learn
+    if state.get("cycle", 0) > 0:  # an extended run: the update deferred after its old last cycle
+        return lora_update(state, deps)
     if not cfg.enabled or not cfg.cold_start_from:
         return {}
     adapters = deps.store.adapters()

@@ -1,6 +1,7 @@
 """The search loop as a LangGraph state machine.
 
-    evaluate_baselines → cold_start (pairs from another run or LEMUR → adapters/cold-start)
+    evaluate_baselines → cold_start (pairs from another run or LEMUR → adapters/cold-start;
+                                     an extended run: the update deferred after its old last cycle)
         → select_parents → propose (one batched call)
         → candidate × N (Send) → gather_trajectories → lora_update → next cycle or END
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
                   device: str = "cpu", seed: int = 0, stop=None) -> dict[str, Any]:
     """Trains a fresh adapter on `examples` and moves it to `out_dir` when whole. Returns
     {"loss", "steps", "examples", "seconds", ...}. A set `stop` event (threading.Event)
-    aborts at the next step with RunStopped, leaving no adapter."""
+    aborts with RunStopped before the next decoder layer's forward (or micro-batch), leaving
+    no adapter: on a CPU one micro-batch of a long example takes a minute."""
     if not examples:
         raise ValueError("no training examples")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,7 +85,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
-    from deltanas.agent.llm.hf import CHATML_TEMPLATE, load_pretrained
+    from deltanas.agent.llm.hf import CHATML_TEMPLATE, load_pretrained, stop_points
 
     hf_logging.disable_progress_bar()
     disable_progress_bar()
@@ -110,6 +112,10 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir(parents=True)
     try:
+        # The run's view reports the update; trl's and transformers' notices of renamed options
+        # (and peft's on a GGUF model's missing config.json) would only clutter it.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(trl|transformers|deltanas)\.")
+        warnings.filterwarnings("ignore", message="Could not find a config file", module=r"peft\.")
         args = SFTConfig(
             output_dir=str(partial / "trainer"), learning_rate=settings.lr, num_train_epochs=settings.epochs,
             gradient_accumulation_steps=settings.grad_accum, weight_decay=settings.weight_decay,
@@ -125,6 +131,8 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
         trainer.remove_callback(PrinterCallback)  # the run's own view reports the update
         if stop is not None:
             trainer.add_callback(_stop_callback(stop))
+            for layer in stop_points(trainer.model):
+                layer.register_forward_pre_hook(_stop_hook(stop))
         out = trainer.train()
         adapter = partial / "adapter"
         trainer.model.save_pretrained(str(adapter))
@@ -143,16 +151,33 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     return info
 
 
-def _stop_callback(stop):
-    """Raises RunStopped between optimizer steps once the run is asked to stop."""
-    from transformers import TrainerCallback
-
+def _stop_hook(stop):
     from deltanas.agent.stopping import RunStopped
 
+    def check(*_):
+        if stop.is_set():
+            raise RunStopped("stop requested during the LoRA update")
+
+    return check
+
+
+def _stop_callback(stop):
+    """Raises RunStopped before training and between micro-batches once the run is asked to stop."""
+    from transformers import TrainerCallback
+
+    check = _stop_hook(stop)
+
     class StopCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            check()
+            return control
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            check()
+            return control
+
         def on_step_end(self, args, state, control, **kwargs):
-            if stop.is_set():
-                raise RunStopped("stop requested during the LoRA update")
+            check()
             return control
 
     return StopCallback()

@@ -12,6 +12,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deltanas.agent import isolation
 from deltanas.agent.config import Config
 from deltanas.agent.store import CandidateRow, Store
 
@@ -43,6 +44,8 @@ def summarise(store: Store) -> dict[str, Any]:
                       for m in sorted({r.constrain or "none" for r in searched})},
         "best": {"id": best.id, "accuracy": best.accuracy, "parent_id": best.parent_id} if best else None,
         "cycles_finished": sum(1 for c in store.cycles() if c["finished_at"]),
+        # one entry per session: the sandbox, whether it isolated the filesystem, any opt-in
+        "isolation": store.get_meta(isolation.ISOLATION_META),
     }
 
 
@@ -93,6 +96,8 @@ class LiveView:
         ok = sum(1 for r in searched if r.status == "ok")
         head = (f"[b]{self.cfg.name}[/]  llm={self.cfg.llm.spec}  dataset={self.cfg.data.dataset}  "
                 f"mode={self.cfg.search.mode}   valid+novel {ok}/{done}")
+        if isolation.unsafe(self.store.get_meta(isolation.ISOLATION_META)):
+            head += f"   [b red]NO filesystem isolation ({isolation.OPT_IN_FLAG})[/]"
         best_line = (f"best so far: [b green]{best.id}[/] {_fmt_acc(best.accuracy)} (parent {best.parent_id or '—'})"
                      if best else "best so far: —")
         parts = [head, self.progress, candidates_table(recent), best_line]
@@ -118,3 +123,5 @@ def print_status(console: Console, store: Store, summary: dict[str, Any]) -> Non
         f"valid and novel {_pct(summary['valid_novel_rate'])}; cycles finished {summary['cycles_finished']}; "
         f"answers held by {', '.join(f'{m} {n}' for m, n in summary['constrain'].items()) or '—'}; "
         f"best {best['id'] + ' ' + _fmt_acc(best['accuracy']) if best else '—'}"))
+    line = isolation.describe(summary["isolation"])
+    console.print(line, style="bold red" if isolation.unsafe(summary["isolation"]) else None, markup=False)

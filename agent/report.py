@@ -11,7 +11,10 @@ Definitions (every number comes from the candidates table and the adapters table
 - accuracy: first-epoch test accuracy of the cycle's `ok` candidates (mean and best);
 - diff lines: lines added plus removed, over the candidates that applied;
 - tokens: prompt and completion tokens per candidate (the first proposal and every repair);
-- seconds: generation and proxy-training time summed over the cycle; the LoRA update's time.
+- seconds: generation and proxy-training time summed over the cycle; the LoRA update's time;
+- isolation: each session's sandbox and whether candidates had a filesystem view of their own
+  (the archive's `sandbox:isolation`, agent/isolation.py); without one, an accuracy may come
+  from a candidate that read the test labels.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from deltanas.agent import isolation
 from deltanas.agent.store import CandidateRow, Store
 
 COLUMNS = [("cycle", "cycle"), ("proposer", "proposer"), ("constrain", "held by"), ("candidates", "n"), ("valid_rate", "valid"),
@@ -70,7 +74,7 @@ def run_metrics(store: Store) -> dict[str, Any]:
     searched = [r for r in rows if r.cycle >= 0]
     cold = adapters.get(-1)  # the cold-start update, before cycle 0 (learn.cold_start_from)
     return {"baselines": {r.id: r.accuracy for r in rows if r.cycle < 0}, "cycles": per_cycle,
-            "overall": cycle_metrics(searched),
+            "overall": cycle_metrics(searched), "isolation": store.get_meta(isolation.ISOLATION_META),
             "cold_start": ({"status": cold["status"], "examples": cold["examples"], "loss": cold["loss"],
                             "seconds": cold["seconds"], "note": cold["note"]} if cold else None)}
 
@@ -104,8 +108,11 @@ def table_rows(metrics: dict[str, Any], keys: tuple[str, ...] | None = None) -> 
 
 def markdown(metrics: dict[str, Any], run_dir: Path) -> str:
     heads = [h for _, h in COLUMNS]
+    iso = isolation.describe(metrics.get("isolation"))
     lines = [f"# Run report: {run_dir.name}", "",
              "Recomputed from `archive.sqlite`; definitions in `deltanas/agent/report.py`.", "",
+             # up front: accuracies measured without isolation may have read the test labels
+             f"**{iso}**" if isolation.unsafe(metrics.get("isolation")) else iso, "",
              "Baselines (first-epoch accuracy): " + ", ".join(
                  f"{k.removeprefix('base-')} {_cell('accuracy', v)}" for k, v in metrics["baselines"].items()), "",
              *([f"Cold-start LoRA update (before cycle 0): {_cell('lora', metrics['cold_start'])}; "
@@ -191,3 +198,5 @@ def print_table(console, metrics: dict[str, Any]) -> None:
     for row in table_rows(metrics, TERMINAL):
         t.add_row(*row)
     console.print(t)
+    records = metrics.get("isolation")
+    console.print(isolation.describe(records), style="bold red" if isolation.unsafe(records) else None, markup=False)

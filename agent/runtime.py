@@ -3,9 +3,11 @@ archive and novelty index. Only the CLI and tests call this; nodes get `Deps`.""
 from __future__ import annotations
 
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
+from deltanas.agent import isolation
 from deltanas.agent.config import Config, ConfigError, SandboxConfig
 from deltanas.agent.deps import DatasetInfo, Deps
 from deltanas.agent.executor import Executor, LocalExecutor
@@ -41,6 +43,36 @@ def sandbox_for(s: SandboxConfig, work_root: Path, *, max_idle: int) -> Sandbox:
     from deltanas.sandbox.process import ProcessSandbox
 
     return ProcessSandbox(work_root, warm=s.warm, max_idle=max_idle)
+
+
+def probe_fs_isolation(s: SandboxConfig) -> tuple[str, str | None]:
+    """(the sandbox `[sandbox]` gets on this machine, `isolation.fs_isolation` of it), without
+    starting a worker. Under Ray it stands for the actors on this machine."""
+    from deltanas.sandbox.docker import DockerUnavailable
+    from deltanas.sandbox.image import select_backend
+
+    try:
+        kind, _why = select_backend(s.type, s.image)
+    except DockerUnavailable as e:
+        raise ConfigError(str(e)) from None
+    if kind == "docker":
+        return kind, None  # a container of its own; building a DockerSandbox would sweep containers
+    with tempfile.TemporaryDirectory(prefix="deltanas-probe-") as tmp:
+        sandbox = sandbox_for(s.model_copy(update={"type": "process"}), Path(tmp), max_idle=1)
+        try:
+            return sandbox.name, isolation.fs_isolation(sandbox)
+        finally:
+            sandbox.close()
+
+
+def check_isolation(cfg: Config) -> None:
+    """Refuses a run whose model-written candidates would get no filesystem view of their own,
+    unless `sandbox.unsafe_no_isolation` (agent/isolation.py)."""
+    model_code = isolation.runs_model_code(cfg.llm.spec)
+    if not model_code or cfg.sandbox.unsafe_no_isolation:
+        return  # nothing to refuse: no probe
+    _kind, missing = probe_fs_isolation(cfg.sandbox)
+    isolation.require(missing, model_code=model_code, opted_in=False)
 
 
 def check_device(device: str, *, here: bool = True) -> None:
@@ -121,6 +153,7 @@ def preflight(cfg: Config):
             select_backend("docker", cfg.sandbox.image)
         except DockerUnavailable as e:
             raise ConfigError(str(e)) from None
+    check_isolation(cfg)
     return load_run_dataset(cfg)
 
 
@@ -203,6 +236,15 @@ def make_executor(cfg: Config, ds, handle: Path, work_root: Path, stop: threadin
     return LocalExecutor(sb, ds, handle, **common)
 
 
+def _isolation_record(cfg: Config, executor: Executor) -> dict:
+    """This session's entry under `isolation.ISOLATION_META`."""
+    sandbox = getattr(executor, "sandbox", None)  # the Ray executor's are in its actors: probe one here
+    name, missing = (sandbox.name, isolation.fs_isolation(sandbox)) if sandbox is not None \
+        else probe_fs_isolation(cfg.sandbox)
+    return isolation.record(name, executor.isolation(), missing, model_code=isolation.runs_model_code(cfg.llm.spec),
+                            opted_in=cfg.sandbox.unsafe_no_isolation)
+
+
 def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, sandbox: Sandbox | None = None,
                dataset=None, learner=None) -> Deps:
     """Everything a run needs. `llm`, `sandbox`, `dataset` and `learner` can be injected (tests)."""
@@ -214,7 +256,15 @@ def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, san
     work_root.mkdir(parents=True)
     stop = threading.Event()
     executor = make_executor(cfg, ds, handle, work_root, stop, sandbox)
+    try:
+        entry = _isolation_record(cfg, executor)
+        if llm is None:  # the CLI's preflight refuses first; this holds for callers that skip it
+            isolation.require(entry["missing"], model_code=entry["model_code"], opted_in=entry["opted_in"])
+    except BaseException:
+        executor.close()
+        raise
     store = Store(run_dir / ARCHIVE_FILE)
+    store.set_meta(isolation.ISOLATION_META, [*store.get_meta(isolation.ISOLATION_META, []), entry])
     n = cfg.novelty
     index = NoveltyIndex(threshold=n.threshold, num_perm=n.num_perm, shingle=n.shingle)
     for row in store.candidates():

@@ -7,7 +7,9 @@ only size-limited JSON and a `.npy` of test predictions; test labels never enter
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 Status = Literal[
@@ -80,3 +82,19 @@ class Sandbox(Protocol):
     def close(self) -> None:
         """Kill anything still running and clean up. Safe to call twice."""
         ...
+
+
+def masked_paths(given: Sequence[str | Path] | None) -> list[Path]:
+    """The paths a sandbox hides from every job, resolved, those that exist. None: the folders
+    that hold test labels (the dataset caches, the folders datasets were read from, the data
+    packages), read now, so a dataset loaded after the sandbox was made is hidden too."""
+    if given is None:
+        from deltanas.tools.datasets import label_paths  # host side only: the view has no deltanas.tools
+
+        given = label_paths()
+    return [Path(p).resolve() for p in given if Path(p).exists()]
+
+
+def within(paths: Sequence[Path], roots: Sequence[Path]) -> list[Path]:
+    """Those of `paths` that a view showing `roots` would show (a root itself or inside one)."""
+    return [p for p in paths if any(p == r or r in p.parents for r in roots)]

@@ -39,10 +39,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deltanas.sandbox.base import Job, Result
+from deltanas.sandbox.base import Job, Result, masked_paths, within
 from deltanas.sandbox.jobfiles import (DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back,
                                        tree_size)
 from deltanas.sandbox.pool import WarmPool, WorkerKey, spare_flag
@@ -170,14 +171,18 @@ class DockerSandbox:
     name = "docker"
 
     def __init__(self, work_root: Path, image: str = DEFAULT_IMAGE, client=None, keep: bool = False,
-                 warm: bool = True, max_idle: int = 4, spare: bool | None = None):
+                 warm: bool = True, max_idle: int = 4, spare: bool | None = None,
+                 masked: Sequence[str | Path] | None = None):
         """`warm`: jobs go to warm worker containers (a fresh forked child per job); False starts
         a new container per job. `spare`: a warm worker readies each job's child ahead of it
-        (sandbox/warm.py); None: on a GPU only."""
+        (sandbox/warm.py); None: on a GPU only. `masked`: paths no job may read, where the host's
+        Python is mounted (a data package in the venv); None: the folders that hold test labels."""
         self.work_root = Path(work_root).resolve()  # bind mounts need absolute paths (a run dir may be relative)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.image = image
         self.keep = keep
+        self._masked = masked
+        self._host_roots: list[Path] = []
         self.client = _client(client)
         try:
             img = self.client.images.get(image)
@@ -202,8 +207,9 @@ class DockerSandbox:
         atexit.register(self.close)
 
     def isolation(self) -> str:
-        python = ("the host's Python, virtualenv and deltanas.sandbox folder mounted read-only"
-                  if self.python_from == "host" else "Python and deltanas from the image")
+        python = ("the host's Python, virtualenv and deltanas.sandbox folder mounted read-only, each folder "
+                  "that holds test labels inside them covered" if self.python_from == "host"
+                  else "Python and deltanas from the image")
         where = ("jobs run in warm worker containers, each job in a fresh forked child of the worker, "
                  if self.warm else "each job runs in its own container ")
         return (f"docker backend (image {self.image}, {python}): {where}with no "
@@ -371,11 +377,16 @@ class DockerSandbox:
             env["PYTHONPATH"] = PACKAGE_VIEW
         mounts += [Mount(WORK_MOUNT, str(workdir), type="bind", read_only=False),
                    Mount(DATA_MOUNT, data, type="bind", read_only=True)]
+        # The host's venv may hold a data package that ships the test labels: an empty tmpfs
+        # (a folder) or /dev/null (a file) covers each such path.
+        hidden = within(masked_paths(self._masked), self._host_roots)
+        mounts += [Mount(str(p), "/dev/null", type="bind", read_only=True) for p in hidden if not p.is_dir()]
         args: dict[str, Any] = dict(
             image=self.image, entrypoint=[], working_dir=WORK_MOUNT,
             user=self._user(), environment=env, mounts=mounts, init=True,
             network_mode="none", read_only=True,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={TMPFS_MB}m,mode=1777"},
+            tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={TMPFS_MB}m,mode=1777",
+                   **{str(p): "ro,nosuid,nodev,noexec,size=4k,mode=000" for p in hidden if p.is_dir()}},
             cap_drop=["ALL"], security_opt=["no-new-privileges"],
             nano_cpus=int(max(1, cpu_threads) * 1e9), stdin_open=False, tty=False,
             labels={LABEL: "1", RUN_LABEL: self.run_id, OWNER_LABEL: self.owner},
@@ -472,6 +483,7 @@ class DockerSandbox:
                 if Path(inner) == root or root in Path(inner).parents or Path(inner) in root.parents:
                     raise DockerUnavailable(f"the host Python at {root} overlaps the sandbox path {inner}")
         mounts = [Mount(str(r), str(r), type="bind", read_only=True) for r in roots]
+        self._host_roots = roots
         package = Path(pkg.__file__).resolve().parent
         mounts.append(Mount(f"{PACKAGE_VIEW}/deltanas/sandbox", str(package), type="bind", read_only=True))
         return mounts

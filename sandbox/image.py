@@ -194,7 +194,8 @@ def check(requested: str = "auto", image: str = DEFAULT_IMAGE) -> dict:
 
             sb = ProcessSandbox(Path(tmp))
         try:
-            out.update(sandbox=kind, reason=reason, isolation=sb.isolation())
+            out.update(sandbox=kind, reason=reason, isolation=sb.isolation(),
+                       layers=sb.layers() if hasattr(sb, "layers") else None)
         finally:
             sb.close()
     return out

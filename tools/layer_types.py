@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from dataclasses import dataclass
 
 TRANSPARENT = {"ReLU", "ReLU6", "GELU", "SiLU", "Mish", "ELU", "CELU", "SELU", "Hardswish", "Hardsigmoid",
@@ -73,7 +74,22 @@ def _int(node: ast.expr | None) -> int | None:
     return None
 
 
-def _element(source: str, node: ast.expr) -> _Element:
+def _lines(source: str) -> list[bytes]:
+    """The source's lines as the parser counts them (ending in \n, \r\n or \r), in UTF-8, the
+    unit of a node's column offsets."""
+    return re.findall(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$", source.encode())
+
+
+def _segment(lines: list[bytes], n: ast.expr) -> str:
+    """The source text of `n`, like `ast.get_source_segment`, which splits the whole source on
+    every call: quadratic over a long nn.Sequential."""
+    first, last = n.lineno - 1, n.end_lineno - 1
+    if first == last:
+        return lines[first][n.col_offset:n.end_col_offset].decode()
+    return b"".join([lines[first][n.col_offset:], *lines[first + 1:last], lines[last][:n.end_col_offset]]).decode()
+
+
+def _element(lines: list[bytes], node: ast.expr) -> _Element:
     first, last = node.lineno - 1, node.end_lineno - 1
     if not isinstance(node, ast.Call):
         return _Element(first, last, "unknown")
@@ -84,7 +100,7 @@ def _element(source: str, node: ast.expr) -> _Element:
         return _Element(first, last, "transparent", keeps_shape=True, inplace=True)
 
     def text(n: ast.expr | None) -> str | None:
-        return None if n is None else ast.get_source_segment(source, n)
+        return None if n is None else _segment(lines, n)
 
     if name in TRANSPARENT:
         return _Element(first, last, "transparent", keeps_shape=True)
@@ -134,12 +150,13 @@ def _sequentials(source: str, tree: ast.AST) -> list[list[_Element]]:
     """The `nn.Sequential(...)` calls written one element per line (no element shares a line with
     another or with the call's opening), each as its elements."""
     out = []
+    lines = _lines(source)
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and _name(node) == "Sequential" and node.args and not node.keywords):
             continue
         if any(isinstance(a, ast.Starred) for a in node.args):
             continue
-        elems = [_element(source, a) for a in node.args]
+        elems = [_element(lines, a) for a in node.args]
         opened = node.func.end_lineno - 1
         if elems[0].first <= opened or any(b.first <= a.last for a, b in zip(elems, elems[1:])):
             continue

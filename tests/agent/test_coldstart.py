@@ -335,7 +335,7 @@ def make_deps(tmp_path, learner, **over) -> Deps:
     counter = iter(range(10_000))
     llm = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, f'k{next(counter)}')}```")
     cfg = load_config(None, {"llm.spec": "mutate", "search.cycles": 1, "search.candidates": 2,
-                             "baselines": ["lenet"], "learn.rule": "valid", **over})
+                             "baselines": ["lenet"], "learn.rule": "valid", "learn.after_last_cycle": True, **over})
     run_dir = tmp_path / "run"
     (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
     return Deps(config=cfg, llm=CoalescingBackend(llm, window_s=0.01), executor=InstantExecutor(),

@@ -26,6 +26,9 @@ PAYLOADS = {
     "oom": "hog = bytearray(64 * 2**30)",
     "diverged": "self.register_forward_hook(lambda module, inputs, output: output * float('nan'))",
 }
+# The files are the test's own; where the process sandbox gets no filesystem view (no bubblewrap
+# or Landlock), `deltanas eval` runs them only when told to.
+UNSAFE = ("--unsafe-no-isolation",)
 LAYERS = ("nn.GELU()", "nn.SiLU()", "nn.Tanh()", "nn.Hardswish()", "nn.ELU(alpha=0.5)", "nn.Softsign()",
           "nn.Mish()", "nn.PReLU()", "nn.CELU()", "nn.SELU()", "nn.Softplus()", "nn.ReLU6()")
 
@@ -89,7 +92,8 @@ def test_eval_cli_on_hostile_files(tmp_path, sandbox):
     hang = tmp_path / "hang.py"
     hang.write_text("import time\nwhile True:\n    time.sleep(0.1)\n")
     r = subprocess.run([sys.executable, "-m", "deltanas.agent.cli", "eval", str(hang), "--dataset", "digits",
-                        "--timeout", "5", "--sandbox", sandbox, "--json"], capture_output=True, text=True, timeout=120)
+                        "--timeout", "5", "--sandbox", sandbox, "--json", *UNSAFE], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 1
     j = json.loads(r.stdout)
     assert j["status"] == "timeout" and j["accuracy"] is None
@@ -99,6 +103,6 @@ def test_eval_cli_on_hostile_files(tmp_path, sandbox):
                     "        super().__init__()\n        self.fc = nn.Linear(in_shape[1] * in_shape[2] * in_shape[3], "
                     "out_shape[0])\n    def forward(self, x):\n        return self.fc(x.flatten(1)) * 0\n")
     r = subprocess.run([sys.executable, "-m", "deltanas.agent.cli", "eval", str(liar), "--dataset", "digits",
-                        "--sandbox", sandbox, "--json"], capture_output=True, text=True, timeout=120)
+                        "--sandbox", sandbox, "--json", *UNSAFE], capture_output=True, text=True, timeout=120)
     j = json.loads(r.stdout)
     assert j["status"] == "ok" and j["accuracy"] < 0.2  # constant logits: the printed 1.0 counts for nothing

@@ -32,13 +32,25 @@ def make_deps(tmp_path, learner=None, **over) -> Deps:
     counter = iter(range(10_000))
     llm = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, f'l{next(counter)}')}```")
     cfg = load_config(None, {"llm.spec": "mutate", "search.cycles": 2, "search.candidates": 3,
-                             "baselines": ["lenet"], "learn.rule": "valid", **over})
+                             "baselines": ["lenet"], "learn.rule": "valid",
+                             "learn.after_last_cycle": True, **over})
     run_dir = tmp_path / "run"
     (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
     return Deps(config=cfg, llm=CoalescingBackend(llm, window_s=0.01), executor=InstantExecutor(),
                 store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(),
                 dataset=DatasetInfo("synthetic", (1, 28, 28), 10), run_dir=run_dir, learner=learner,
                 learner_note="" if learner else "no learner in this test")
+
+
+def recording_learner(log: list):
+    """A learner that writes a complete adapter folder at once and records each call's examples."""
+    def learner(examples, out_dir, stop):
+        log.append(examples)
+        out_dir.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors", "deltanas_adapter.json"):
+            (out_dir / name).write_text("{}")
+        return {"loss": 0.5, "steps": 1, "seconds": 0.1}
+    return learner
 
 
 # -- success rules ------------------------------------------------------------------------------------------------
@@ -222,15 +234,7 @@ def test_cold_start_cycles_are_proposed_by_the_mutator_and_teach_the_first_updat
     from deltanas.agent.llm.mutate import MutateBackend
 
     seen = []
-
-    def learner(examples, out_dir, stop):
-        seen.append(examples)
-        out_dir.mkdir(parents=True)
-        for name in ("adapter_config.json", "adapter_model.safetensors", "deltanas_adapter.json"):
-            (out_dir / name).write_text("{}")
-        return {"loss": 1.0, "steps": 1, "seconds": 0.1}
-
-    deps = make_deps(tmp_path, learner, **{"learn.cold_start_cycles": 1})
+    deps = make_deps(tmp_path, recording_learner(seen), **{"learn.cold_start_cycles": 1})
     deps.cold_llm = CoalescingBackend(MutateBackend(seed=0), window_s=0.01)
     assert run_graph(deps, InMemorySaver()).status == "finished"
     assert deps.store.get_meta("proposer:0") == "mutate" and deps.store.get_meta("proposer:1") == "scripted"
@@ -244,22 +248,67 @@ def test_cold_start_cycles_are_proposed_by_the_mutator_and_teach_the_first_updat
 
 
 def test_an_adapter_is_reused_when_nothing_new_was_learnt(tmp_path):
-    trained = []
-
-    def learner(examples, out_dir, stop):
-        trained.append(len(examples))
-        out_dir.mkdir(parents=True)
-        for name in ("adapter_config.json", "adapter_model.safetensors", "deltanas_adapter.json"):
-            (out_dir / name).write_text("{}")
-        return {"loss": 0.5, "steps": 1, "seconds": 0.1}
-
-    deps = make_deps(tmp_path, learner, **{"search.cycles": 3})
+    seen = []
+    deps = make_deps(tmp_path, recording_learner(seen), **{"search.cycles": 3})
     counter = iter(range(10_000))
     deps.llm = CoalescingBackend(ScriptedBackend(
         lambda p: (n := next(counter)) < 3 and f"```diff\n{block_diff(p.base_source, f'u{n}')}```" or "no idea"),
         window_s=0.01)
     assert run_graph(deps, InMemorySaver()).status == "finished"
     adapters = deps.store.adapters()
-    assert [a["status"] for a in adapters] == ["trained", "reused", "reused"] and trained == [3]
+    assert [a["status"] for a in adapters] == ["trained", "reused", "reused"] and [len(e) for e in seen] == [3]
     assert adapters[2]["path"] == "adapters/cycle-0" and adapters[2]["note"] == "trained on the same examples: adapters/cycle-0"
     assert adapters[0]["example_ids"] == [r.id for r in deps.store.candidates(cycle=0)]
+
+
+def test_the_update_after_the_last_cycle_waits_for_an_extension(tmp_path):
+    """By default no adapter is trained that no cycle proposes with: the update after the last
+    cycle is recorded as deferred, and a run extended with more cycles trains it before its next
+    cycle proposes anything."""
+    seen = []
+    saver = InMemorySaver()
+    deps = make_deps(tmp_path, recording_learner(seen), **{"learn.after_last_cycle": False})
+    assert run_graph(deps, saver).status == "finished"
+    assert [(a["cycle"], a["status"]) for a in deps.store.adapters()] == [(0, "trained"), (1, "deferred")]
+    assert "learn.after_last_cycle" in deps.store.adapters()[1]["note"] and [len(e) for e in seen] == [3]
+    assert deps.llm.inner.adapters == [str(deps.run_dir / "adapters" / "cycle-0")]
+    deps.store.close()
+
+    more = make_deps(tmp_path, recording_learner(seen), **{"learn.after_last_cycle": False, "search.cycles": 3})
+    assert run_graph(more, saver).status == "finished"
+    assert [(a["cycle"], a["status"]) for a in more.store.adapters()] == [
+        (0, "trained"), (1, "trained"), (2, "deferred")]
+    assert [len(e) for e in seen] == [3, 6]  # cycles 0 and 1 taught the deferred update
+    assert more.llm.inner.adapters == [str(more.run_dir / "adapters" / "cycle-1")]
+    assert len(more.store.candidates(cycle=2)) == 3 and more.llm.inner.calls  # cycle 2 proposed with it
+
+
+@pytest.mark.slow
+def test_a_stop_ends_a_real_update_within_seconds_even_midway_through_a_micro_batch(tmp_path):
+    """On a CPU one optimizer step of long examples takes many seconds; the stop is checked before
+    each decoder layer, so the update ends within seconds of it and leaves nothing behind."""
+    import time
+
+    examples = [{"prompt": [{"role": "user", "content": f"Say zebra {n} times."}],
+                 "completion": [{"role": "assistant", "content": "zebra " * 600}]} for n in (600, 601, 602, 603)]
+    settings = LoraSettings(r=4, alpha=8, epochs=1, grad_accum=4, max_length=1024, lr=1e-4)
+    out_dir = tmp_path / "adapters" / "cycle-0"
+    stop = threading.Event()
+    got = {}
+
+    def update():
+        try:
+            got["info"] = train_adapter("smollm2", examples, out_dir, settings, device="cpu", stop=stop)
+        except RunStopped as e:
+            got["stopped"] = e
+
+    t = threading.Thread(target=update)
+    t.start()
+    while t.is_alive() and not list(out_dir.parent.glob(".*")):  # the model is loaded, training begins
+        time.sleep(0.05)
+    time.sleep(2.0)
+    stop.set()
+    set_at = time.monotonic()
+    t.join(60)
+    assert "stopped" in got and time.monotonic() - set_at < 5, got
+    assert not out_dir.exists() and not list(out_dir.parent.glob(".*"))

