@@ -53,5 +53,23 @@ class Deps:
         if self.stop.is_set():
             raise RunStopped("stop requested")
 
+    def _llms(self) -> list[LLMBackend]:
+        return [b for b in (self.llm, self.cold_llm) if b is not None]
+
+    def kill(self) -> None:
+        """The second Ctrl-C: end the work in flight now. Generation is cancelled and the sandboxes
+        killed, so every node raises RunStopped within seconds; what was cut short is redone on resume.
+        Called from the signal handler: it waits for nothing but the sandboxes' kill."""
+        self.stop.set()
+        for llm in self._llms():
+            llm.cancel()
+        self.executor.close()
+
+    def close(self) -> None:
+        """Free the sandboxes and the models once the graph has ended (or been killed)."""
+        self.executor.close()
+        for llm in self._llms():
+            llm.close()
+
     def candidate_dir(self, cand_id: str) -> Path:
         return self.run_dir / "candidates" / cand_id

@@ -2,8 +2,10 @@
 
 The graph works in a background thread; the calling thread keeps the terminal
 view and the signals. The first Ctrl-C (or SIGTERM) drains: no new candidate
-starts, those in flight finish and are archived. A second Ctrl-C kills the
-sandboxes at once; the archive already holds every finished candidate either way.
+starts, those in flight finish and are archived. A second Ctrl-C kills: the
+sandboxes are killed and generation cancelled (`Deps.kill`), so every node in
+flight raises RunStopped within seconds; the archive already holds every finished
+candidate, and a resume redoes the rest.
 """
 from __future__ import annotations
 
@@ -23,12 +25,16 @@ from deltanas.agent.rundir import CHECKPOINT_FILE
 from deltanas.agent.store import StoreError
 
 THREAD = {"configurable": {"thread_id": "search"}}
+KILL_GRACE_S = 5.0  # after a kill, how long the graph's threads get to unwind and checkpoint
 
 
 @dataclass
 class RunOutcome:
     status: Literal["finished", "stopped", "failed"]
     error: BaseException | None = None
+    stuck: bool = False
+    """Killed, and the graph's threads were still busy after KILL_GRACE_S. Python joins worker
+    threads at exit, so the process must leave without waiting for them."""
 
 
 def sqlite_saver(deps: Deps) -> SqliteSaver:
@@ -70,32 +76,39 @@ def run_graph(deps: Deps, checkpointer: BaseCheckpointSaver) -> RunOutcome:
 
 
 def run_with_signals(deps: Deps, checkpointer: BaseCheckpointSaver, *, tick: Callable[[], None] | None = None,
-                     on_drain: Callable[[], None] | None = None, period_s: float = 0.5) -> RunOutcome:
-    """`run_graph` in a worker thread, with Ctrl-C draining and `tick` called periodically."""
+                     on_drain: Callable[[], None] | None = None, on_kill: Callable[[], None] | None = None,
+                     period_s: float = 0.5) -> RunOutcome:
+    """`run_graph` in a worker thread, with Ctrl-C draining (then killing) and `tick` called
+    periodically. Returns within `period_s` + KILL_GRACE_S of a second interrupt."""
     box: dict[str, RunOutcome] = {}
     worker = threading.Thread(target=lambda: box.setdefault("out", run_graph(deps, checkpointer)),
                               name="deltanas-graph", daemon=True)
-    interrupts = {"n": 0}
+    interrupts = 0
+    killed = threading.Event()
 
     def on_signal(signum, frame):  # noqa: ARG001
-        interrupts["n"] += 1
+        nonlocal interrupts
+        interrupts += 1
         deps.stop.set()
-        if interrupts["n"] == 1:
+        if interrupts == 1:
             if on_drain:
                 on_drain()
-        else:
-            deps.executor.close()  # kill running candidates; they are redone on resume
-            raise KeyboardInterrupt
+        elif interrupts == 2:  # later ones find the kill under way
+            deps.kill()
+            killed.set()
+            if on_kill:
+                on_kill()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         worker.start()
-        while worker.is_alive():
+        while worker.is_alive() and not killed.is_set():
             worker.join(period_s)
-            if tick:
+            if tick and not killed.is_set():
                 tick()
-    except KeyboardInterrupt:
-        return RunOutcome("stopped")
+        if killed.is_set():
+            worker.join(KILL_GRACE_S)  # the nodes raise RunStopped; let the checkpointer see it
+            return RunOutcome("stopped", stuck=worker.is_alive())
     finally:
         for s, h in old.items():
             signal.signal(s, h)

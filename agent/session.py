@@ -1,6 +1,8 @@
 """One `deltanas run` in the terminal: build the run's parts, show it live, handle Ctrl-C."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -16,8 +18,9 @@ from deltanas.agent.runtime import build_deps
 def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int:
     console = Console()
     console.print(f"[b]deltanas[/] run [b]{cfg.name}[/] in {run_dir}: {cfg.search.cycles} cycle(s) × "
-                  f"{cfg.search.candidates} candidate(s), llm {cfg.llm.spec}, dataset {cfg.data.dataset}, "
-                  f"mode {cfg.search.mode}")
+                  f"{cfg.search.candidates} candidate(s), llm {cfg.llm.spec}, dataset {cfg.data.dataset}"
+                  + (f" (a {cfg.data.limit_train}-image training subset: data.limit_train)" if cfg.data.limit_train
+                     else "") + f", mode {cfg.search.mode}")
     t0 = time.perf_counter()
     console.print("loading the dataset, the sandbox and the model …")
     deps = build_deps(cfg, run_dir, dataset=dataset)
@@ -41,17 +44,22 @@ def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int
         if plain:
             console.print(view.message)
 
+    def kill_msg() -> None:
+        view.message = "stopping now: generation cancelled, sandboxes killed; a resume redoes what they were doing"
+        if plain:
+            console.print(view.message)
+
     try:
         if plain:
-            outcome = run_with_signals(deps, saver, tick=print_new, on_drain=drain_msg, period_s=1.0)
+            outcome = run_with_signals(deps, saver, tick=print_new, on_drain=drain_msg, on_kill=kill_msg, period_s=1.0)
             print_new()
         else:
             with Live(view.frame(), console=console, refresh_per_second=2, transient=False) as live:
-                outcome = run_with_signals(deps, saver, tick=lambda: live.update(view.frame()), on_drain=drain_msg)
+                outcome = run_with_signals(deps, saver, tick=lambda: live.update(view.frame()), on_drain=drain_msg,
+                                           on_kill=kill_msg)
                 live.update(view.frame())
     finally:
-        deps.executor.close()
-        deps.llm.close()
+        deps.close()
     print_status(console, deps.store, summarise(deps.store))
     took = time.perf_counter() - t0
     if outcome.status == "finished":
@@ -61,6 +69,11 @@ def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int
     if outcome.status == "stopped":
         console.print(f"[yellow]stopped[/] after {took:.0f}s; everything finished is saved. "
                       f"Continue with: deltanas run --resume {run_dir}")
+        if outcome.stuck:  # Python would wait at exit for threads that did not end when killed
+            console.print("[yellow]some work did not end when killed; exiting without it[/]")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     console.print(f"[red]the run failed[/]: {type(outcome.error).__name__}: {outcome.error}\n"
                   f"The archive is intact; after fixing the cause, continue with: deltanas run --resume {run_dir}")

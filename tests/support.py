@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import random
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,21 @@ def noise(n_train: int = 256, n_test: int = 128, seed: int = 1) -> Arrays:
     x_test = rng.integers(0, 256, (n_test, 1, 28, 28)).astype(np.uint8)
     y_test = rng.integers(0, 10, n_test).astype(np.int64)
     return Arrays("noise", x_train, y_train, x_test, y_test, 10, [0.5], [0.25])
+
+
+def threads_inside(path_end: str) -> dict[str, str]:
+    """The threads now running code of the file whose path ends with `path_end`, each with the
+    function at the top of its stack: `wait` for one asleep on a lock or condition, the looping
+    function itself for one that polls."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    found = {}
+    for ident, frame in sys._current_frames().items():
+        f = frame
+        while f is not None and not f.f_code.co_filename.endswith(path_end):
+            f = f.f_back
+        if f is not None:
+            found[names.get(ident, str(ident))] = frame.f_code.co_name
+    return found
 
 
 class InstantExecutor:

@@ -3,15 +3,35 @@
 The graph runs a cycle's candidates in parallel threads; their repair requests
 arrive close together. One caller at a time becomes the leader, waits a short
 window for the others, and sends every pending prompt with the same sampling
-settings as a single batch.
+settings as a single batch. The other callers sleep on a condition until the
+leader has answered them (or a caller with other settings may lead next), and
+`cancel` or `close` wakes every one of them with RunStopped.
 """
 from __future__ import annotations
 
 import threading
-import time
-from concurrent.futures import Future
+from dataclasses import dataclass
 
 from deltanas.agent.llm.base import Completion, LLMBackend, Prompt, Sampling
+from deltanas.agent.stopping import RunStopped
+
+CLOSE_WAIT_S = 5.0  # how long `close` lets a cancelled batch leave the inner backend before freeing it
+
+
+@dataclass(eq=False)
+class _Request:
+    prompts: list[Prompt]
+    sampling: Sampling
+    answer: list[Completion] | None = None
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.answer is not None or self.error is not None
+
+
+def _cancelled() -> RunStopped:
+    return RunStopped("generation cancelled: the run is stopping")
 
 
 class CoalescingBackend:
@@ -22,45 +42,76 @@ class CoalescingBackend:
         self.supports_grammar = getattr(inner, "supports_grammar", False)
         self.supports_prefix = getattr(inner, "supports_prefix", False)
         self.window_s = window_s
-        self._pending: list[tuple[list[Prompt], Sampling, Future]] = []
-        self._lock = threading.Lock()
-        self._leader = threading.Lock()
+        self._cond = threading.Condition()  # guards every field below and every request's outcome
+        self._pending: list[_Request] = []
+        self._in_flight: list[_Request] = []
+        self._leading = False
+        self._cancel = threading.Event()
         self.batches: list[int] = []  # prompts per backend call, for metrics and tests
 
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
-        fut: Future = Future()
-        with self._lock:
-            self._pending.append((list(prompts), sampling, fut))
-        while not fut.done():
-            if not self._leader.acquire(timeout=0.01):
-                continue
-            try:
-                if fut.done():
-                    break
-                time.sleep(self.window_s)
-                with self._lock:
-                    batch = [p for p in self._pending if p[1] == sampling]
-                    self._pending = [p for p in self._pending if p[1] != sampling]
-                self._run(batch, sampling)
-            finally:
-                self._leader.release()
-        return fut.result()
+        req = _Request(list(prompts), sampling)
+        with self._cond:
+            if self._cancel.is_set():
+                raise _cancelled()
+            self._pending.append(req)
+            while not req.done and self._leading:
+                self._cond.wait()
+            lead = not req.done
+            if lead:
+                self._leading = True
+        if lead:
+            self._lead(sampling)
+        if req.error is not None:
+            raise req.error
+        return req.answer  # type: ignore[return-value]
 
-    def _run(self, batch: list[tuple[list[Prompt], Sampling, Future]], sampling: Sampling) -> None:
-        flat = [p for prompts, _, _ in batch for p in prompts]
+    def _lead(self, sampling: Sampling) -> None:
+        try:
+            self._cancel.wait(self.window_s)  # the others' requests gather meanwhile
+            with self._cond:
+                batch = [r for r in self._pending if r.sampling == sampling]
+                self._pending = [r for r in self._pending if r.sampling != sampling]
+                self._in_flight = batch
+            if batch:
+                self._run(batch, sampling)
+        finally:
+            with self._cond:
+                self._in_flight = []
+                self._leading = False
+                self._cond.notify_all()
+
+    def _run(self, batch: list[_Request], sampling: Sampling) -> None:
+        flat = [p for r in batch for p in r.prompts]
         self.batches.append(len(flat))
         try:
             out = self.inner.generate(flat, sampling)
             if len(out) != len(flat):
                 raise RuntimeError(f"backend returned {len(out)} completions for {len(flat)} prompts")
         except BaseException as e:  # every waiter must wake up, whatever happened
-            for _, _, f in batch:
-                f.set_exception(e)
+            with self._cond:
+                for r in batch:
+                    if not r.done:
+                        r.error = e
             return
         i = 0
-        for prompts, _, f in batch:
-            f.set_result(out[i:i + len(prompts)])
-            i += len(prompts)
+        with self._cond:
+            for r in batch:
+                if not r.done:  # a cancel may have answered it already
+                    r.answer = out[i:i + len(r.prompts)]
+                i += len(r.prompts)
+
+    def cancel(self) -> None:
+        """Wake every caller with RunStopped now and tell the inner backend to stop its batch;
+        later calls raise RunStopped at once."""
+        self._cancel.set()
+        with self._cond:
+            for r in [*self._pending, *self._in_flight]:
+                if not r.done:
+                    r.error = _cancelled()
+            self._pending = []
+            self._cond.notify_all()
+        self.inner.cancel()
 
     def constraint_stats(self) -> dict | None:
         stats = getattr(self.inner, "constraint_stats", None)
@@ -70,4 +121,7 @@ class CoalescingBackend:
         self.inner.load_adapter(path)
 
     def close(self) -> None:
+        self.cancel()
+        with self._cond:  # a backend that honours the cancel leaves within a decoding step
+            self._cond.wait_for(lambda: not self._leading, timeout=CLOSE_WAIT_S)
         self.inner.close()

@@ -6,6 +6,10 @@ generated in length-sorted chunks of `batch_size` with left padding. A chunk's
 prompts share their leading tokens (the system prompt at least, the parent's code
 too when they share a parent): those are computed once, their key/value cache
 copied to every row, and each row's own tokens follow it after its padding.
+
+`cancel` (from another thread) raises RunStopped inside the model's forward, checked
+before every decoder layer: a cancelled call ends within one layer's compute, in a
+long prompt's prefill as between decoding steps.
 """
 from __future__ import annotations
 
@@ -13,11 +17,14 @@ import importlib.util
 import logging
 import os
 import re
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from deltanas.agent.llm.base import Completion, Prompt, Sampling
+from deltanas.agent.stopping import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +221,16 @@ def _static(config, kwargs: dict, max_len: int) -> dict:
     return {key: cache}
 
 
+def stop_points(net) -> list:
+    """Where a cancel is checked: before each decoder layer (the model's longest ModuleList, which
+    a LoRA wrapper keeps), or before the whole forward in a model without one."""
+    import torch
+
+    stacks = [m for m in net.modules() if isinstance(m, torch.nn.ModuleList)]
+    layers = max(stacks, key=len, default=None)
+    return list(layers) if layers is not None and len(layers) > 1 else [net]
+
+
 class HFBackend:
     name = "hf"
     supports_grammar = True
@@ -256,6 +273,7 @@ class HFBackend:
         self.batch_size = batch_size
         self.seed = seed
         self._calls = 0
+        self._cancel = threading.Event()
         self._adapters: dict[str, str] = {}  # adapter name -> path
         self._constrainer = None
         self.active_adapter: str | None = None
@@ -307,12 +325,32 @@ class HFBackend:
         # Similar lengths share a chunk, so little compute goes to padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[Completion | None] = [None] * len(texts)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            for i, c in zip(chunk, self._generate_chunk([texts[i] for i in chunk], sampling,
-                                                        [prompts[i] for i in chunk])):
-                out[i] = c
+        with self._cancellable():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                for i, c in zip(chunk, self._generate_chunk([texts[i] for i in chunk], sampling,
+                                                            [prompts[i] for i in chunk])):
+                    out[i] = c
         return out  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @contextmanager
+    def _cancellable(self):
+        """The model raises RunStopped before its next decoder layer once `cancel` is called."""
+        def check(module, args):  # noqa: ARG001
+            if self._cancel.is_set():
+                raise RunStopped("generation cancelled")
+
+        if self._cancel.is_set() or self._model is None:
+            raise RunStopped("generation cancelled" if self._cancel.is_set() else "the backend is closed")
+        handles = [m.register_forward_pre_hook(check) for m in stop_points(self._model)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     @property
     def constrainer(self):
@@ -440,6 +478,7 @@ class HFBackend:
 
         import torch
 
+        self.cancel()  # a generation still in flight holds the model until its next layer
         self._model = None
         gc.collect()
         if torch.cuda.is_available():

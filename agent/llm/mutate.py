@@ -7,9 +7,11 @@ trajectories serve as cold-start training pairs.
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 from deltanas.agent.llm.base import Completion, Prompt, Sampling
+from deltanas.agent.stopping import RunStopped
 from deltanas.tools.mutator import NoMutation, make_diff, mutate_source
 
 
@@ -23,11 +25,14 @@ class MutateBackend:
         self.min_steps, self.max_steps = min_steps, max_steps
         self._counter = 0  # one random stream per answer, so a run is reproducible
         self.adapters: list[str] = []
+        self._cancel = threading.Event()
 
     def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
         base = self.seed if sampling.seed is None else sampling.seed
         out = []
         for prompt in prompts:
+            if self._cancel.is_set():
+                raise RunStopped("generation cancelled")
             rng = random.Random(f"{base}:{self._counter}")
             self._counter += 1
             out.append(self._answer(prompt, rng))
@@ -63,5 +68,8 @@ class MutateBackend:
     def load_adapter(self, path: str) -> None:
         self.adapters.append(path)  # nothing to load: recorded so a run's log shows the hot-swap happened
 
+    def cancel(self) -> None:
+        self._cancel.set()
+
     def close(self) -> None:
-        pass
+        self.cancel()

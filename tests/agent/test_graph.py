@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import signal
+import threading
+import time
 
+import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
+from deltanas.agent import runner
 from deltanas.agent.config import load_config
 from deltanas.agent.deps import DatasetInfo, Deps
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.llm.scripted import ScriptedBackend
-from deltanas.agent.runner import run_graph
+from deltanas.agent.runner import run_graph, run_with_signals, sqlite_saver
 from deltanas.agent.store import Store
 from deltanas.tools.novelty import NoveltyIndex
 
-from support import InstantExecutor, block_diff
+from support import InstantExecutor, block_diff, threads_inside
 
 
 def make_deps(tmp_path, llm, executor, **over) -> Deps:
@@ -129,6 +135,125 @@ def test_stop_drains_then_resume_finishes_without_duplicates(tmp_path):
     assert len(rows) == 8 and all(r.final for r in rows)
     trained = [c for c in ex.calls if c != "base-lenet"]
     assert len(trained) == len(set(trained)) == 8  # no candidate trained twice
+
+
+class SlowRepairs(ScriptedBackend):
+    """Proposes at once; a repair takes two minutes of decoding, which only a cancel cuts short."""
+
+    def __init__(self, answers):
+        super().__init__(answers)
+        self.repairing = threading.Event()
+
+    def generate(self, prompts, sampling):
+        repair = len(prompts[0].messages) > 2  # the chat goes on after the model's first answer
+        self.delay_s = 120.0 if repair else 0.0
+        if repair:
+            self.repairing.set()
+        return super().generate(prompts, sampling)
+
+
+@pytest.fixture
+def sigterm_guard():
+    """The tests below SIGTERM themselves; one that arrived after run_with_signals restored the
+    handlers must not end the test run."""
+    outer = signal.signal(signal.SIGTERM, lambda *_: None)
+    yield
+    signal.signal(signal.SIGTERM, outer)
+
+
+def test_one_interrupt_drains_two_cut_a_slow_repair_and_a_resume_records_each_candidate_once(tmp_path,
+                                                                                            sigterm_guard):
+    counter = iter(range(10_000))
+
+    def answers(p):
+        return f"```diff\n{block_diff(p.base_source, f's{next(counter)}')}```"
+
+    over = {"search.cycles": 2, "search.candidates": 3}
+    holder: dict = {}
+
+    def session(llm, executor):
+        holder["deps"] = deps = make_deps(tmp_path, llm, executor, **over)
+        return deps, sqlite_saver(deps)  # the CLI's checkpointer: each session reopens the run's file
+
+    def interrupt(cid):  # the first SIGTERM arrives while c000-000 trains
+        if cid == "c000-000":
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert holder["deps"].stop.wait(5)
+
+    deps, saver = session(ScriptedBackend(answers), InstantExecutor(on_eval=interrupt))
+    assert run_with_signals(deps, saver, period_s=0.05).status == "stopped"
+    assert deps.store.get("c000-000").status == "ok"  # in flight at the interrupt: finished, archived
+    assert not deps.store.candidates(cycle=1)
+
+    slow = SlowRepairs(answers)
+    deps, saver = session(slow, FailingOnceExecutor())  # every first training crashes: repairs
+    when: dict = {}
+
+    def interrupt_twice():
+        assert slow.repairing.wait(30)
+        time.sleep(0.2)  # the other candidates' repairs queue behind the batch in flight
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)
+        when["repairs_answered"] = sum(len(batch[0].messages) > 2 for batch in slow.calls)
+        when["second"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=interrupt_twice, daemon=True).start()
+    out = run_with_signals(deps, saver, period_s=0.05)
+    returned = time.monotonic()
+    assert out.status == "stopped" and not out.stuck
+    # the first interrupt let the repair in flight go on; the second cut it
+    assert when["repairs_answered"] == 0 and when["second"] < returned < when["second"] + 10
+    assert not threads_inside("agent/llm/coalesce.py")
+    recorded = {r.id for r in deps.store.candidates() if r.final and r.cycle >= 0}
+
+    ex = InstantExecutor()
+    deps, saver = session(ScriptedBackend(answers), ex)
+    assert run_with_signals(deps, saver, period_s=0.05).status == "finished"
+    rows = [r for r in deps.store.candidates() if r.cycle >= 0]
+    assert sorted(r.id for r in rows) == [f"c00{c}-00{i}" for c in range(2) for i in range(3)]
+    assert all(r.status == "ok" for r in rows), [(r.id, r.status) for r in rows]
+    trained = [c for c in ex.calls if not c.startswith("base-")]
+    assert len(trained) == len(set(trained)) and not set(trained) & recorded  # nothing doubled
+
+
+class Deaf(ScriptedBackend):
+    """A backend that ignores cancel: its generation ends only when the test lets it."""
+
+    def __init__(self, answers):
+        super().__init__(answers)
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def generate(self, prompts, sampling):
+        self.started.set()
+        self.release.wait(30)
+        return super().generate(prompts, sampling)
+
+    def cancel(self):
+        pass
+
+
+def test_a_kill_returns_even_when_a_backend_ignores_it_and_says_so(tmp_path, sigterm_guard, monkeypatch):
+    """The session then exits without waiting for the stuck thread (Python would join it at exit)."""
+    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.5)
+    deaf = Deaf(good_answers)
+    deps = make_deps(tmp_path, deaf, InstantExecutor(), **{"search.cycles": 1, "search.candidates": 2})
+    when: dict = {}
+
+    def interrupt_twice():
+        assert deaf.started.wait(30)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        when["second"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=interrupt_twice, daemon=True).start()
+    try:
+        out = run_with_signals(deps, InMemorySaver(), period_s=0.05)
+        took = time.monotonic() - when["second"]
+    finally:
+        deaf.release.set()
+    assert out.status == "stopped" and out.stuck and took < 2
 
 
 class FailingOnceExecutor(InstantExecutor):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 import time
 
 import pytest
 import torch
 
 from deltanas.agent.llm.base import LLMBackend, Prompt, Sampling
-from deltanas.agent.llm.hf import HFBackend, resolve_model
+from deltanas.agent.llm.coalesce import CoalescingBackend
+from deltanas.agent.llm.hf import HFBackend, resolve_model, stop_points
+from deltanas.agent.stopping import RunStopped
 from deltanas.tools import prompting
 
 needs_tinycoder = pytest.mark.skipif(importlib.util.find_spec("tinycoder") is None,
@@ -310,6 +313,42 @@ def test_bf16_predicts_the_tokens_fp32_does(smollm2_fp32):
         assert bool(agree[clear].all()) and int(agree.sum()) >= 6, (agree, top2)
         assert (a - b).abs().sum(-1).div(2).max().item() < 0.1
     bf16.close()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_a_cancel_ends_a_long_smollm2_generation_within_seconds(smollm2_fp32):
+    """The run's second Ctrl-C during a 2000-token decoding (minutes here): the callers get
+    RunStopped within seconds, and the model is left as it was, without the cancel's hooks."""
+    base = smollm2_fp32
+    llm = CoalescingBackend(HFBackend.around(base.model, base.tokenizer, name="smollm2", device="cpu",
+                                             batch_size=2), window_s=0.01)
+    count = [Prompt(messages=[{"role": "user", "content": f"Write the numbers from {n} to 5000, one per line."}])
+                   for n in (1, 7)]
+    forwards: list[float] = []
+    probe = stop_points(base.model)[0].register_forward_pre_hook(lambda *_: forwards.append(time.monotonic()))
+    got = {}
+
+    def ask():
+        try:
+            got["answer"] = llm.generate(count, Sampling(temperature=0.0, max_new_tokens=2000))
+        except RunStopped as e:
+            got["stopped"] = e
+
+    t = threading.Thread(target=ask)
+    t.start()
+    while len(forwards) < 6 and t.is_alive():  # the prefill, then decoding steps
+        time.sleep(0.02)
+    cancelled = time.monotonic()
+    llm.cancel()
+    t.join(30)
+    took = time.monotonic() - cancelled
+    probe.remove()
+    assert "stopped" in got, got
+    assert took < 3 and len(forwards) < 200, (took, len(forwards))
+    assert not any(m._forward_pre_hooks for m in stop_points(base.model))
+    with pytest.raises(RunStopped):  # the run is ending: no more generation
+        llm.generate(count, Sampling(max_new_tokens=4))
 
 
 def _grammar_prompts(names, *, sites=True, count=4):

@@ -16,6 +16,7 @@ from support import RELU_TO_GELU
 from deltanas.agent.llm import openai_compat
 from deltanas.agent.llm.base import Prompt, Sampling
 from deltanas.agent.llm.openai_compat import OpenAIBackend
+from deltanas.agent.stopping import RunStopped
 from deltanas.tools.zoo import get_baseline
 
 
@@ -127,6 +128,31 @@ def test_batch_runs_concurrently_in_order_with_usage(server):
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer k-123"
     assert (req["temperature"], req["top_k"], req["top_p"], req["max_tokens"], req["seed"]) == (0.35, 50, 0.9, 64, 11)
     assert req["messages"][-1]["role"] == "user"
+
+
+def test_a_cancel_cuts_the_requests_in_flight_at_once(server):
+    server.delay_s = 5.0  # a long generation on the server
+    b = OpenAIBackend("base-model", server.url, concurrency=4, timeout_s=60)
+    got = {}
+
+    def ask():
+        try:
+            got["answer"] = b.generate([user(f"prompt {i}") for i in range(3)], Sampling())
+        except RunStopped as e:
+            got["stopped"] = e
+
+    t = threading.Thread(target=ask)
+    t.start()
+    while server.in_flight < 3 and t.is_alive():
+        time.sleep(0.01)
+    cancelled = time.monotonic()
+    b.cancel()
+    t.join(5)
+    assert "stopped" in got and time.monotonic() - cancelled < 1, got
+    with pytest.raises(RunStopped):  # and nothing new is sent
+        b.generate([user("after")], Sampling())
+    assert len(server.requests) == 3
+    b.close()
 
 
 def test_top_k_zero_and_the_seed_are_left_out_by_default(server):

@@ -98,6 +98,55 @@ def test_sigint_drains_and_exits_cleanly(tmp_path):
     assert status(d)["candidates"] == 24
 
 
+# `deltanas run` with a model whose every answer takes five minutes of decoding, which only a
+# cancel cuts short: the user's case of a stop during a slow generation, without loading a model.
+SLOW_MODEL = """
+import sys
+from deltanas.agent import cli, runtime
+from deltanas.agent.llm.coalesce import CoalescingBackend
+from deltanas.agent.llm.scripted import ScriptedBackend
+
+class Slow(ScriptedBackend):
+    def generate(self, prompts, sampling):
+        print("generating", flush=True)
+        return super().generate(prompts, sampling)
+
+runtime.make_llm = lambda cfg: CoalescingBackend(Slow(lambda p: "no change", delay_s=300))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_sigterms_during_a_generation_exit_at_once_and_a_resume_finishes(tmp_path):
+    d = tmp_path / "run"
+    script = tmp_path / "slow_model.py"
+    script.write_text(SLOW_MODEL)
+    args = ["--llm", "mutate", "--dataset", "synthetic", "--limit-train", "512", "--limit-test", "256",
+            "--baselines", "lenet", "--sandbox", "process", "--timeout", "120", "--plain", "--cycles", "1",
+            "--candidates", "2", "--run-dir", str(d)]
+    p = subprocess.Popen([PY, str(script), "run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in p.stdout:  # the baseline has trained; the proposals are being generated
+        seen.append(line)
+        if line.startswith("generating"):
+            break
+    p.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert p.poll() is None, "".join(seen)  # the first one drains: the generation in flight goes on
+    p.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out, _ = p.communicate(timeout=60)
+    out = "".join(seen) + out
+    assert p.returncode == 130 and time.monotonic() - sent < 10, out
+    assert "--resume" in out
+    s = status(d)  # the archive opens: the baseline is in it, no candidate
+    assert s["candidates"] == 0 and s["baselines"]["base-lenet"] is not None
+    r = cli("run", "--resume", str(d), "--plain")  # with the run's own model, mutate
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = status(d)
+    assert s["candidates"] == 2 and "proposed" not in s["per_status"]
+
+
 @pytest.mark.slow
 @pytest.mark.docker
 def test_run_on_docker_leaves_no_container(tmp_path):

@@ -94,11 +94,28 @@ def main():
         bad = None
     except (FileNotFoundError, ValueError) as e:
         bad = str(e)
+    # The run's second Ctrl-C during a long decoding: the call ends within seconds, its requests aborted.
+    import threading, time
+    from deltanas.agent.stopping import RunStopped
+    got = {}
+    def decode_long():
+        try:
+            got["answer"] = b.generate([Prompt(messages=[{"role": "user", "content": "Count from 1 to 5000."}])],
+                                       Sampling(temperature=0, max_new_tokens=2000))
+        except RunStopped:
+            got["stopped"] = True
+    t = threading.Thread(target=decode_long)
+    t.start()
+    time.sleep(1.5)
+    cancelled = time.monotonic()
+    b.cancel()
+    t.join(60)
+    cancel = [got.get("stopped", False), time.monotonic() - cancelled]
     print("RESULT " + json.dumps({
         "base": [c.text for c in base], "tuned": [c.text for c in tuned], "again": again[0].text,
         "tokens": [[c.prompt_tokens, c.completion_tokens] for c in tuned], "adapter": tuned[0].meta["adapter"],
         "bad": bad, "folder": str(b.folder), "sampled": [c.completion_tokens for c in sampled],
-        "grammar": grammar}))
+        "grammar": grammar, "cancel": cancel}))
     b.close()
 
 if __name__ == "__main__":
@@ -127,6 +144,8 @@ def test_vllm_backend_generates_and_hot_swaps_a_run_adapter(vllm_env, tmp_path):
     assert Path(out["folder"]) == serving_folder("smollm2")  # the folder the main environment converted
     text, admitted, constrained = out["grammar"]
     assert admitted and constrained, text
+    stopped, took = out["cancel"]
+    assert stopped and took < 5, out["cancel"]
 
 
 def _free_port() -> int:
