@@ -117,6 +117,11 @@ BENCHES = (
           (Figure("answers whose hunks place: grammar vs unconstrained", "100% under the grammar, any model", "%",
                   lambda j: (100 * j["modes"]["grammar"]["placed_first"], 100 * j["modes"]["none"]["placed_first"]),
                   lambda m, b: m == 100, "smoke: a random 1M-parameter model, 2 answers per mode"),)),
+    Bench("grammar_cost.py", ("--llm", "hf:tinycoder", "--prompts", "2", "--max-new-tokens", "24", "--rounds", "1"),
+          240,
+          (Figure("decoding step: under the grammar vs free", "<= 15% slower", "s/step",
+                  lambda j: (j["seconds_per_step"]["grammar"], j["seconds_per_step"]["none"]),
+                  lambda m, b: m <= 1.15 * b, "smoke: a random 1M-parameter model, 2 prompts, 24 tokens"),)),
     Bench("ray_scaling.py", ("--device", "cpu", "--workers", "1", "--candidates", "2", "--n", "512", "--kill"), 300,
           (Figure("Ray executor: candidates/hour, an actor killed vs none", "scales with GPUs; a kill loses nothing",
                   "/h", lambda j: (j["rows"][-1]["per_hour"] if all(r["recorded"] == r["candidates"] for r in j["rows"])

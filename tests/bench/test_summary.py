@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = ROOT / "bench" / "summary.py"
 SCRIPTS = {"proxy_epoch.py", "sandbox_overhead.py", "generation_batch.py", "novelty_scale.py", "tokens.py",
-           "compare_modes.py", "cpu_demo.py", "ray_scaling.py", "valid_rate.py"}
+           "compare_modes.py", "cpu_demo.py", "ray_scaling.py", "valid_rate.py", "grammar_cost.py"}
 
 
 def summary(*args: str, timeout: float = 1200) -> tuple[int, dict]:  # every script, each within its own limit
@@ -35,7 +35,7 @@ def test_every_figure_row_has_its_number_and_baseline(full_run):
     _, res = full_run
     rows = [r for r in res["rows"] if r["script"] in SCRIPTS]
     assert {r["script"] for r in rows} == SCRIPTS
-    assert len(rows) == 10  # proxy_epoch gives two figures: the epoch and candidates per device-hour
+    assert len(rows) == 11  # proxy_epoch gives two figures: the epoch and candidates per device-hour
     for r in rows:
         assert r["status"] == "ok", (r["script"], r["status"], r["tail"])
         assert isinstance(r["measured"], float) and r["measured"] > 0, r
