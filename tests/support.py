@@ -74,6 +74,21 @@ class Arrays:
         return tuple(self.x_train.shape[1:])
 
 
+# The smallest network that meets the Net contract: one linear layer, for tests of the sandboxes.
+LINEAR_NET = '''
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_shape, out_shape, prm, device):
+        super().__init__()
+        self.fc = nn.Linear(in_shape[1] * in_shape[2] * in_shape[3], out_shape[0])
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+'''
+
+
 def write_handle(ds: Arrays, root: Path) -> Path:
     """Write the sandbox's view of ``ds`` to ``root``: the train arrays, the test
     images and meta.json; test labels stay with the host."""

@@ -22,7 +22,7 @@ from deltanas.sandbox.docker import (DEFAULT_IMAGE, LABEL, OWNER_LABEL, DockerSa
                                      image_available)
 from deltanas.tools.proxy import evaluate_source
 
-from support import noise, write_handle
+from support import LINEAR_NET, noise, write_handle
 
 _ok, _why = docker_available()
 if not _ok:
@@ -37,18 +37,7 @@ N_TRAIN, N_TEST = 256, 128
 LIMITS = Limits(timeout_s=60, memory_mb=4096, cpu_threads=1)
 HANG = Limits(timeout_s=6, memory_mb=2048, cpu_threads=1, max_processes=32)
 
-GOOD = '''
-import torch.nn as nn
-
-
-class Net(nn.Module):
-    def __init__(self, in_shape, out_shape, prm, device):
-        super().__init__()
-        self.fc = nn.Linear(in_shape[1] * in_shape[2] * in_shape[3], out_shape[0])
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-'''
+GOOD = LINEAR_NET
 
 
 @pytest.fixture(scope="module")

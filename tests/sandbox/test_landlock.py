@@ -29,24 +29,13 @@ from deltanas.sandbox.base import Job, Limits
 from deltanas.sandbox.landlock import Ruleset, allowed_except, on_the_way
 from deltanas.sandbox.process import NOBODY, ProcessSandbox
 
-from support import noise, write_handle
+from support import LINEAR_NET, noise, write_handle
 
 NO_LANDLOCK = pytest.mark.skipif(landlock.abi_version() == 0,
                                  reason=f"Landlock is unavailable here: {landlock.unavailable_reason()}")
 LIMITS = Limits(timeout_s=120, memory_mb=2048, cpu_threads=1)
 
-NET = '''
-import torch.nn as nn
-
-
-class Net(nn.Module):
-    def __init__(self, in_shape, out_shape, prm, device):
-        super().__init__()
-        self.fc = nn.Linear(in_shape[1] * in_shape[2] * in_shape[3], out_shape[0])
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-'''
+NET = LINEAR_NET
 HOSTILE = '''
 import json, os, resource, socket
 

@@ -13,7 +13,7 @@ from deltanas.sandbox.base import Job, Limits
 from deltanas.sandbox.process import ProcessSandbox, bwrap_available
 from deltanas.tools.proxy import evaluate_source
 
-from support import noise, write_handle
+from support import LINEAR_NET, noise, write_handle
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("bwrap") is None or not bwrap_available(),
@@ -54,18 +54,7 @@ class Net(nn.Module):
         self.seen += len(x)
         return torch.nn.functional.one_hot(labels, out.shape[1]).float() * 100
 '''
-GOOD = '''
-import torch.nn as nn
-
-
-class Net(nn.Module):
-    def __init__(self, in_shape, out_shape, prm, device):
-        super().__init__()
-        self.fc = nn.Linear(in_shape[1] * in_shape[2] * in_shape[3], out_shape[0])
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-'''
+GOOD = LINEAR_NET
 
 
 @pytest.fixture(scope="module")
