@@ -55,7 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Iterator
 
-from deltanas.sandbox import landlock
+from deltanas.sandbox import landlock, seccomp
 from deltanas.sandbox.base import Job, Result, masked_paths, within
 from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
 from deltanas.sandbox.pool import spare_flag
@@ -245,15 +245,17 @@ class ProcessSandbox:
     def __init__(self, work_root: Path, python: str = sys.executable, use_namespaces: bool | None = None,
                  keep: bool = False, use_bwrap: bool | None = None, warm: bool = True, max_idle: int = 4,
                  spare: bool | None = None, masked: Sequence[str | Path] | None = None,
-                 use_landlock: bool | None = None, drop_uid: bool | None = None, job_user: tuple[int, int] = NOBODY):
+                 use_landlock: bool | None = None, drop_uid: bool | None = None, job_user: tuple[int, int] = NOBODY,
+                 use_seccomp: bool | None = None):
         """`use_bwrap` (and `use_namespaces`, the fallback without it): None uses it where it
         works, True requires it, False turns it off. `warm`: jobs go to warm workers (a fresh
         forked child per job); False starts a new worker process per job. `spare`: a warm worker
         readies each job's child ahead of it (sandbox/warm.py); None: on a GPU only. `masked`:
         paths no job may read; None: the folders that hold test labels (`label_paths`), read
         again at each worker's start, so a dataset loaded later is hidden too. Without bwrap:
-        `use_landlock`, `drop_uid` (as root, jobs run as `job_user`, a (uid, gid)) and
-        `use_namespaces` (a network namespace) each take None, True or False as `use_bwrap` does."""
+        `use_landlock`, `drop_uid` (as root, jobs run as `job_user`, a (uid, gid)), `use_namespaces`
+        (a network namespace) and `use_seccomp` (sandbox/seccomp.py's filter) each take None, True
+        or False as `use_bwrap` does."""
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.python = python
@@ -263,7 +265,7 @@ class ProcessSandbox:
         if use_bwrap and not self.fs_isolated:
             raise RuntimeError("use_bwrap=True, but bubblewrap is missing or cannot start the worker's view here")
         self.is_root = os.geteuid() == 0
-        self._choose_layers(use_bwrap, use_landlock, drop_uid, job_user, use_namespaces)
+        self._choose_layers(use_bwrap, use_landlock, drop_uid, job_user, use_namespaces, use_seccomp)
         self._running: dict[int, subprocess.Popen] = {}
         self._closed_pids: set[int] = set()
         self._lock = threading.Lock()
@@ -279,14 +281,14 @@ class ProcessSandbox:
         return masked_paths(self._masked)
 
     def _choose_layers(self, use_bwrap: bool | None, use_landlock: bool | None, drop_uid: bool | None,
-                       job_user: tuple[int, int], use_namespaces: bool | None) -> None:
-        """Without bwrap: takes each layer (Landlock, the uid drop, a network namespace) that a
-        worker starts under, with those taken before it. `_why` says why a layer is not in force."""
+                       job_user: tuple[int, int], use_namespaces: bool | None, use_seccomp: bool | None) -> None:
+        """Without bwrap: takes each layer (Landlock, the uid drop, a network namespace, the
+        seccomp filter) that a worker starts under, with those taken before it. `_why` says why a
+        layer is not in force."""
         self._confinement = Confinement()
         self.network_isolated = self.fs_isolated  # --unshare-all includes the network
         if self.fs_isolated:
-            self._why = {"landlock": "not needed: bubblewrap's view is in force",
-                         "uid drop": "not needed: bubblewrap's view is in force"}
+            self._why = {name: "not needed: bubblewrap's view is in force" for name in ("landlock", "uid drop", "seccomp")}
             return
         self._why = {"bubblewrap": "turned off (use_bwrap=False)" if use_bwrap is False
                      else "bwrap is missing or cannot start the worker's view here"}
@@ -314,7 +316,14 @@ class ProcessSandbox:
         else:
             self._confinement = dataclasses.replace(self._confinement, netns=True)
             self.network_isolated = True
-        for name, asked in (("landlock", use_landlock), ("uid drop", drop_uid), ("network namespace", use_namespaces)):
+        if use_seccomp is False:
+            self._why["seccomp"] = "turned off (use_seccomp=False)"
+        elif why := seccomp.unavailable_reason() or self._probe(dataclasses.replace(self._confinement, seccomp=True)):
+            self._why["seccomp"] = why
+        else:
+            self._confinement = dataclasses.replace(self._confinement, seccomp=True)
+        for name, asked in (("landlock", use_landlock), ("uid drop", drop_uid), ("network namespace", use_namespaces),
+                            ("seccomp", use_seccomp)):
             if asked and name in self._why:
                 raise RuntimeError(f"{name} was required, but it is not in force here: {self._why[name]}")
 
@@ -348,14 +357,14 @@ class ProcessSandbox:
     def layers(self) -> list[dict]:
         """Each isolation layer, in force or not: [{"name", "in_force", "why"}], where `why` says
         what it does, or why it is not in force. Names: bubblewrap, landlock, uid drop,
-        network namespace, rlimits."""
+        network namespace, seccomp, rlimits."""
         abi, user = self.landlock_abi, self.job_user
         ll = (f"ABI {abi}: reads only the system dirs, Python (without the folders that hold test labels), "
               f"the deltanas.sandbox folder, the dataset handle, /proc and the CPU's entries in /sys; writes only "
               f"its work dir"
               + ("; no TCP" if abi >= 4 else "")
               + ("; no abstract UNIX socket or signal beyond its own processes" if abi >= 6 else ""))
-        if self.is_root and user is None:
+        if self.is_root and user is None and not self._confinement.seccomp:
             ll += ("; as root, the job can still chmod root's files and reach root's UNIX sockets: Landlock "
                    "does not cover them")
         nproc = "RLIMIT_NPROC caps its processes" if self._job_uid() is not None else "no RLIMIT_NPROC: it runs as root"
@@ -366,6 +375,9 @@ class ProcessSandbox:
                 ("uid drop", f"runs as uid {user[0]}, gid {user[1]}, no other groups: what only root may read is "
                              f"closed to it, and root's capabilities are gone" if user else ""),
                 ("network namespace", "bubblewrap's own" if self.fs_isolated else "its own, with no network"),
+                ("seccomp", "refuses new UNIX sockets (the way to the host's daemons), io_uring, chmod, chown, "
+                            "device nodes, opening files by handle, mounts, kernel modules, bpf, ptrace and the "
+                            "like, for the worker and all it starts"),
                 ("rlimits", f"data memory, file size, CPU time, no core dumps; {nproc}")]
         return [{"name": name, "in_force": name not in self._why, "why": self._why.get(name, what)}
                 for name, what in rows]
@@ -393,6 +405,8 @@ class ProcessSandbox:
               f"NO filesystem isolation (Landlock: {layer['landlock']['why']}; the job can read whatever {who} can"
               + ("" if self.job_user else ", the dataset cache with its test labels included") + ")")
         uid = layer["uid drop"]
+        if self._confinement.seccomp:
+            fs += f"; a seccomp filter that {layer['seccomp']['why']}"
         return (f"process backend WITHOUT bubblewrap: {common}, in {net}; {nproc}; {fs}; the job "
                 + (uid["why"] if uid["in_force"] else f"keeps the host's uid (uid drop: {uid['why']})")
                 + "; and no PID namespace (a process that leaves both the group and the process tree can outlive "
@@ -653,11 +667,12 @@ class Confinement:
     landlock: bool = False
     user: tuple[int, int] | None = None  # the (uid, gid) root drops the job to
     netns: bool = False
+    seccomp: bool = False
 
 
 def _confine(limits: list[tuple[int, int]], c: Confinement, rules: landlock.Ruleset | None) -> None:
     """Runs in the child between fork and exec: the rlimits, then each layer of `c`, the uid
-    drop before Landlock (whose rules the host opened as root)."""
+    drop before Landlock (whose rules the host opened as root), the seccomp filter last."""
     _apply_rlimits(limits)
     if rules is not None:  # first in line for the OOM killer: under Landlock a warm worker's child cannot say so
         try:
@@ -672,6 +687,8 @@ def _confine(limits: list[tuple[int, int]], c: Confinement, rules: landlock.Rule
         os.setuid(c.user[0])
     if rules is not None:
         rules.enforce()
+    if c.seccomp:
+        seccomp.install()
 
 
 def _unshare_net(user_ns: bool) -> None:
