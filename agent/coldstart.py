@@ -42,7 +42,7 @@ from deltanas.agent.rundir import ARCHIVE_FILE
 from deltanas.agent.store import Store, StoreError
 from deltanas.tools import prompting, pyast
 from deltanas.tools.diff_apply import apply_diff
-from deltanas.tools.mutator import make_diff
+from deltanas.tools.diff_write import make_diff
 
 Kind = Literal["run", "lemur-db", "lemur-checkout"]
 Distinct = Callable[[str, str], bool]

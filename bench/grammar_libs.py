@@ -69,7 +69,8 @@ from deltanas.tools.diff_grammar import (  # noqa: E402
     parent_lines,
     site_window,
 )
-from deltanas.tools.mutator import NoMutation, make_diff, mutate_source  # noqa: E402
+from deltanas.tools.diff_write import make_diff  # noqa: E402
+from deltanas.tools.mutator import NoMutation, mutate_source  # noqa: E402
 from deltanas.tools.zoo import get_baseline, list_baselines  # noqa: E402
 
 LIBS = ("llguidance", "xgrammar", "xgrammar-dyn", "outlines-core")

@@ -30,7 +30,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from deltanas.tools.mutator import DIFF_CONTEXT, NoMutation, make_diff, mutate_source
+from deltanas.tools.diff_write import DIFF_CONTEXT, make_diff
+from deltanas.tools.mutator import NoMutation, mutate_source
 from deltanas.tools.zoo import list_baselines
 
 

@@ -47,12 +47,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from deltanas.tools.diff_extract import normalise_newlines
+from deltanas.tools.protected import protected_functions
 
 TARGET = "model.py"
 DIFF_PREFIX = f"```diff\n--- a/{TARGET}\n+++ b/{TARGET}\n"
 FULL_PREFIX = "```python\n"
 CLOSE = "```"
-PROTECTED = {"supported_hyperparameters": None, "Net": ("train_setup", "learn")}
 MAX_PARENT_LINES = 5000
 # A hunk may open at each site, and a parser holds one item per site at the answer's first byte:
 # llguidance's (and vLLM's) default is at most 2,000 items in one row.
@@ -160,16 +160,8 @@ def parent_lines(source: str) -> list[str]:
 def protected_lines(source: str) -> tuple[set[int], set[int]]:
     """(every line of a protected function, decorators included; the lines after each def line),
     0-based, for the parent as written."""
-    tree = ast.parse(source)
-    spans = []
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in PROTECTED:
-            spans.append(node)
-        elif isinstance(node, ast.ClassDef) and node.name == "Net":
-            spans += [f for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                      and f.name in PROTECTED["Net"]]
     whole, body = set(), set()
-    for f in spans:
+    for f in protected_functions(ast.parse(source)):
         first = min([f.lineno] + [d.lineno for d in f.decorator_list]) - 1
         whole.update(range(first, f.end_lineno))
         body.update(range(f.lineno, f.end_lineno))  # 0-based: the lines after the def line

@@ -14,16 +14,17 @@ caught by the sandbox, as it would be for a model's proposal.
 from __future__ import annotations
 
 import ast
-import difflib
 import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from deltanas.tools import pyast
-from deltanas.tools.diff_grammar import anchor_counts, hunk_header
+from deltanas.tools.protected import PROTECTED_NAMES, protected_definitions
 
-PROTECTED_FUNCTIONS = frozenset({"supported_hyperparameters", "train_setup", "learn"})
+# Functions of these names, wherever they stand, are left alone: a wider rule than the check of
+# tools/protected.py, which every result passes too.
+PROTECTED_FUNCTIONS = frozenset(PROTECTED_NAMES)
 
 MUTATIONS: tuple[str, ...] = (
     "widen",  # more channels / features in a layer, and in the layer that consumes them
@@ -202,10 +203,6 @@ def _arg(call: ast.Call, pos: int, kw: str) -> ast.expr | None:
     if pos < len(call.args) and not any(isinstance(a, ast.Starred) for a in call.args[:pos + 1]):
         return call.args[pos]
     return None
-
-
-def _has_kw(call: ast.Call, name: str) -> bool:
-    return any(k.arg == name for k in call.keywords)
 
 
 def _int(node: ast.expr | None) -> int | None:
@@ -573,22 +570,6 @@ class NoMutation(ValueError):
     """No mutation applies to this source, or none produced a valid file."""
 
 
-def protected_dump(source: str) -> dict[str, str]:
-    """`ast.dump` of every protected function, keyed by qualified name (for equality checks)."""
-    out: dict[str, str] = {}
-
-    def visit(node: ast.AST, prefix: str) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                name = f"{prefix}{child.name}"
-                if not isinstance(child, ast.ClassDef) and child.name in PROTECTED_FUNCTIONS:
-                    out[name] = ast.dump(child)
-                visit(child, name + ".")
-
-    visit(pyast.parse(source), "")
-    return out
-
-
 def mutate_source(source: str, rng: random.Random, *, max_tries: int = 20) -> tuple[str, str]:
     """One random applicable mutation: (mutation name, new source).
 
@@ -601,7 +582,7 @@ def mutate_source(source: str, rng: random.Random, *, max_tries: int = 20) -> tu
         raise NoMutation(f"source does not parse: {e}") from None
     sites = {name: fn(module, rng) for name, fn in _MUTATORS.items()}
     sites = {name: c for name, c in sites.items() if c}
-    protected = protected_dump(source)
+    protected = protected_definitions(module.tree)
     for _ in range(max_tries):
         if not sites:
             break
@@ -616,42 +597,9 @@ def mutate_source(source: str, rng: random.Random, *, max_tries: int = 20) -> tu
             pyast.compile_code(new)
         except SyntaxError:
             continue
-        if protected_dump(new) != protected:
+        if protected_definitions(pyast.parse(new)) != protected:
             continue
         return name, new
     raise NoMutation("no structural mutation applies to this source "
                      f"(looked for: {', '.join(MUTATIONS)})")
 
-
-# Context lines per hunk side in the diffs this project writes (the system prompt's example, the
-# mutator's answers, cold-start and training targets). Hunks are placed by content with the @@ line
-# as a hint (tools/diff_apply.py), so one line is enough to place them, and every context line is
-# one more line a model must copy exactly. On the zoo it brings a delta answer from about 39% of
-# the whole file's tokens to about 28%, and bare @@ lines (make_diff) to about 25% (bench/tokens.py).
-DIFF_CONTEXT = 1
-
-
-def make_diff(old: str, new: str, path: str = "model.py", context: int = DIFF_CONTEXT,
-              numbered: bool = False) -> str:
-    """A unified diff from `old` to `new` with a/ b/ headers and `context` lines of context.
-
-    Hunk headers are written as the answer grammar writes them (tools/diff_grammar.py), so that
-    training targets and constrained answers look alike: a bare `@@` where the hunk's anchor (its
-    context line and the next line) occurs once in `old`, else `@@ -N @@` with N the hunk's first
-    old line, which tells the places apart. A tokenizer that splits digits spends about 14 tokens
-    on `@@ -16,7 +16,7 @@`. `numbered=True` writes full headers on every hunk, for tools that need
-    them (`patch`, `git apply`)."""
-    a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
-    raw = list(difflib.unified_diff(a, b, fromfile=f"a/{path}", tofile=f"b/{path}", n=context))
-    bare = [x.rstrip("\n") for x in a]
-    counts = anchor_counts(bare)
-    lines = []
-    for i, line in enumerate(raw):
-        if line.startswith("@@") and not numbered:
-            start = int(re.match(r"^@@ -(\d+)", line).group(1))  # 1-based first old line
-            starts_with_context = raw[i + 1].startswith(" ") if i + 1 < len(raw) else False
-            line = hunk_header(counts, bare, start if starts_with_context else start - 1) + "\n"
-        if not line.endswith("\n"):  # the file's last line had no newline
-            line += "\n\\ No newline at end of file\n"
-        lines.append(line)
-    return "".join(lines)

@@ -13,7 +13,7 @@ from importlib import resources
 import jinja2
 
 from deltanas.agent.llm.base import Message
-from deltanas.tools.mutator import make_diff
+from deltanas.tools.diff_write import make_diff
 
 MODES = ("delta", "full")
 

@@ -5,10 +5,15 @@ By default a diff may change only the architecture. `supported_hyperparameters`,
 `Net.train_setup` and `Net.learn` are compared by AST, so comments and layout
 inside them may change but their code may not. This is a policy on what the
 search explores, not a security boundary: the sandbox and trusted scoring are.
+
+`protected_statements` is the one reading of what is protected: the mutator
+checks its results with it, and the answer grammar (tools/diff_grammar.py) keeps
+those lines as context.
 """
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from types import CodeType
@@ -17,6 +22,8 @@ from deltanas.tools.diff_errors import DiffCode, DiffError
 from deltanas.tools import pyast
 
 PROTECTED_NAMES = ("supported_hyperparameters", "train_setup", "learn")
+# The keys of `protected_definitions`: the protected names where they are bound.
+PROTECTED_KEYS = ("supported_hyperparameters", "Net.train_setup", "Net.learn")
 
 _CONTEXT_LINES = 2
 
@@ -69,34 +76,45 @@ def _syntax_hint(source: str, e: SyntaxError) -> DiffError:
     )
 
 
-def _protected_nodes(tree: ast.Module) -> dict[str, str | None]:
-    """Name -> AST dump of each protected definition (None when absent).
+def protected_statements(tree: ast.Module) -> Iterator[tuple[str, ast.stmt | None]]:
+    """(protected name, the statement that binds it) in source order: a top-level def or
+    assignment of `supported_hyperparameters`; a def or assignment of `train_setup` or `learn` in
+    a top-level `class Net`, or a module-level `Net.train_setup = ...` / `Net.learn = ...`.
 
-    The last binding wins, as at import time, and a module-level assignment to
-    one of these names (or to Net.learn, ...) counts as a definition too.
+    A second `class Net` starts afresh: it first yields (`Net.train_setup`, None) and
+    (`Net.learn`, None), as its methods replace the first class's at import time.
     """
-    found: dict[str, str | None] = {
-        "supported_hyperparameters": None,
-        "Net.train_setup": None,
-        "Net.learn": None,
-    }
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "supported_hyperparameters":
-            found["supported_hyperparameters"] = ast.dump(node)
+            yield "supported_hyperparameters", node
         elif isinstance(node, ast.ClassDef) and node.name == "Net":
-            found["Net.train_setup"] = found["Net.learn"] = None  # a redefined Net starts afresh
+            yield "Net.train_setup", None
+            yield "Net.learn", None
             for item in node.body:
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name in PROTECTED_NAMES[1:]:
-                    found[f"Net.{item.name}"] = ast.dump(item)
+                    yield f"Net.{item.name}", item
                 elif isinstance(item, (ast.Assign, ast.AnnAssign)):
                     for name in _assigned_names(item):
                         if name in PROTECTED_NAMES[1:]:
-                            found[f"Net.{name}"] = ast.dump(item)
+                            yield f"Net.{name}", item
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             for name in _assigned_names(node):
-                if name in found:
-                    found[name] = ast.dump(node)
+                if name in PROTECTED_KEYS:
+                    yield name, node
+
+
+def protected_definitions(tree: ast.Module) -> dict[str, str | None]:
+    """Name -> AST dump of each protected definition (None when absent). The last binding wins,
+    as at import time."""
+    found: dict[str, str | None] = dict.fromkeys(PROTECTED_KEYS)
+    for name, stmt in protected_statements(tree):
+        found[name] = None if stmt is None else ast.dump(stmt)
     return found
+
+
+def protected_functions(tree: ast.Module) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """Every protected definition written as a def, the replaced ones included."""
+    return [stmt for _, stmt in protected_statements(tree) if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef))]
 
 
 def _assigned_names(node: ast.stmt) -> list[str]:
@@ -121,9 +139,9 @@ def _base_facts(base_source: str) -> _Facts:
     """A run applies many diffs to the same parent, so its analysis is cached."""
     compiled = _compile(base_source)
     if isinstance(compiled, DiffError):
-        return _Facts(None, dict.fromkeys(("supported_hyperparameters", "Net.train_setup", "Net.learn")))
+        return _Facts(None, dict.fromkeys(PROTECTED_KEYS))
     tree, code = compiled
-    return _Facts(code, _protected_nodes(tree))
+    return _Facts(code, protected_definitions(tree))
 
 
 def _same_code(a: CodeType, b: CodeType) -> bool:
@@ -199,4 +217,4 @@ def check_source(base_source: str, new_source: str, *, allow_train_changes: bool
         return _no_op("only comments or layout differ")
     if allow_train_changes:
         return None
-    return _protected_error(base.protected, _protected_nodes(tree))
+    return _protected_error(base.protected, protected_definitions(tree))

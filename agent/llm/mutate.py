@@ -12,7 +12,8 @@ import time
 
 from deltanas.agent.llm.base import Completion, Prompt, Sampling
 from deltanas.agent.stopping import RunStopped
-from deltanas.tools.mutator import NoMutation, make_diff, mutate_source
+from deltanas.tools.diff_write import make_diff
+from deltanas.tools.mutator import NoMutation, mutate_source
 
 
 class MutateBackend:

@@ -37,7 +37,7 @@ needs_smollm2 = pytest.mark.skipif(not _tokenizer_available(), reason="the SmolL
 def _fake_run(run_dir: Path) -> None:
     from deltanas.agent.rundir import ARCHIVE_FILE
     from deltanas.agent.store import CandidateRow, Store
-    from deltanas.tools.mutator import make_diff
+    from deltanas.tools.diff_write import make_diff
     from deltanas.tools.zoo import get_baseline
 
     base = get_baseline("lenet").source

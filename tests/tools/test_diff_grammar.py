@@ -18,7 +18,8 @@ from deltanas.tools.diff_grammar import (
     layer_lines,
     site_window,
 )
-from deltanas.tools.mutator import NoMutation, make_diff, mutate_source
+from deltanas.tools.diff_write import make_diff
+from deltanas.tools.mutator import NoMutation, mutate_source
 from deltanas.tools.zoo import get_baseline, list_baselines
 
 pytest.importorskip("llguidance")

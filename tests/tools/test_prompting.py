@@ -8,7 +8,7 @@ import jinja2
 import pytest
 
 from deltanas.tools import prompting
-from deltanas.tools.mutator import make_diff
+from deltanas.tools.diff_write import make_diff
 
 PARENT = '''import torch.nn as nn
 

@@ -2,10 +2,14 @@
 training contract (supported_hyperparameters, Net.train_setup, Net.learn)."""
 from __future__ import annotations
 
+import ast
+
 import pytest
 
 from deltanas.tools.diff_errors import DiffCode
-from deltanas.tools.protected import PROTECTED_NAMES, check_source
+from deltanas.tools.diff_grammar import protected_lines
+from deltanas.tools.protected import (PROTECTED_KEYS, PROTECTED_NAMES, check_source, protected_definitions,
+                                      protected_functions)
 
 from support import LEARN, TRAIN_SETUP
 
@@ -35,6 +39,17 @@ ARCH_CHANGE = BASE.replace("16, 3, padding=1)", "32, 3, padding=1)").replace("Li
 
 def test_protected_names():
     assert PROTECTED_NAMES == ("supported_hyperparameters", "train_setup", "learn")
+
+
+def test_one_walk_names_what_the_check_and_the_grammar_protect():
+    source = ("def supported_hyperparameters():\n    return {'lr'}\n\n"
+              "class Net:\n    def learn(self, data):\n        pass\n\n    def forward(self, x):\n        return x\n\n"
+              "Net.train_setup = None\n")
+    tree = ast.parse(source)
+    found = protected_definitions(tree)
+    assert tuple(found) == PROTECTED_KEYS and all(found.values())
+    assert [f.name for f in protected_functions(tree)] == ["supported_hyperparameters", "learn"]
+    assert protected_lines(source) == ({0, 1, 4, 5}, {1, 5})
 
 
 def test_architecture_change_is_fine():
