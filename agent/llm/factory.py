@@ -1,4 +1,7 @@
-"""Turns an LLM spec string (`hf:smollm2`, `openai:MODEL@URL`, `mutate`, ...) into a backend."""
+"""Turns an LLM spec string (`hf:smollm2`, `openai:MODEL@URL`, `mutate`, ...) into a backend.
+
+No spec names the tests' scripted backend: they build `agent/llm/scripted.py`'s ScriptedBackend
+directly."""
 from __future__ import annotations
 
 import os
@@ -8,7 +11,7 @@ from typing import Literal
 
 from deltanas.agent.llm.base import LLMBackend
 
-BackendType = Literal["hf", "openai", "vllm", "mutate", "scripted"]
+BackendType = Literal["hf", "openai", "vllm", "mutate"]
 
 ACCEPTED_FORMS = (
     "hf:smollm2 | hf:tinycoder | hf:/path/to/model.gguf | hf:/path/to/hf-model-dir | hf:ORG/NAME (a local folder) | "
@@ -61,9 +64,6 @@ def make_backend(spec: LLMSpec | str, *, device: str = "auto", dtype: str = "aut
         from deltanas.agent.llm.mutate import MutateBackend
 
         return MutateBackend(seed=seed)
-    if spec.type == "scripted":
-        raise ValueError("the scripted backend replays completions given in code: "
-                         "construct deltanas.agent.llm.scripted.ScriptedBackend directly")
     if spec.type == "hf":
         from deltanas.agent.llm.hf import HFBackend
 

@@ -89,7 +89,7 @@ def test_factory_builds_the_light_backends_and_explains_the_missing_ones():
     except ImportError:
         with pytest.raises(RuntimeError, match=re.escape("pip install 'deltanas[vllm]'")):
             make_backend("vllm:some/model")
-    with pytest.raises(ValueError, match="ScriptedBackend"):
+    with pytest.raises(ValueError, match="unknown backend type 'scripted'"):  # built directly, never from a spec
         make_backend(LLMSpec("scripted"))
     with pytest.raises(FileNotFoundError, match="not an alias"):
         make_backend("hf:/no/such/model-dir")
