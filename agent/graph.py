@@ -46,10 +46,6 @@ def route_after_train(state: CandidateState, max_repairs: int) -> Literal["repai
     return "repair" if failed and state.get("attempts", 0) < max_repairs else "record"
 
 
-def route_after_baselines(state: RunState, cycles: int) -> Literal["select_parents", "__end__"]:
-    return "select_parents" if state["cycle"] < cycles else "__end__"
-
-
 def fan_out(state: RunState) -> list[Send]:
     return [Send("candidate", CandidateState(
         candidate_id=p["candidate_id"], cycle=p["cycle"], idx=p["idx"], parent_id=p["parent_id"],
@@ -59,7 +55,8 @@ def fan_out(state: RunState) -> list[Send]:
         for p in state["proposals"]]
 
 
-def route_after_update(state: RunState, cycles: int) -> Literal["select_parents", "__end__"]:
+def route_next_cycle(state: RunState, cycles: int) -> Literal["select_parents", "__end__"]:
+    """After the cold start and after each cycle's update: another cycle, or the end."""
     return "select_parents" if state["cycle"] < cycles else "__end__"
 
 
@@ -92,10 +89,10 @@ def build_graph(deps: Deps) -> StateGraph:
     g.add_node("cold_start", partial(cy.cold_start, deps=deps))
     g.add_edge(START, "evaluate_baselines")
     g.add_edge("evaluate_baselines", "cold_start")
-    g.add_conditional_edges("cold_start", partial(route_after_baselines, cycles=cycles))
+    g.add_conditional_edges("cold_start", partial(route_next_cycle, cycles=cycles))
     g.add_edge("select_parents", "propose")
     g.add_conditional_edges("propose", fan_out, ["candidate"])
     g.add_edge("candidate", "gather_trajectories")
     g.add_edge("gather_trajectories", "lora_update")
-    g.add_conditional_edges("lora_update", partial(route_after_update, cycles=cycles))
+    g.add_conditional_edges("lora_update", partial(route_next_cycle, cycles=cycles))
     return g
