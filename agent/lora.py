@@ -86,6 +86,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     from trl import SFTConfig, SFTTrainer
 
     from deltanas.agent.llm.hf import CHATML_TEMPLATE, load_pretrained, stop_points
+    from deltanas.agent.llm.serving import drop_gguf_mark
 
     hf_logging.disable_progress_bar()
     disable_progress_bar()
@@ -190,23 +191,6 @@ def clear_partials(adapters_dir: Path) -> int:
         shutil.rmtree(p, ignore_errors=True)
         n += 1
     return n
-
-
-def drop_gguf_mark(net) -> None:
-    """transformers dequantizes a GGUF file into ordinary float weights on load, but keeps a
-    GGUF quantizer on the model, and its Trainer refuses to train one. The weights are plain
-    floats (checked here), so the mark goes."""
-    import torch
-
-    quantizer = getattr(net, "hf_quantizer", None)
-    if quantizer is None or str(quantizer.quantization_config.quant_method).lower().split(".")[-1] != "gguf":
-        return
-    if not all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in net.parameters()):
-        raise ValueError("the GGUF model did not load as float weights; it cannot be trained")
-    net.hf_quantizer = None
-    net.is_quantized = False
-    if hasattr(net.config, "quantization_config"):
-        del net.config.quantization_config
 
 
 def _load_quantized(model: str, quant: dict):

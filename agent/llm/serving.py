@@ -58,7 +58,6 @@ def _convert(model: str, out: Path, dtype: str) -> None:
     import torch
 
     from deltanas.agent.llm.hf import load_pretrained
-    from deltanas.agent.lora import drop_gguf_mark
 
     try:
         torch_dtype = getattr(torch, dtype)
@@ -74,3 +73,20 @@ def _convert(model: str, out: Path, dtype: str) -> None:
     (tmp / READY_MARK).write_text(model + "\n")
     shutil.rmtree(out, ignore_errors=True)  # a folder without its mark is a killed conversion
     os.replace(tmp, out)
+
+
+def drop_gguf_mark(net) -> None:
+    """transformers dequantizes a GGUF file into ordinary float weights on load, but keeps a
+    GGUF quantizer on the model, and its Trainer refuses to train one. The weights are plain
+    floats (checked here), so the mark goes."""
+    import torch
+
+    quantizer = getattr(net, "hf_quantizer", None)
+    if quantizer is None or str(quantizer.quantization_config.quant_method).lower().split(".")[-1] != "gguf":
+        return
+    if not all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in net.parameters()):
+        raise ValueError("the GGUF model did not load as float weights; it cannot be trained")
+    net.hf_quantizer = None
+    net.is_quantized = False
+    if hasattr(net.config, "quantization_config"):
+        del net.config.quantization_config

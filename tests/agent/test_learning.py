@@ -128,7 +128,7 @@ def test_export_loads_in_datasets_and_trains_in_trl(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     from deltanas.agent.llm.hf import load_pretrained
-    from deltanas.agent.lora import drop_gguf_mark
+    from deltanas.agent.llm.serving import drop_gguf_mark
 
     tok, net = load_pretrained("smollm2", "cpu")
     drop_gguf_mark(net)
