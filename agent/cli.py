@@ -8,7 +8,7 @@
     deltanas report runs/run [--output DIR]
     deltanas serve smollm2 --run runs/run [--python .venv-vllm/bin/python] [--port 8000]
     deltanas diff apply BASE.py DIFF [--output FILE] [--json]
-    deltanas eval MODEL.py [--dataset mnist] [--json]
+    deltanas eval MODEL.py [--config FILE] [--dataset mnist] [--json]
     deltanas zoo list [--json] | deltanas zoo show NAME
     deltanas sandbox build [--mode auto|online|offline] | deltanas sandbox check [--json]
 
@@ -145,14 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--allow-train-changes", action="store_true")
     da.add_argument("--full", action="store_true", help="DIFF is a whole new file (full-generation mode)")
 
-    e = sub.add_parser("eval", help="proxy-train one model file as the loop would")
+    e = sub.add_parser("eval", help="proxy-train one model file as the loop would",
+                       description="Proxy-train one model file with the job settings a run gets from its config "
+                                   "(the defaults, or --config FILE, e.g. a run's config.toml); the flags override.")
     e.add_argument("model", metavar="MODEL.py")
-    e.add_argument("--dataset", default="mnist")
+    e.add_argument("--config", metavar="FILE", help="TOML config whose [train], [sandbox] and [data] apply")
+    e.add_argument("--dataset")
     e.add_argument("--data-dir", metavar="DIR")
-    e.add_argument("--timeout", type=_positive_float, default=300.0, metavar="SECONDS")
-    e.add_argument("--epochs", type=_positive_int, default=1)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--sandbox", choices=["auto", "docker", "process"], default="auto")
+    e.add_argument("--timeout", type=_positive_float, metavar="SECONDS")
+    e.add_argument("--epochs", type=_positive_int)
+    e.add_argument("--device")
+    e.add_argument("--sandbox", choices=["auto", "docker", "process"])
     e.add_argument("--unsafe-no-isolation", action="store_true", help=UNSAFE_HELP)
     e.add_argument("--limit-train", type=_positive_int)
     e.add_argument("--json", action="store_true")
@@ -347,21 +350,26 @@ def cmd_diff_apply(a: argparse.Namespace) -> int:
     return EXIT_OK if res.ok else EXIT_FAIL
 
 
+def eval_config(a: argparse.Namespace):
+    """`deltanas eval`'s config: --config (or the defaults) under its flags."""
+    from deltanas.agent.config import load_config
+
+    return load_config(a.config, {"data.dataset": a.dataset, "data.data_dir": a.data_dir, "sandbox.type": a.sandbox,
+                                  "sandbox.timeout_s": a.timeout, "sandbox.device": a.device,
+                                  "data.limit_train": a.limit_train, "train.epochs": a.epochs})
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     import tempfile
 
     from deltanas.agent import isolation
-    from deltanas.agent.config import load_config
-    from deltanas.agent.runtime import check_device, load_run_dataset, make_sandbox
-    from deltanas.sandbox.base import Limits
+    from deltanas.agent.runtime import job_spec, load_run_dataset, make_sandbox
+    from deltanas.sandbox.sizing import check_device
     from deltanas.tools.datasets import default_cache_dir, prepare_handle
     from deltanas.tools.proxy import evaluate_source
 
     source = _read_text(a.model, "model file")
-    cfg = load_config(None, {"data.dataset": a.dataset, "data.data_dir": a.data_dir, "sandbox.type": a.sandbox,
-                             "sandbox.timeout_s": a.timeout, "sandbox.device": a.device,
-                             "data.limit_train": a.limit_train, "train.epochs": a.epochs,
-                             "sandbox.unsafe_no_isolation": a.unsafe_no_isolation})
+    cfg = eval_config(a)
     check_device(cfg.sandbox.device)
     with tempfile.TemporaryDirectory(prefix="deltanas-eval-") as tmp:
         sandbox = make_sandbox(cfg, Path(tmp))
@@ -374,12 +382,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
                       f"{isolation.OPT_IN_FLAG} asks", file=sys.stderr)
             ds = load_run_dataset(cfg)
             handle = prepare_handle(ds, default_cache_dir() / "handles")
-            s = cfg.sandbox
-            out = evaluate_source(source, sandbox=sandbox, dataset=ds, handle_dir=handle,
-                                  candidate_id=Path(a.model).stem, hyperparameters=cfg.train.hyperparameters(),
-                                  epochs=a.epochs, device=s.device,
-                                  limits=Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb,
-                                                cpu_threads=s.cpu_threads, max_output_bytes=s.max_output_bytes))
+            out = evaluate_source(source, sandbox=sandbox, dataset=ds, spec=job_spec(cfg, handle),
+                                  candidate_id=Path(a.model).stem)
         finally:
             sandbox.close()
     if a.json:
@@ -466,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         args.vllm_args = passthrough
     from deltanas.agent.config import ConfigError
     from deltanas.agent.store import StoreError
+    from deltanas.sandbox.sizing import SandboxUnfit
 
     try:
         if args.command == "run":
@@ -486,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_zoo(args)
         if args.command == "sandbox":
             return cmd_sandbox(args)
-    except (CLIError, ConfigError, StoreError) as e:
+    except (CLIError, ConfigError, StoreError, SandboxUnfit) as e:
         print(f"deltanas: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

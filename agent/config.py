@@ -2,15 +2,20 @@
 
 Everything is validated before anything starts; an unknown key or a bad value is
 one clear message. Checks that need the machine (a GPU index, a Docker daemon,
-the dataset) live in `agent/preflight.py` so that this module stays import-light.
+the dataset) are `preflight` in agent/runtime.py, so that this module stays
+import-light. A job's defaults (limits, epochs, batch size, hyperparameters) are
+those of sandbox/base.py, stated there once.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deltanas.sandbox.base import DEFAULT_HYPERPARAMETERS, JobSpec, Limits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -18,6 +23,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_BASELINES = ("lenet", "resnet", "mobilenet")
+_LIMITS = Limits()
+_JOB = {f.name: f.default for f in fields(JobSpec)}
 
 
 class _Section(BaseModel):
@@ -134,14 +141,14 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(1, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    dropout: float = Field(0.2, ge=0, lt=1)
+    epochs: int = Field(_JOB["epochs"], gt=0)
+    batch_size: int = Field(_JOB["batch_size"], gt=0)
+    lr: float = Field(DEFAULT_HYPERPARAMETERS["lr"], gt=0)
+    momentum: float = Field(DEFAULT_HYPERPARAMETERS["momentum"], ge=0, lt=1)
+    dropout: float = Field(DEFAULT_HYPERPARAMETERS["dropout"], ge=0, lt=1)
 
     def hyperparameters(self) -> dict[str, float]:
-        return {"lr": self.lr, "momentum": self.momentum, "dropout": self.dropout}
+        return {name: getattr(self, name) for name in DEFAULT_HYPERPARAMETERS}
 
 
 class SandboxConfig(_Section):
@@ -149,16 +156,16 @@ class SandboxConfig(_Section):
     """`auto` uses Docker where a daemon answers and its image exists, else `process`."""
     image: str = "deltanas-sandbox:base"
     """The Docker image candidates run in (`deltanas sandbox build` makes it)."""
-    timeout_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(_LIMITS.timeout_s, gt=0)
     """Hard wall-clock limit per candidate, start-up included."""
-    memory_mb: int = Field(8192, gt=0)
-    cpu_threads: int = Field(2, gt=0)
-    max_output_bytes: int = Field(1_000_000, gt=0)
+    memory_mb: int = Field(_LIMITS.memory_mb, gt=0)
+    cpu_threads: int = Field(_LIMITS.cpu_threads, gt=0)
+    max_output_bytes: int = Field(_LIMITS.max_output_bytes, gt=0)
     workers: int = Field(1, gt=0)
     """Candidates trained at the same time."""
     warm: bool = True
     """Keep workers up across candidates (a fresh forked child each); false starts one per candidate."""
-    device: str = "cpu"
+    device: str = _JOB["device"]
     """`cpu`, `cuda` or `cuda:N` for the proxy training (under Ray, `cuda`: the actor's own GPU)."""
     executor: Literal["local", "ray"] = "local"
     """`local`: `workers` sandbox slots on this machine. `ray`: `workers` Ray actors, each with its own
@@ -166,7 +173,7 @@ class SandboxConfig(_Section):
     ray_address: str | None = None
     """The Ray cluster to join (`ray.init(address=...)`, e.g. `auto` or `ray://head:10001`); unset: a
     local Ray instance started for the run (or the one RAY_ADDRESS names)."""
-    cuda_graphs: bool = True
+    cuda_graphs: bool = _JOB["cuda_graphs"]
     """On a GPU: replay each candidate's training steps as a CUDA graph where that is safe (the same
     weights, far fewer kernel launches; sandbox/graphs.py). A loop a graph cannot hold runs eagerly."""
     gpu_memory_mb: int | None = Field(None, gt=0)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from deltanas.agent.stopping import RunStopped
-from deltanas.sandbox.base import Limits, Sandbox
+from deltanas.sandbox.base import JobSpec, Sandbox
 from deltanas.tools.proxy import EvalOutcome, make_job, score_result
 
 
@@ -30,19 +30,13 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    def __init__(self, sandbox: Sandbox, dataset, handle_dir: Path, *, workers: int, hyperparameters: dict,
-                 epochs: int, batch_size: int, device: str, limits: Limits, seed: int = 0,
-                 stop: threading.Event | None = None, cuda_graphs: bool = True):
+    """`workers` slots of one sandbox on this machine; every job takes the run's `spec`."""
+
+    def __init__(self, sandbox: Sandbox, dataset, spec: JobSpec, *, workers: int,
+                 stop: threading.Event | None = None):
         self.sandbox = sandbox
         self.dataset = dataset
-        self.handle_dir = handle_dir
-        self.hyperparameters = hyperparameters
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.cuda_graphs = cuda_graphs
-        self.device = device
-        self.limits = limits
-        self.seed = seed
+        self.spec = spec
         self._slots = threading.Semaphore(workers)
         self.stop = stop if stop is not None else threading.Event()
         self._closed = False
@@ -53,10 +47,7 @@ class LocalExecutor:
             if self.stop.is_set():
                 raise RunStopped(f"stop requested before {candidate_id} started")
             started = time.perf_counter()
-            job = make_job(source, handle_dir=self.handle_dir, candidate_id=candidate_id,
-                           hyperparameters=self.hyperparameters, epochs=self.epochs, seed=self.seed,
-                           batch_size=self.batch_size, device=self.device, limits=self.limits,
-                           cuda_graphs=self.cuda_graphs)
+            job = make_job(self.spec, source, candidate_id)
             try:
                 result = self.sandbox.run(job)
             except Exception:

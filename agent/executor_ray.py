@@ -42,7 +42,7 @@ from typing import Any
 
 from deltanas.agent.config import ConfigError, SandboxConfig
 from deltanas.agent.stopping import RunStopped
-from deltanas.sandbox.base import Job, Limits, Result
+from deltanas.sandbox.base import Candidate, Job, JobSpec, Limits, Result
 from deltanas.tools.proxy import EvalOutcome, make_job, score_result
 
 HANDLE_FILES = ("meta.json", "train_x.npy", "train_y.npy", "test_x.npy")
@@ -79,10 +79,9 @@ class SandboxActor:
     """The body of one Ray actor (wrapped by `ray.remote` in the driver, so that this module
     imports without Ray). Threaded (max_concurrency 2): `close` runs beside `run`."""
 
-    def __init__(self, sandbox_cfg: dict, handle_dir: str, fingerprint: str, device: str, n_test: int,
-                 limits: dict):
-        self.cfg, self.handle_dir, self.fingerprint = sandbox_cfg, handle_dir, fingerprint
-        self.device, self.n_test, self.limits = device, n_test, limits
+    def __init__(self, backend: dict, spec: JobSpec, fingerprint: str, n_test: int):
+        self.backend, self.spec, self.fingerprint, self.n_test = backend, spec, fingerprint, n_test
+        self.device = spec.device
         self.sandbox = None
         self.work_root: Path | None = None
         self.closed = False
@@ -91,9 +90,10 @@ class SandboxActor:
         """Checks the dataset handle and builds the sandbox; errors reach the driver as they are."""
         import ray
 
-        from deltanas.agent.runtime import sandbox_for
+        from deltanas.sandbox.choose import sandbox_for
+        from deltanas.sandbox.docker import DockerUnavailable
 
-        handle = Path(self.handle_dir)
+        handle = Path(self.spec.dataset_dir)
         node = ray.get_runtime_context().get_node_id()
         if not (handle / "meta.json").is_file():
             raise HandleUnavailable(f"the dataset handle {handle} is not on Ray node {node}; on a cluster it must "
@@ -103,10 +103,14 @@ class SandboxActor:
         self.device = _actor_device(self.device)
         _sweep_dead_actor_dirs()
         self.work_root = Path(tempfile.mkdtemp(prefix=f"deltanas-ray-{os.getpid()}-"))
-        self.sandbox = sandbox_for(SandboxConfig(**self.cfg), self.work_root, max_idle=1)
+        try:
+            self.sandbox = sandbox_for(self.backend["type"], self.work_root, image=self.backend["image"],
+                                       warm=self.backend["warm"], max_idle=1)
+        except DockerUnavailable as e:
+            raise ConfigError(str(e)) from None
         # Its warm worker starts now, not on the first job: an actor is ready when it can train.
-        self.sandbox.prewarm(Job(candidate_id="prewarm", source="", dataset_dir=self.handle_dir,
-                                 device=self.device, limits=Limits(**self.limits)))
+        spec = dataclasses.replace(self.spec, device=self.device)
+        self.sandbox.prewarm(Job.of(spec, Candidate(candidate_id="prewarm", source="")))
         return {"pid": os.getpid(), "node": node, "device": self.device, "isolation": self.sandbox.isolation()}
 
     def run(self, job: dict) -> tuple[dict, bytes | None, bool]:
@@ -176,13 +180,12 @@ class _Actor:
 class RayExecutor:
     """`workers` sandbox actors behind the `Executor` protocol; see the module docstring."""
 
-    def __init__(self, sandbox_cfg: SandboxConfig, dataset, handle_dir: Path, work_root: Path, *, workers: int,
-                 hyperparameters: dict, epochs: int, batch_size: int, device: str, limits: Limits, seed: int = 0,
-                 stop: threading.Event | None = None, address: str | None = None, cuda_graphs: bool = True):
+    def __init__(self, sandbox_cfg: SandboxConfig, dataset, spec: JobSpec, work_root: Path, *, workers: int,
+                 stop: threading.Event | None = None, address: str | None = None):
         ray = import_ray()
-        self.dataset, self.handle_dir = dataset, Path(handle_dir)
-        self.job_args = dict(hyperparameters=hyperparameters, epochs=epochs, seed=seed, batch_size=batch_size,
-                             device=device, limits=limits, cuda_graphs=cuda_graphs)
+        self.dataset = dataset
+        # Actors read the handle at the driver's path, so it is named in full.
+        self.spec = dataclasses.replace(spec, dataset_dir=str(Path(spec.dataset_dir).resolve()))
         self.work_root = Path(work_root)  # the driver's side: predictions on their way to scoring
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.stop = stop if stop is not None else threading.Event()
@@ -196,13 +199,12 @@ class RayExecutor:
             except Exception as e:  # noqa: BLE001 - whatever Ray says, the user needs it as is
                 raise ConfigError(f"sandbox.executor = 'ray': could not start or join Ray "
                                   f"({address or 'a local instance'}): {e}") from None
-        gpu = device.startswith("cuda")
-        self.resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": limits.cpu_threads}
+        gpu = spec.device.startswith("cuda")
+        self.resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": spec.limits.cpu_threads}
         self._check_resources(ray, workers)
         self._remote = ray.remote(SandboxActor).options(max_concurrency=2, max_restarts=0, **self.resources)
-        self._actor_args = (sandbox_cfg.model_dump(), str(self.handle_dir.resolve()),
-                            handle_fingerprint(self.handle_dir), device, len(dataset.y_test),
-                            dataclasses.asdict(limits))
+        backend = {"type": sandbox_cfg.type, "image": sandbox_cfg.image, "warm": sandbox_cfg.warm}
+        self._actor_args = (backend, self.spec, handle_fingerprint(self.spec.dataset_dir), len(dataset.y_test))
         self._lock = threading.Lock()
         self._idle: queue.Queue[_Actor] = queue.Queue()
         self._actors: dict[int, _Actor] = {}
@@ -229,7 +231,7 @@ class RayExecutor:
         import ray
         from ray.exceptions import RayActorError
 
-        job = make_job(source, handle_dir=self.handle_dir.resolve(), candidate_id=candidate_id, **self.job_args)
+        job = make_job(self.spec, source, candidate_id)
         lost: list[str] = []
         started = None
         with self._lock:

@@ -1,5 +1,9 @@
-"""Builds the live parts of a run from its config: dataset, sandbox, executor, LLM,
-archive and novelty index. Only the CLI and tests call this; nodes get `Deps`."""
+"""Builds the live parts of a run from its config: dataset, sandbox, job settings, executor,
+LLM, archive and novelty index. Only the CLI and tests call this; nodes get `Deps`.
+
+Every job of a run, whoever trains it (the local executor, the Ray executor, `deltanas
+eval`), takes its settings from one `JobSpec` that `job_spec` builds from the config; they
+add only the candidate (tools/proxy.py `make_job`)."""
 from __future__ import annotations
 
 import shutil
@@ -15,34 +19,22 @@ from deltanas.agent.llm.base import LLMBackend
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.rundir import ARCHIVE_FILE
 from deltanas.agent.store import Store
-from deltanas.sandbox.base import Limits, Sandbox
-from deltanas.sandbox.warm import SPARES
+from deltanas.sandbox.base import JobSpec, Limits, Sandbox
+from deltanas.sandbox.choose import sandbox_for
+from deltanas.sandbox.sizing import check_device, gpu_share_mb
 from deltanas.tools.datasets import DatasetUnavailable, default_cache_dir, load_dataset, prepare_handle
 from deltanas.tools.novelty import NoveltyIndex
 
 
 def make_sandbox(cfg: Config, work_root: Path) -> Sandbox:
-    """Docker where a daemon answers and the image exists (or where it is demanded), else
-    the process sandbox."""
-    return sandbox_for(cfg.sandbox, work_root, max_idle=cfg.sandbox.workers)
-
-
-def sandbox_for(s: SandboxConfig, work_root: Path, *, max_idle: int) -> Sandbox:
-    """The sandbox `[sandbox]` asks for; also what each Ray actor builds for itself."""
+    """The sandbox `[sandbox]` asks for (sandbox/choose.py), keeping a warm worker per slot."""
     from deltanas.sandbox.docker import DockerUnavailable
-    from deltanas.sandbox.image import select_backend
 
+    s = cfg.sandbox
     try:
-        kind, _why = select_backend(s.type, s.image)
+        return sandbox_for(s.type, work_root, image=s.image, warm=s.warm, max_idle=s.workers)
     except DockerUnavailable as e:
         raise ConfigError(str(e)) from None
-    if kind == "docker":
-        from deltanas.sandbox.docker import DockerSandbox
-
-        return DockerSandbox(work_root, image=s.image, warm=s.warm, max_idle=max_idle)
-    from deltanas.sandbox.process import ProcessSandbox
-
-    return ProcessSandbox(work_root, warm=s.warm, max_idle=max_idle)
 
 
 def probe_fs_isolation(s: SandboxConfig) -> tuple[str, str | None]:
@@ -58,7 +50,7 @@ def probe_fs_isolation(s: SandboxConfig) -> tuple[str, str | None]:
     if kind == "docker":
         return kind, None  # a container of its own; building a DockerSandbox would sweep containers
     with tempfile.TemporaryDirectory(prefix="deltanas-probe-") as tmp:
-        sandbox = sandbox_for(s.model_copy(update={"type": "process"}), Path(tmp), max_idle=1)
+        sandbox = sandbox_for("process", Path(tmp), image=s.image, warm=s.warm, max_idle=1)
         try:
             return sandbox.name, isolation.fs_isolation(sandbox)
         finally:
@@ -75,47 +67,24 @@ def check_isolation(cfg: Config) -> None:
     isolation.require(missing, model_code=model_code, opted_in=False)
 
 
-def check_device(device: str, *, here: bool = True) -> None:
-    """`here`: the device must exist on this machine (false under Ray, whose actors may train on
-    other nodes: the executor checks the cluster's GPUs instead)."""
-    if device == "cpu" or device == "auto":
-        return
-    head, _, index = device.partition(":")
-    if head != "cuda" or (index and not index.isdigit()):
-        raise ConfigError(f"device {device!r}: use cpu, cuda or cuda:N")
-    if not here:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available on this machine")
-    if int(index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
-
-
-CUDA_CONTEXT_MB = 768  # a job child's own CUDA context and cuDNN/cuBLAS workspaces, outside its share
-
-
-def gpu_share_mb(cfg: Config, total_mb: int | None = None) -> int | None:
-    """Each candidate's GPU memory share: `sandbox.gpu_memory_mb`, or with several workers on one
-    GPU an equal part of what their CUDA contexts leave. A config that cannot fit is refused."""
+def _gpu_share(cfg: Config) -> int | None:
+    """Each candidate's GPU memory share under `[sandbox]` (sandbox/sizing.py)."""
     s = cfg.sandbox
-    if not s.device.startswith("cuda") or s.executor == "ray" or (s.gpu_memory_mb is None and s.workers == 1):
-        return s.gpu_memory_mb  # under Ray each actor has a GPU of its own
-    if total_mb is None:
-        import torch
+    if s.executor == "ray":
+        return s.gpu_memory_mb  # each actor has a GPU of its own
+    return gpu_share_mb(s.device, workers=s.workers, warm=s.warm, asked_mb=s.gpu_memory_mb)
 
-        total_mb = torch.cuda.get_device_properties(torch.device(s.device)).total_memory // 2**20
-    # A warm worker on a GPU holds 1 + SPARES CUDA contexts: its running job's, and those of the
-    # spare children that ready the next jobs (sandbox/warm.py).
-    contexts = s.workers * (1 + SPARES if s.warm else 1)
-    free = total_mb - contexts * CUDA_CONTEXT_MB
-    share = s.gpu_memory_mb if s.gpu_memory_mb is not None else free // s.workers
-    if share <= 0 or share * s.workers > free:
-        raise ConfigError(f"sandbox.workers = {s.workers} candidates of {share} MB each do not fit on {s.device} "
-                          f"({total_mb} MB, {CUDA_CONTEXT_MB} MB for each of {contexts} CUDA contexts): lower "
-                          "sandbox.workers or sandbox.gpu_memory_mb")
-    return share
+
+def job_spec(cfg: Config, handle_dir: Path) -> JobSpec:
+    """The settings of every job of this run, on the dataset handle `handle_dir`: what the loop's
+    executors, `deltanas eval` and any other caller that trains a candidate as the loop does pass on,
+    adding only the candidate."""
+    s = cfg.sandbox
+    limits = Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb, cpu_threads=s.cpu_threads,
+                    max_output_bytes=s.max_output_bytes, gpu_memory_mb=_gpu_share(cfg))
+    return JobSpec(dataset_dir=str(handle_dir), hyperparameters=cfg.train.hyperparameters(), epochs=cfg.train.epochs,
+                   seed=cfg.search.seed, batch_size=cfg.train.batch_size, device=s.device, limits=limits,
+                   cuda_graphs=s.cuda_graphs)
 
 
 def load_run_dataset(cfg: Config):
@@ -130,7 +99,7 @@ def preflight(cfg: Config):
     """Every check that needs the machine, done before a run directory is created, so a run
     that cannot start leaves nothing behind. Returns the loaded dataset."""
     check_device(cfg.sandbox.device, here=cfg.sandbox.executor == "local")
-    gpu_share_mb(cfg)
+    _gpu_share(cfg)
     if cfg.sandbox.executor == "ray":
         from deltanas.agent.executor_ray import import_ray
 
@@ -218,22 +187,17 @@ def restore_adapter(deps: Deps) -> str | None:
     return None
 
 
-def make_executor(cfg: Config, ds, handle: Path, work_root: Path, stop: threading.Event,
+def make_executor(cfg: Config, ds, spec: JobSpec, work_root: Path, stop: threading.Event,
                   sandbox: Sandbox | None = None) -> Executor:
     s = cfg.sandbox
-    limits = Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb, cpu_threads=s.cpu_threads,
-                    max_output_bytes=s.max_output_bytes, gpu_memory_mb=gpu_share_mb(cfg))
-    common = dict(workers=s.workers, hyperparameters=cfg.train.hyperparameters(), epochs=cfg.train.epochs,
-                  batch_size=cfg.train.batch_size, device=s.device, limits=limits, seed=cfg.search.seed, stop=stop,
-                  cuda_graphs=s.cuda_graphs)
     if s.executor == "ray":
         if sandbox is not None:
             raise ValueError("an injected sandbox runs here; the ray executor builds one in each actor")
         from deltanas.agent.executor_ray import RayExecutor
 
-        return RayExecutor(s, ds, handle, work_root / "ray", address=s.ray_address, **common)
+        return RayExecutor(s, ds, spec, work_root / "ray", workers=s.workers, address=s.ray_address, stop=stop)
     sb = sandbox if sandbox is not None else make_sandbox(cfg, work_root)
-    return LocalExecutor(sb, ds, handle, **common)
+    return LocalExecutor(sb, ds, spec, workers=s.workers, stop=stop)
 
 
 def _isolation_record(cfg: Config, executor: Executor) -> dict:
@@ -255,7 +219,7 @@ def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, san
     shutil.rmtree(work_root, ignore_errors=True)  # leftovers of a killed driver
     work_root.mkdir(parents=True)
     stop = threading.Event()
-    executor = make_executor(cfg, ds, handle, work_root, stop, sandbox)
+    executor = make_executor(cfg, ds, job_spec(cfg, handle), work_root, stop, sandbox)
     try:
         entry = _isolation_record(cfg, executor)
         if llm is None:  # the CLI's preflight refuses first; this holds for callers that skip it

@@ -1,14 +1,16 @@
 """The contract between the search loop and wherever candidate code runs.
 
-A `Sandbox` takes a `Job` (candidate source, hyperparameters, a dataset handle,
-epochs, seed, limits) and returns a `Result`. Backends: `process` (this issue) and
-`docker`. Both run `deltanas.sandbox.worker` inside the isolation and read back
-only size-limited JSON and a `.npy` of test predictions; test labels never enter.
+A `Sandbox` takes a `Job` and returns a `Result`. A job is the run's `JobSpec` (the
+dataset handle, hyperparameters, epochs, seed, batch size, device, limits: built once
+per run, agent/runtime.py `job_spec`) plus a `Candidate` (its id and source).
+Backends: `process` and `docker`. Both run `deltanas.sandbox.worker` inside the
+isolation and read back only size-limited JSON and a `.npy` of test predictions;
+test labels never enter.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -24,9 +26,13 @@ Status = Literal[
 STATUSES: tuple[str, ...] = Status.__args__  # type: ignore[attr-defined]
 
 
+DEFAULT_HYPERPARAMETERS: dict[str, float] = {"lr": 0.01, "momentum": 0.9, "dropout": 0.2}
+"""What a candidate trains with where the run does not say (its `[train]` section does)."""
+
+
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 600.0
+    timeout_s: float = 300.0  # wall-clock, the worker's start-up included
     memory_mb: int = 8192
     cpu_threads: int = 2
     max_output_bytes: int = 1_000_000
@@ -35,9 +41,9 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Job:
-    candidate_id: str
-    source: str
+class JobSpec:
+    """Every setting of a training job but the candidate: the same for all the jobs of a run."""
+
     dataset_dir: str  # a prepared handle: train_x.npy, train_y.npy, test_x.npy, meta.json; no test labels
     hyperparameters: dict[str, float] = field(default_factory=dict)
     epochs: int = 1
@@ -46,6 +52,22 @@ class Job:
     device: str = "cpu"  # "cpu" or "cuda:<index>"
     limits: Limits = field(default_factory=Limits)
     cuda_graphs: bool = True  # on a GPU, replay the training steps as a CUDA graph where safe (sandbox/graphs.py)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    candidate_id: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Job(JobSpec, Candidate):
+    """One candidate under the run's settings. Its fields, the candidate's first, are the keys of the
+    job.json the worker reads (`Settings.from_job` in sandbox/worker.py)."""
+
+    @classmethod
+    def of(cls, spec: JobSpec, candidate: Candidate) -> Job:
+        return cls(**{f.name: getattr(part, f.name) for part in (candidate, spec) for f in fields(part)})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +100,11 @@ class Sandbox(Protocol):
         ...
 
     def run(self, job: Job) -> Result: ...
+
+    def prewarm(self, job: Job) -> None:
+        """Starts now what jobs like `job` will run in (a warm worker), so that the first of them
+        does not wait for it; nothing where workers are not kept warm."""
+        ...
 
     def close(self) -> None:
         """Kill anything still running and clean up. Safe to call twice."""

@@ -47,7 +47,7 @@ from deltanas.sandbox.base import Job, Result, masked_paths, within
 from deltanas.sandbox.jobfiles import (DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back,
                                        tree_size)
 from deltanas.sandbox.pool import WarmPool, WorkerKey, spare_flag
-from deltanas.sandbox.warm import SPARES
+from deltanas.sandbox.sizing import SPARES
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
 
 DEFAULT_IMAGE = "deltanas-sandbox:base"

@@ -1,8 +1,9 @@
 """The proxy-train client: one candidate source in, one scored outcome out.
 
 The graph's `proxy_train` node and `deltanas eval` both call `evaluate_source`.
-It builds the sandbox Job, runs it, and scores the returned predictions here on
-the host against the test labels, which never enter the sandbox. Whatever the
+It builds the sandbox Job from the run's `JobSpec` and the candidate, runs it, and
+scores the returned predictions here on the host against the test labels, which
+never enter the sandbox. Whatever the
 candidate printed or wrote, its accuracy is what its predictions earn.
 
 Hyperparameters are filtered by the module's `supported_hyperparameters()`,
@@ -15,16 +16,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from deltanas.sandbox.base import Job, Limits, Result, Sandbox
+from deltanas.sandbox.base import DEFAULT_HYPERPARAMETERS, Candidate, Job, JobSpec, Result, Sandbox
 from deltanas.tools import pyast
 from deltanas.tools.scoring import InvalidPredictions, load_predictions, score_predictions
-
-DEFAULT_HYPERPARAMETERS: dict[str, float] = {"lr": 0.01, "momentum": 0.9, "dropout": 0.2}
-
 
 @dataclass
 class EvalOutcome:
@@ -70,29 +68,23 @@ def select_hyperparameters(source: str, given: dict | None) -> dict[str, float]:
     return {k: v for k, v in chosen.items() if k in supported}
 
 
-def evaluate_source(source: str, *, sandbox: Sandbox, dataset, handle_dir: Path, candidate_id: str,
-                    out_dir: Path | None = None, hyperparameters: dict | None = None, epochs: int = 1,
-                    seed: int = 0, batch_size: int = 128, device: str = "cpu",
-                    limits: Limits = Limits(), cuda_graphs: bool = True) -> EvalOutcome:
-    """Proxy-trains `source` in `sandbox` and scores it on the host.
+def evaluate_source(source: str, *, sandbox: Sandbox, dataset, spec: JobSpec, candidate_id: str,
+                    out_dir: Path | None = None) -> EvalOutcome:
+    """Proxy-trains `source` in `sandbox` under the run's `spec` and scores it on the host.
 
     `dataset` is a `deltanas.tools.datasets.DatasetArrays` (y_test and num_classes
-    are read); `handle_dir` is its prepared handle, the only data the sandbox sees.
+    are read); `spec.dataset_dir` is its prepared handle, the only data the sandbox sees.
     """
     t0 = time.perf_counter()
-    job = make_job(source, handle_dir=handle_dir, candidate_id=candidate_id, hyperparameters=hyperparameters,
-                   epochs=epochs, seed=seed, batch_size=batch_size, device=device, limits=limits,
-                   cuda_graphs=cuda_graphs)
+    job = make_job(spec, source, candidate_id)
     return score_result(sandbox.run(job), source, dataset=dataset, out_dir=out_dir, started=t0)
 
 
-def make_job(source: str, *, handle_dir: Path, candidate_id: str, hyperparameters: dict | None = None,
-             epochs: int = 1, seed: int = 0, batch_size: int = 128, device: str = "cpu",
-             limits: Limits = Limits(), cuda_graphs: bool = True) -> Job:
-    """The sandbox job for `source`: what runs wherever the sandbox is (here or a Ray actor)."""
-    return Job(candidate_id=candidate_id, source=source, dataset_dir=str(handle_dir),
-               hyperparameters=select_hyperparameters(source, hyperparameters), epochs=epochs, seed=seed,
-               batch_size=batch_size, device=device, limits=limits, cuda_graphs=cuda_graphs)
+def make_job(spec: JobSpec, source: str, candidate_id: str) -> Job:
+    """The sandbox job for `source`: what runs wherever the sandbox is (here or a Ray actor), with
+    the hyperparameters the source declares it takes."""
+    narrowed = replace(spec, hyperparameters=select_hyperparameters(source, spec.hyperparameters))
+    return Job.of(narrowed, Candidate(candidate_id=candidate_id, source=source))
 
 
 def score_result(result: Result, source: str, *, dataset, out_dir: Path | None, started: float) -> EvalOutcome:

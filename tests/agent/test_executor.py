@@ -8,7 +8,7 @@ import pytest
 
 from deltanas.agent.executor import LocalExecutor
 from deltanas.agent.stopping import RunStopped
-from deltanas.sandbox.base import Limits, Result
+from deltanas.sandbox.base import JobSpec, Result
 from deltanas.tools.zoo import get_baseline
 
 
@@ -36,8 +36,7 @@ class HangingSandbox:
 
 def test_close_during_jobs_raises_run_stopped_and_writes_nothing(tmp_path):
     sandbox = HangingSandbox()
-    ex = LocalExecutor(sandbox, dataset=None, handle_dir=tmp_path / "handle", workers=2, hyperparameters={},
-                       epochs=1, batch_size=8, device="cpu", limits=Limits())
+    ex = LocalExecutor(sandbox, None, JobSpec(str(tmp_path / "handle"), batch_size=8), workers=2)
     source = get_baseline("lenet").source
     errors: dict[str, BaseException] = {}
 

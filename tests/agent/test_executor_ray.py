@@ -21,7 +21,7 @@ from deltanas.agent.config import SandboxConfig  # noqa: E402
 from deltanas.agent.executor import LocalExecutor  # noqa: E402
 from deltanas.agent.executor_ray import RayExecutor  # noqa: E402
 from deltanas.agent.stopping import RunStopped  # noqa: E402
-from deltanas.sandbox.base import Limits  # noqa: E402
+from deltanas.sandbox.base import JobSpec, Limits  # noqa: E402
 from deltanas.sandbox.process import ProcessSandbox  # noqa: E402
 
 from support import Arrays, synthetic, write_handle  # noqa: E402
@@ -53,8 +53,12 @@ def cnn(sleep: float = 0.0) -> str:
 
 
 LIMITS = Limits(timeout_s=600, memory_mb=3000, cpu_threads=1)  # generous: a loaded CI machine starts workers slowly
-JOB = dict(hyperparameters={"lr": 0.05, "momentum": 0.9}, epochs=1, batch_size=64, device="cpu", limits=LIMITS,
-           seed=3)
+
+
+def job_spec(handle, **over) -> JobSpec:
+    settings = dict(hyperparameters={"lr": 0.05, "momentum": 0.9}, epochs=1, batch_size=64, device="cpu",
+                    limits=LIMITS, seed=3)
+    return JobSpec(str(handle), **{**settings, **over})
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +78,7 @@ def data(tmp_path_factory) -> tuple[Arrays, Path]:
 
 def ray_executor(data, tmp_path, workers: int = 1) -> RayExecutor:
     ds, handle = data
-    return RayExecutor(SandboxConfig(type="process"), ds, handle, tmp_path / "driver", workers=workers, **JOB)
+    return RayExecutor(SandboxConfig(type="process"), ds, job_spec(handle), tmp_path / "driver", workers=workers)
 
 
 def processes_under(actor_pid: int) -> list[int]:
@@ -145,7 +149,7 @@ def job_running(ex: RayExecutor, cid: str) -> int:
 def test_results_equal_the_local_executor(local_ray, data, tmp_path):
     ds, handle = data
     source = cnn()
-    local = LocalExecutor(ProcessSandbox(tmp_path / "local-work"), ds, handle, workers=1, **JOB)
+    local = LocalExecutor(ProcessSandbox(tmp_path / "local-work"), ds, job_spec(handle), workers=1)
     try:
         want = local.evaluate(source, "c000-000", tmp_path / "local")
     finally:
@@ -312,7 +316,7 @@ def test_too_few_resources_is_a_config_error(local_ray, data, tmp_path):
 
     ds, handle = data
     with pytest.raises(ConfigError, match=r"3 Ray actors need 3 CPU\(s\).*has 2"):
-        RayExecutor(SandboxConfig(type="process"), ds, handle, tmp_path / "d", workers=3, **JOB)
+        RayExecutor(SandboxConfig(type="process"), ds, job_spec(handle), tmp_path / "d", workers=3)
 
 
 def test_an_actor_without_the_drivers_handle_refuses_to_start(local_ray, data, tmp_path):
@@ -325,7 +329,7 @@ def test_an_actor_without_the_drivers_handle_refuses_to_start(local_ray, data, t
     try:  # the driver's digest is of `other`: as if a node held different data at the same path
         executor_ray.handle_fingerprint = lambda p: real(other)
         with pytest.raises(ConfigError, match="differs from the driver's"):
-            RayExecutor(SandboxConfig(type="process"), ds, handle, tmp_path / "d", workers=1, **JOB)
+            RayExecutor(SandboxConfig(type="process"), ds, job_spec(handle), tmp_path / "d", workers=1)
     finally:
         executor_ray.handle_fingerprint = real
 
@@ -359,13 +363,13 @@ def test_cuda_under_ray_is_checked_against_the_cluster_not_the_driver(local_ray,
     import torch
 
     from deltanas.agent.config import ConfigError
-    from deltanas.agent.runtime import check_device
+    from deltanas.sandbox.sizing import SandboxUnfit, check_device
 
     if torch.cuda.is_available():
         pytest.skip("needs a driver without CUDA")
     check_device("cuda", here=False)  # the GPUs may be on other nodes
-    with pytest.raises(ConfigError, match="CUDA is not available"):
+    with pytest.raises(SandboxUnfit, match="CUDA is not available"):
         check_device("cuda")
     ds, handle = data
     with pytest.raises(ConfigError, match=r"1 Ray actors need 1 GPU\(s\).*has 0"):
-        RayExecutor(SandboxConfig(type="process"), ds, handle, tmp_path / "d", workers=1, **{**JOB, "device": "cuda"})
+        RayExecutor(SandboxConfig(type="process"), ds, job_spec(handle, device="cuda"), tmp_path / "d", workers=1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deltanas.sandbox.base import Job, Limits
+from deltanas.sandbox.base import Job, JobSpec, Limits
 from deltanas.sandbox.docker import (DEFAULT_IMAGE, LABEL, OWNER_LABEL, DockerSandbox, docker_available,
                                      image_available)
 from deltanas.tools.proxy import evaluate_source
@@ -83,8 +83,8 @@ def run(sandbox, data, source, limits=LIMITS, **kw):
 
 def test_good_candidate_is_ok_and_scored_on_the_host(sandbox, data):
     ds, handle = data
-    out = evaluate_source(GOOD, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="good",
-                          limits=LIMITS, batch_size=64)
+    out = evaluate_source(GOOD, sandbox=sandbox, dataset=ds, candidate_id="good",
+                          spec=JobSpec(str(handle), limits=LIMITS, batch_size=64))
     assert out.status == "ok", out.error + out.log_tail
     assert out.param_count == 784 * 10 + 10
     assert out.accuracy is not None and 0.0 <= out.accuracy <= 1.0

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from deltanas.agent.config import ConfigError, load_config
-from deltanas.agent.runtime import CUDA_CONTEXT_MB, gpu_share_mb
-from deltanas.sandbox.base import Limits
+from deltanas.agent.runtime import job_spec
+from deltanas.sandbox.base import JobSpec, Limits
 from deltanas.sandbox.process import ProcessSandbox
-from deltanas.sandbox.warm import SPARES
+from deltanas.sandbox.sizing import CUDA_CONTEXT_MB, SPARES, SandboxUnfit, gpu_share_mb
 from deltanas.tools.proxy import evaluate_source
 
 from support import Arrays, synthetic, write_handle
@@ -39,27 +39,35 @@ SMALL = GREEDY.replace("        self.hoard = torch.empty(3 * 2**30, dtype=torch.
                        "        self.hoard = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # within its share\n")
 
 
-def _cfg(**over):
-    return load_config(None, {"sandbox.device": "cuda:0", **over})
+def _share(workers=1, warm=True, asked_mb=None, device="cuda:0"):
+    return gpu_share_mb(device, workers=workers, warm=warm, asked_mb=asked_mb, total_mb=80_000)
 
 
 def test_share_is_what_is_asked_or_an_equal_part_of_the_card():
-    assert gpu_share_mb(load_config(None, {})) is None  # CPU: nothing to share
-    assert gpu_share_mb(_cfg(), total_mb=80_000) is None  # one worker: the whole card
+    assert _share(device="cpu", workers=4) is None  # CPU: nothing to share
+    assert _share() is None  # one worker: the whole card
     # Warm workers: each holds its job's CUDA context and those of its spare children.
     contexts = 4 * (1 + SPARES)
-    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4}), total_mb=80_000) == (80_000 - contexts * CUDA_CONTEXT_MB) // 4
-    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4, "sandbox.warm": False}),
-                        total_mb=80_000) == (80_000 - 4 * CUDA_CONTEXT_MB) // 4
-    assert gpu_share_mb(_cfg(**{"sandbox.workers": 4, "sandbox.gpu_memory_mb": 2048}), total_mb=80_000) == 2048
-    assert gpu_share_mb(_cfg(**{"sandbox.gpu_memory_mb": 2048}), total_mb=80_000) == 2048
+    assert _share(workers=4) == (80_000 - contexts * CUDA_CONTEXT_MB) // 4
+    assert _share(workers=4, warm=False) == (80_000 - 4 * CUDA_CONTEXT_MB) // 4
+    assert _share(workers=4, asked_mb=2048) == 2048
+    assert _share(asked_mb=2048) == 2048
+
+
+def test_the_runs_jobs_take_the_share_its_config_gives(tmp_path):
+    assert job_spec(load_config(None, {}), tmp_path).limits.gpu_memory_mb is None
+    cfg = load_config(None, {"sandbox.device": "cuda:0", "sandbox.workers": 4, "sandbox.gpu_memory_mb": 2048})
+    assert job_spec(cfg, tmp_path).limits.gpu_memory_mb == 2048
+    # Under Ray each actor has a GPU of its own: the share asked for, unchecked against this machine.
+    ray = cfg.model_copy(update={"sandbox": cfg.sandbox.model_copy(update={"executor": "ray", "workers": 200})})
+    assert job_spec(ray, tmp_path).limits.gpu_memory_mb == 2048
 
 
 def test_a_share_that_cannot_fit_is_refused_before_the_run():
-    with pytest.raises(ConfigError, match="do not fit on cuda:0"):
-        gpu_share_mb(_cfg(**{"sandbox.workers": 8, "sandbox.gpu_memory_mb": 10_000}), total_mb=80_000)
-    with pytest.raises(ConfigError, match="lower sandbox.workers"):
-        gpu_share_mb(_cfg(**{"sandbox.workers": 200}), total_mb=80_000)
+    with pytest.raises(SandboxUnfit, match="do not fit on cuda:0"):
+        _share(workers=8, asked_mb=10_000)
+    with pytest.raises(SandboxUnfit, match="lower sandbox.workers"):
+        _share(workers=200)
     with pytest.raises(ConfigError):
         load_config(None, {"sandbox.gpu_memory_mb": 0})
 
@@ -78,8 +86,8 @@ def test_two_candidates_share_a_gpu_and_the_greedy_one_fails_alone(tmp_path, war
     out: dict[str, object] = {}
 
     def one(name, source):
-        out[name] = evaluate_source(source, sandbox=sandbox, dataset=arrays, handle_dir=handle, candidate_id=name,
-                                    out_dir=tmp_path / name, device="cuda:0", limits=limits, batch_size=64)
+        out[name] = evaluate_source(source, sandbox=sandbox, dataset=arrays, candidate_id=name, out_dir=tmp_path / name,
+                                    spec=JobSpec(str(handle), device="cuda:0", limits=limits, batch_size=64))
 
     try:
         threads = [threading.Thread(target=one, args=a) for a in (("greedy", GREEDY), ("small", SMALL))]
@@ -109,9 +117,10 @@ def test_jobs_on_a_second_gpu_see_it_alone_train_there_and_capture_their_steps(t
     sandbox = ProcessSandbox(tmp_path / "work", warm=True)
     try:
         for i in range(3):
-            r = evaluate_source(get_baseline("lenet").source, sandbox=sandbox, dataset=arrays, handle_dir=handle,
-                                candidate_id=f"second-gpu-{i}", out_dir=tmp_path / f"c{i}", device="cuda:1",
-                                limits=Limits(timeout_s=300), batch_size=64)
+            r = evaluate_source(get_baseline("lenet").source, sandbox=sandbox, dataset=arrays,
+                                candidate_id=f"second-gpu-{i}", out_dir=tmp_path / f"c{i}",
+                                spec=JobSpec(str(handle), device="cuda:1", limits=Limits(timeout_s=300),
+                                             batch_size=64))
             assert r.status == "ok", (r.status, r.error, r.log_tail[-2000:])
             # The worker sees its GPU alone, as cuda:0 (CUDA_VISIBLE_DEVICES); its uuid is the second card's.
             assert f"on cuda:0: {second.name}, GPU-{second.uuid}" in r.log_tail, r.log_tail[-2000:]

@@ -298,11 +298,13 @@ def test_host_state_of_an_unchanged_model_is_stable_with_nan_attributes():
 
 def test_the_switch_travels_from_the_config_to_the_worker(tmp_path):
     from deltanas.agent.config import load_config
+    from deltanas.agent.runtime import job_spec
     from deltanas.tools.proxy import make_job
 
     assert load_config(None, {}).sandbox.cuda_graphs is True
     cfg = load_config(None, {"sandbox.cuda_graphs": False})
     assert cfg.sandbox.cuda_graphs is False
-    job = make_job("x = 1\n", handle_dir=tmp_path, candidate_id="c", cuda_graphs=cfg.sandbox.cuda_graphs)
+    job = make_job(job_spec(cfg, tmp_path), "x = 1\n", "c")
     assert worker.Settings.from_job(job.to_json()).cuda_graphs is False
-    assert worker.Settings.from_job(make_job("x = 1\n", handle_dir=tmp_path, candidate_id="c").to_json()).cuda_graphs
+    job = make_job(job_spec(load_config(None, {}), tmp_path), "x = 1\n", "c")
+    assert worker.Settings.from_job(job.to_json()).cuda_graphs

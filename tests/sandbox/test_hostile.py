@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from deltanas.sandbox import pool
-from deltanas.sandbox.base import Job, Limits
+from deltanas.sandbox.base import Job, JobSpec, Limits
 from deltanas.tools.proxy import evaluate_source
 
 from support import noise, write_handle
@@ -345,8 +345,8 @@ class Net(nn.Module):
     def forward(self, x):
         return self.bias.expand(len(x), -1) + self.w * 0
 '''
-    out = evaluate_source(src, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="liar",
-                          limits=LIMITS, batch_size=64)
+    out = evaluate_source(src, sandbox=sandbox, dataset=ds, candidate_id="liar",
+                          spec=JobSpec(str(handle), limits=LIMITS, batch_size=64))
     # Either the patched worker fails the job, or its honest predictions are scored on the host.
     if out.status == "ok":
         assert out.accuracy == pytest.approx(float(np.mean(ds.y_test == 0)))
@@ -364,13 +364,13 @@ json.dump({"status": "ok", "accuracy": 1.0, "param_count": 5}, open("out/result.
 np.save("out/predictions.npy", np.zeros(5, dtype=np.int64))
 os._exit(0)
 '''
-    out = evaluate_source(src, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="forger",
-                          limits=LIMITS)
+    out = evaluate_source(src, sandbox=sandbox, dataset=ds, candidate_id="forger",
+                          spec=JobSpec(str(handle), limits=LIMITS))
     assert out.status == "invalid" and out.accuracy is None
     assert "shape" in out.error
     src = src.replace("np.zeros(5, dtype=np.int64)", f"np.full({N_TEST}, 99, dtype=np.int64)")
-    out = evaluate_source(src, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="forger",
-                          limits=LIMITS)
+    out = evaluate_source(src, sandbox=sandbox, dataset=ds, candidate_id="forger",
+                          spec=JobSpec(str(handle), limits=LIMITS))
     assert out.status == "invalid" and "[0, 10)" in out.error
 
 
@@ -385,14 +385,14 @@ os.symlink({str(labels)!r}, "log.txt") if not os.path.exists("log.txt") else Non
 open("out/result.json", "w").write('{{"status": "ok", "param_count": 1}}')
 os._exit(0)
 '''
-    out = evaluate_source(src, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="linker",
-                          limits=LIMITS)
+    out = evaluate_source(src, sandbox=sandbox, dataset=ds, candidate_id="linker",
+                          spec=JobSpec(str(handle), limits=LIMITS))
     assert out.status == "invalid" and out.accuracy is None, (out.status, out.accuracy, out.error)
     assert "plain file" in out.error
     src = src.replace('os.symlink({!r}, "out/predictions.npy")'.format(str(labels)), 'os.mkfifo("out/predictions.npy")')
     t0 = time.monotonic()
-    out = evaluate_source(src, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="fifo",
-                          limits=LIMITS)
+    out = evaluate_source(src, sandbox=sandbox, dataset=ds, candidate_id="fifo",
+                          spec=JobSpec(str(handle), limits=LIMITS))
     assert out.status == "invalid" and "not a regular file" in out.error
     assert time.monotonic() - t0 < 30
 

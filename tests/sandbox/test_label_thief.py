@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deltanas.sandbox.base import Limits
+from deltanas.sandbox.base import JobSpec, Limits
 from deltanas.sandbox.process import ProcessSandbox, bwrap_available
 from deltanas.tools.datasets import label_paths, load_dataset, prepare_handle
 from deltanas.tools.proxy import evaluate_source
@@ -148,8 +148,8 @@ def steal(sandbox, world, monkeypatch):
     ds, handle, _, _ = world
     monkeypatch.setenv(LEAK_ENV, ",".join(map(str, ds.y_test.tolist())))
     try:
-        return evaluate_source(THIEF, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="thief",
-                               limits=LIMITS, batch_size=256)
+        return evaluate_source(THIEF, sandbox=sandbox, dataset=ds, candidate_id="thief",
+                               spec=JobSpec(str(handle), limits=LIMITS, batch_size=256))
     finally:
         sandbox.close()
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from deltanas.sandbox.base import Job, Limits, Sandbox
+from deltanas.sandbox.base import Job, JobSpec, Limits, Sandbox
 from deltanas.sandbox.process import ProcessSandbox, bwrap_view, one_gpu, python_roots
 from deltanas.tools.proxy import declared_hyperparameters, evaluate_source, select_hyperparameters
 
@@ -69,11 +69,10 @@ def sandbox(tmp_path):
 LIMITS = Limits(timeout_s=60, memory_mb=4096, cpu_threads=1)
 
 
-def evaluate(source, sandbox, data, **kw):
+def evaluate(source, sandbox, data, out_dir=None, **settings):
     ds, handle = data
-    kw.setdefault("limits", LIMITS)
-    return evaluate_source(source, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="c-1",
-                           batch_size=32, **kw)
+    spec = JobSpec(str(handle), **{"limits": LIMITS, "batch_size": 32, **settings})
+    return evaluate_source(source, sandbox=sandbox, dataset=ds, spec=spec, candidate_id="c-1", out_dir=out_dir)
 
 
 def test_process_sandbox_satisfies_the_protocol(sandbox):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deltanas.sandbox.base import Job, Limits
+from deltanas.sandbox.base import Job, JobSpec, Limits
 from deltanas.sandbox.process import ProcessSandbox, bwrap_available
 from deltanas.tools.proxy import evaluate_source
 
@@ -80,8 +80,8 @@ def setting(tmp_path_factory):
 def thief_score(sandbox, setting):
     ds, handle, _, targets = setting
     src = THIEF.replace("{TARGETS!r}", repr(targets))
-    return evaluate_source(src, sandbox=sandbox, dataset=ds, handle_dir=handle, candidate_id="thief",
-                           limits=LIMITS, batch_size=64)
+    return evaluate_source(src, sandbox=sandbox, dataset=ds, candidate_id="thief",
+                           spec=JobSpec(str(handle), limits=LIMITS, batch_size=64))
 
 
 def test_secrets_are_out_of_sight_and_cannot_raise_the_score(setting, monkeypatch):
