@@ -42,10 +42,8 @@ import ctypes
 import dataclasses
 import functools
 import os
-import re
 import resource
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -55,7 +53,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Iterator
 
-from deltanas.sandbox import landlock, seccomp
+from deltanas.sandbox import landlock, proctree, seccomp
 from deltanas.sandbox.base import Job, Result, masked_paths, within
 from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
 from deltanas.sandbox.pool import spare_flag
@@ -183,58 +181,14 @@ def _cuda_devices() -> list[str]:
     return sorted(str(p) for p in Path("/dev").glob("nvidia*") if not p.is_dir())
 
 
-def _user_task_count(uid: int) -> int:
-    """Processes plus threads of `uid`: RLIMIT_NPROC counts both, across the whole user."""
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = Path(entry.path, "status").read_text()
-        except OSError:
-            continue
-        uid_m = re.search(r"^Uid:\s+(\d+)", status, re.M)
-        thr_m = re.search(r"^Threads:\s+(\d+)", status, re.M)
-        if uid_m and int(uid_m.group(1)) == uid:
-            total += int(thr_m.group(1)) if thr_m else 1
-    return total
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live process below `pid`, found through /proc, so that a child which left
-    the process group (setsid) is still killed while its parent is alive."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def kill_job(pid: int, tree: bool = True) -> None:
     """SIGKILL the job's tree and its whole process group (pgid == pid: new session).
 
     Pass tree=False once the leader is reaped: its pid may name another process by then.
     """
-    for child in _descendants(pid) if tree else []:
-        try:
-            os.kill(child, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    for child in proctree.descendants(pid) if tree else []:
+        proctree.sigkill(child)
+    proctree.sigkill(pid, group=True)
 
 
 class ProcessSandbox:
@@ -522,7 +476,7 @@ class ProcessSandbox:
         if not job.device.startswith("cuda"):
             out["address_mb"] = int(lim.memory_mb) + WARM_ADDRESS_HEADROOM_MB
         if self._job_uid() is not None:
-            out["nproc"] = _user_task_count(self._job_uid()) + lim.max_processes
+            out["nproc"] = proctree.user_task_count(self._job_uid()) + lim.max_processes
         return out
 
     def _rlimits(self, job: Job, meta: dict) -> list[tuple[int, int]]:
@@ -535,7 +489,7 @@ class ProcessSandbox:
         if not job.device.startswith("cuda"):  # CUDA reserves huge address ranges; DATA still applies
             out.append((resource.RLIMIT_AS, (lim.memory_mb + TORCH_ADDRESS_HEADROOM_MB) * mb))
         if self._job_uid() is not None:
-            out.append((resource.RLIMIT_NPROC, _user_task_count(self._job_uid()) + lim.max_processes))
+            out.append((resource.RLIMIT_NPROC, proctree.user_task_count(self._job_uid()) + lim.max_processes))
         return out
 
     def _job_uid(self) -> int | None:

@@ -54,7 +54,7 @@ import signal
 import sys
 import time
 
-from deltanas.sandbox import worker
+from deltanas.sandbox import proctree, worker
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 MAX_LINE = 64 * 1024
@@ -341,29 +341,6 @@ def _ready_device(data, device: str, batch: int | None, job_waiting):
         return data, f"readying {device} failed: {worker._describe(exc)}"
 
 
-def _descendants(keep: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
-    """(live, zombie) processes below this one, found through /proc, except those in `keep` and theirs."""
-    me = os.getpid()
-    parent: dict[int, int] = {}
-    state: dict[int, str] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parent[int(name)], state[int(name)] = int(rest[1]), rest[0]
-    below, frontier = [], [me]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in keep]
-        below += kids
-        frontier += kids
-    return [p for p in below if state[p] != "Z"], [p for p in below if state[p] == "Z"]
-
-
 def _reap() -> None:
     while True:
         try:
@@ -378,15 +355,12 @@ def clean_up(private_tmp: bool, keep: frozenset[int] = frozenset()) -> bool:
     """Kills every process the candidate left and reaps it; True when none is left. `keep`: the
     spares waiting for the next jobs (forked by this worker, not by the candidate)."""
     for _ in range(KILL_ROUNDS):
-        live, _zombies = _descendants(keep)
+        live = [pid for pid, state in proctree.descendants(os.getpid(), keep).items() if state != "Z"]
         _reap()
         if not live:
             break
         for pid in live:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            proctree.sigkill(pid)
         time.sleep(0.005)
     else:
         return False
@@ -492,14 +466,8 @@ def _serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device, spare
         top_up()  # the next jobs' children ready while this one runs
         status, killed = _wait_child(channel, pid, float(msg["timeout_s"]))
         if status is None:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            proctree.sigkill(pid, group=True)
+            proctree.sigkill(pid)
             _, status = os.waitpid(pid, 0)
         clean = clean_up(private_tmp, keep=frozenset(sp.pid for sp in spares))
         if killed == "gone":
