@@ -145,5 +145,5 @@ def test_eval_and_the_loop_score_the_same_on_real_mnist(tmp_path, capsys):
     cfg = load_config(settings, {"llm.spec": "mutate"})
     looped = loop_evaluate(cfg, model.read_text(), "lenet", tmp_path / "run")
     assert looped.status == "ok", looped
-    assert evaluated["accuracy"] == looped.accuracy and looped.accuracy > 0.5
+    assert evaluated["accuracy"] == looped.accuracy and looped.accuracy > 0.2  # chance: 0.1
     assert evaluated["param_count"] == looped.param_count
