@@ -54,8 +54,14 @@ def test_share_is_what_is_asked_or_an_equal_part_of_the_card():
     assert _share(asked_mb=2048) == 2048
 
 
-def test_the_runs_jobs_take_the_share_its_config_gives(tmp_path):
+def test_the_runs_jobs_take_the_share_its_config_gives(tmp_path, monkeypatch):
+    class Card:
+        total_memory = 80_000 * 2**20
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Card())
     assert job_spec(load_config(None, {}), tmp_path).limits.gpu_memory_mb is None
+    cfg = load_config(None, {"sandbox.device": "cuda:0", "sandbox.workers": 4})
+    assert job_spec(cfg, tmp_path).limits.gpu_memory_mb == _share(workers=4)
     cfg = load_config(None, {"sandbox.device": "cuda:0", "sandbox.workers": 4, "sandbox.gpu_memory_mb": 2048})
     assert job_spec(cfg, tmp_path).limits.gpu_memory_mb == 2048
     # Under Ray each actor has a GPU of its own: the share asked for, unchecked against this machine.
