@@ -43,7 +43,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deltanas.sandbox import worker
+from deltanas.sandbox import device_setup, training, worker
+from deltanas.sandbox.speed import Speed, choose_speed, mixed_precision, try_channels_last
 from deltanas.tools.zoo import DEFAULT_PRM, get_baseline
 
 # Per-candidate cost outside the training epoch, from bench/RESULTS.md (bench/sandbox_overhead.py):
@@ -129,36 +130,35 @@ def ours(make_net, arrays, device, batch: int, epochs: int, *, force: tuple[bool
     torch.manual_seed(seed)
     sync(device)
     t0 = time.perf_counter()
-    host = worker.Data(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x_test),
-                       torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.29), 10, (3, 32, 32),
-                       torch.device("cpu"), flip=True)
+    host = training.Data(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x_test),
+                         torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.29), 10, (3, 32, 32),
+                         torch.device("cpu"), flip=True)
     data = host.to(device)
     sync(device)
     setup_s = time.perf_counter() - t0
     model = make_net(device).to(device)
     prm = dict(DEFAULT_PRM)
-    lemur = worker.uses_learn(model)
-    sample = worker.normalise(data.x_train[:2], data.mean, data.std)
+    lemur = training.uses_learn(model)
+    sample = training.normalise(data.x_train[:2], data.mean, data.std)
     if force is None:
-        speed = worker.choose_speed(model, sample, batch, device)
+        speed = choose_speed(model, sample, batch, device)
     else:
-        speed = worker.Speed(force[0] and device.type == "cuda",
-                             force[1] and worker.try_channels_last(model, sample, device))
-    batches = worker.TrainBatches(data.x_train, data.y_train, data.mean, data.std, batch, seed, flip=data.flip,
-                                  channels_last=speed.channels_last)
+        speed = Speed(force[0] and device.type == "cuda", force[1] and try_channels_last(model, sample, device))
+    batches = training.TrainBatches(data.x_train, data.y_train, data.mean, data.std, batch, seed, flip=data.flip,
+                                    channels_last=speed.channels_last)
     times = []
-    with worker.mixed_precision(device, speed.bf16):
+    with mixed_precision(device, speed.bf16):
         sync(device)
         t0 = time.perf_counter()
-        learn = worker.make_learn(model, prm, lemur)
+        learn = training.make_learn(model, prm, lemur)
         logged: list[str] = []  # the worker's log lines, which say how it ran the steps
-        with mock.patch.object(worker, "log", logged.append):
+        with mock.patch.object(training, "log", logged.append):
             for _ in range(epochs):
-                loss = worker.train_epoch(learn, model, batches, graphs and device.type == "cuda")
+                loss = training.train_epoch(learn, model, batches, graphs and device.type == "cuda")
                 sync(device)
                 times.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-        labels = worker.predict(model, data.x_test, data.mean, data.std, batch, 10, speed.channels_last)
+        labels = training.predict(model, data.x_test, data.mean, data.std, batch, 10, speed.channels_last)
         sync(device)
         predict_s = time.perf_counter() - t0
     torch.backends.cudnn.benchmark = False
@@ -379,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, GPU {gpu}; python {sys.version.split()[0]}, "
           f"torch {torch.__version__}")
     print(f"data: {args.n} train / {n_test} test synthetic uint8 images 3x32x32, 10 classes; device {device}")
-    worker.warm_up(device)  # the worker pays this before its clock too (a spare child before its job)
-    warmed = worker.warm_up_wide(device, args.batches[0], args.n, n_test)
+    device_setup.warm_up(device)  # the worker pays this before its clock too (a spare child before its job)
+    warmed = device_setup.warm_up_wide(device, args.batches[0], args.n, n_test)
     if device.type == "cuda":
         print(f"warmed up as a spare child is: {warmed}")
     res = {"device": str(device), "gpu": gpu, "n": args.n, "n_test": n_test, "epochs": args.epochs, "resnet18": [],

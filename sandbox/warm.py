@@ -24,7 +24,7 @@ still readying when its job came, and 32 of them ran at 3,429 per hour with two
 spares, 4,439 with three and 4,546 with four; bench/RESULTS.md). Unless its job
 is already waiting, a spare also warms a ResNet-class network's step at the
 last job's batch size and at the epoch's last, smaller batch
-(`worker.warm_up_wide`): cuDNN loads kernels per shape on first use. A spare is
+(`device_setup.warm_up_wide`): cuDNN loads kernels per shape on first use. A spare is
 forked from this parent, never from a candidate, is not dumpable (another
 candidate cannot ptrace it), and is left alone by the clean-up after a job. If a
 candidate kills one, the next job goes to another or to a fresh child.
@@ -54,7 +54,7 @@ import signal
 import sys
 import time
 
-from deltanas.sandbox import proctree, worker
+from deltanas.sandbox import device_setup, outcome, proctree, training, worker
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 MAX_LINE = 64 * 1024
@@ -171,11 +171,22 @@ def _detach(channel: Channel) -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
+def _after_fork() -> None:
+    """In a freshly forked child, before any other thread of it starts: torch's CPU thread pool,
+    rebuilt once on this thread. After fork() torch rebuilds it on first use, and two threads that
+    get there together race: on a machine with two GPUs, backward's two device threads did, and
+    one aborted the child ("Invalid thread pool!", SIGABRT) in a spare's warm-up (2 H200s,
+    torch 2.11, 2026-11-29)."""
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+
+
 def _child(channel: Channel, job_dir: str, dataset_dir: str, data, msg: dict) -> None:
     """Runs in the forked child; never returns."""
     try:
         _detach(channel)
-        worker.after_fork()
+        _after_fork()
         _run_job(job_dir, dataset_dir, data, msg)
     except BaseException:  # noqa: BLE001 - no result file: the host reports a crash
         _print_exc()
@@ -194,7 +205,7 @@ def _print_exc() -> None:
 
 def _run_job(job_dir: str, dataset_dir: str, data, msg: dict, note: str = "") -> None:
     """The job in this child: output to its log, its dir and limits, then the worker's code."""
-    worker._STARTED = time.monotonic()
+    outcome._STARTED = time.monotonic()
     log_fd = os.open(os.path.join(job_dir, "log.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -206,7 +217,7 @@ def _run_job(job_dir: str, dataset_dir: str, data, msg: dict, note: str = "") ->
     os.chdir(job_dir)
     _set_limits(msg)
     if note:
-        worker.log(note)
+        outcome.log(note)
     worker.serve(job_dir, dataset_dir, data)
 
 
@@ -247,7 +258,7 @@ class Spare:
             import faulthandler
 
             faulthandler.enable()  # a fatal signal while readying leaves its Python stack there
-            worker.after_fork()
+            _after_fork()
             t0 = time.monotonic()
             data, ready = _ready_device(data, device, batch, lambda: bool(select.select([sock], [], [], 0)[0]))
             readied = time.monotonic()
@@ -322,23 +333,23 @@ def _ready_device(data, device: str, batch: int | None, job_waiting):
         if dev.type != "cuda":
             return data, "nothing to ready on the CPU"
         t0 = time.perf_counter()
-        worker.use_device(dev)
+        device_setup.use_device(dev)
         torch.empty(1, device=dev)
         t1 = time.perf_counter()
         on_device = data.to(dev)
         torch.cuda.synchronize(dev)
         t2 = time.perf_counter()
-        worker.warm_up(dev)
+        device_setup.warm_up(dev)
         t3 = time.perf_counter()
         if job_waiting():
             return on_device, (f"on {dev}: CUDA context {t1 - t0:.2f}s, dataset {t2 - t1:.2f}s, "
                                f"warm-up steps {t3 - t2:.2f}s, no wide warm-up (its job was waiting)")
-        wide = worker.warm_up_wide(dev, batch, len(on_device.y_train), len(on_device.x_test))
+        wide = device_setup.warm_up_wide(dev, batch, len(on_device.y_train), len(on_device.x_test))
         t4 = time.perf_counter()
         return on_device, (f"on {dev}: CUDA context {t1 - t0:.2f}s, dataset {t2 - t1:.2f}s, "
                            f"warm-up steps {t3 - t2:.2f}s, wide ({wide}) {t4 - t3:.2f}s")
     except BaseException as exc:  # noqa: BLE001 - see the docstring
-        return data, f"readying {device} failed: {worker._describe(exc)}"
+        return data, f"readying {device} failed: {outcome.describe(exc)}"
 
 
 def _reap() -> None:
@@ -485,7 +496,7 @@ def prepare_for_fork(dataset_dir: str):
     import torch
 
     torch.set_num_threads(1)  # each child sizes its own pool
-    data = worker.load_data(dataset_dir, torch.device("cpu"))
+    data = training.load_data(dataset_dir, torch.device("cpu"))
     # The optimizer's first step imports torch._dynamo (~1 s); grads set by hand keep autograd out.
     conv = torch.nn.Conv2d(1, 2, 3)
     for p in conv.parameters():
@@ -514,10 +525,10 @@ def main(argv: list[str]) -> None:
         load_s = time.perf_counter() - t0
         import torch
     except BaseException as exc:  # noqa: BLE001 - the host reports it as the worker's failure
-        channel.send({"error": worker._describe(exc)})
+        channel.send({"error": outcome.describe(exc)})
         return
     channel.send({"ready": True, "pid": os.getpid(), "torch": torch.__version__, "device": device, "spare": spare,
-                  "load_s": round(load_s, 3), "startup_s": round(time.monotonic() - worker._STARTED, 3)})
+                  "load_s": round(load_s, 3), "startup_s": round(time.monotonic() - outcome._STARTED, 3)})
     serve_jobs(channel, work_dir, dataset_dir, data, private_tmp, device if spare else None)
     clean_up(private_tmp)
 

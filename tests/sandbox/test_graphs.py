@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from deltanas.sandbox import graphs, worker
+from deltanas.sandbox import graphs, training, worker
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -74,13 +74,13 @@ def _data(device, n: int, batch: int):
     x = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8).to(device)
     y = torch.randint(0, 10, (n,), generator=g).to(device)
     mean, std = torch.full((1, 1, 1, 1), 0.5, device=device), torch.full((1, 1, 1, 1), 0.25, device=device)
-    return worker.TrainBatches(x, y, mean, std, batch, seed=5)
+    return training.TrainBatches(x, y, mean, std, batch, seed=5)
 
 
 def _train(cls, device, graphed: bool, n: int = 10 * 32, batch: int = 32, lines: list | None = None):
     torch.manual_seed(0)
     net = cls().to(device)
-    learn = worker.make_learn(net, {"lr": 0.05, "momentum": 0.9}, worker.uses_learn(net))
+    learn = training.make_learn(net, {"lr": 0.05, "momentum": 0.9}, training.uses_learn(net))
     batches = _data(device, n, batch)
     log = (lines.append if lines is not None else lambda _m: None)
     if graphed:
@@ -212,13 +212,13 @@ def test_the_zoo_learn_is_replayed_and_trains(tmp_path):
         r, q = divmod(c, 2)
         x[i, 0, r * 14:(r + 1) * 14, q * 14:(q + 1) * 14] = 255
     mean, std = torch.full((1, 1, 1, 1), 0.25, device=dev), torch.full((1, 1, 1, 1), 0.4, device=dev)
-    batches = worker.TrainBatches(x.to(dev), y.to(dev), mean, std, 64, seed=0)
+    batches = training.TrainBatches(x.to(dev), y.to(dev), mean, std, 64, seed=0)
     lines = []
-    learn = worker.make_learn(net, dict(DEFAULT_PRM), True)
+    learn = training.make_learn(net, dict(DEFAULT_PRM), True)
     for _ in range(3):
         graphs.run_epoch(learn, batches, net, lines.append)
     assert all(line.startswith("training steps: CUDA graph, 29 steps replayed") for line in lines), lines
-    labels = worker.predict(net, x[:512].to(dev), mean, std, 128, 10)
+    labels = training.predict(net, x[:512].to(dev), mean, std, 128, 10)
     assert (labels == y[:512].numpy()).mean() > 0.9
 
 
@@ -263,7 +263,7 @@ def test_only_one_plain_loop_over_the_batches_is_captured(body, why, tmp_path):
     net = _load(LOOP_HEAD + body, tmp_path).Net()
     got = graphs.loop_shape(net.learn)
     assert (why in got and got) if why else got == "", got
-    assert graphs.loop_shape(worker.DefaultLoop(Small(), {}).learn) == ""
+    assert graphs.loop_shape(training.DefaultLoop(Small(), {}).learn) == ""
 
 
 def test_a_loop_without_readable_source_runs_eagerly():
@@ -305,6 +305,6 @@ def test_the_switch_travels_from_the_config_to_the_worker(tmp_path):
     cfg = load_config(None, {"sandbox.cuda_graphs": False})
     assert cfg.sandbox.cuda_graphs is False
     job = make_job(job_spec(cfg, tmp_path), "x = 1\n", "c")
-    assert worker.Settings.from_job(job.to_json()).cuda_graphs is False
+    assert training.Settings.from_job(job.to_json()).cuda_graphs is False
     job = make_job(job_spec(load_config(None, {}), tmp_path), "x = 1\n", "c")
-    assert worker.Settings.from_job(job.to_json()).cuda_graphs
+    assert training.Settings.from_job(job.to_json()).cuda_graphs

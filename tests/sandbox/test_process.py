@@ -292,9 +292,9 @@ def test_a_gpu_job_sees_its_gpu_alone_as_cuda_0(tmp_path, monkeypatch):
 
 
 def test_the_wide_warm_up_is_for_gpus_only():
-    from deltanas.sandbox import worker
+    from deltanas.sandbox import device_setup
 
-    assert worker.warm_up_wide(torch.device("cpu"), 512, 50_000, 10_000) == "not on a GPU"
+    assert device_setup.warm_up_wide(torch.device("cpu"), 512, 50_000, 10_000) == "not on a GPU"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

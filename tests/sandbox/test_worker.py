@@ -1,7 +1,6 @@
-"""The in-sandbox worker: its own writers, its status mapping, its batches, and a real run."""
+"""The in-sandbox worker: its batches, its training loop, its speed choice, and a real run."""
 from __future__ import annotations
 
-import errno
 import json
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from deltanas.sandbox import worker
+from deltanas.sandbox import device_setup, training
+from deltanas.sandbox.speed import HEAVY_STEP_FLOPS, Speed, choose_speed, mixed_precision, try_channels_last
 
 from support import Arrays, write_handle
 
@@ -46,49 +46,16 @@ class Net(nn.Module):
 '''
 
 
-def test_write_result_is_valid_json_whatever_the_text(tmp_path):
-    fields = {"status": "crashed", "error": 'say "hi"\\ \n\t\x01 é', "param_count": 12,
-              "train_seconds": 1.5, "final_loss": float("nan"), "flag": True, "none": None}
-    worker.write_result(str(tmp_path), fields)
-    back = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))
-    assert back == {**fields, "final_loss": None}
-    assert not (tmp_path / "result.json.part").exists()
-
-
-def test_write_predictions_is_a_plain_npy(tmp_path):
-    labels = np.array([0, 3, 9, 1, 2] * 41, dtype=np.int64)
-    worker.write_predictions(str(tmp_path), labels)
-    raw = (tmp_path / "predictions.npy").read_bytes()
-    assert (len(raw) - len(labels) * 2) % 64 == 0  # header padded to the format's 64-byte alignment
-    back = np.load(tmp_path / "predictions.npy", allow_pickle=False)
-    assert back.dtype == np.int16 and back.tolist() == labels.tolist()
-
-
-@pytest.mark.parametrize("exc, status, text", [
-    (SyntaxError("invalid syntax", ("model.py", 3, 1, "x")), "invalid", "SyntaxError: invalid syntax (line 3)"),
-    (MemoryError(), "oom", "MemoryError"),
-    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"), "oom", "can't allocate memory"),
-    (OSError(errno.EFBIG, "File too large"), "output_limit", "output file size"),
-    (ValueError("bad\nsecond line"), "crashed", "ValueError: bad"),
-    (SystemExit(3), "crashed", "SystemExit: 3"),
-])
-def test_classify_maps_exceptions_to_statuses(exc, status, text):
-    out = worker.classify(exc, "build")
-    assert out.status == status
-    assert out.error.startswith("build: ") and text in out.error
-    assert "second line" not in out.error
-
-
 def test_train_batches_reshuffle_per_pass_and_are_seeded():
     x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
     y = torch.arange(10)
     mean, std = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
-    data = worker.TrainBatches(x, y, mean, std, batch_size=3, seed=7)
+    data = training.TrainBatches(x, y, mean, std, batch_size=3, seed=7)
     first = [yb.tolist() for _, yb in data]
     second = [yb.tolist() for _, yb in data]
     assert len(data) == 3 == len(first)  # 3+3+3, the lone 10th sample is dropped (BatchNorm needs 2)
     assert first != second
-    again = [yb.tolist() for _, yb in worker.TrainBatches(x, y, mean, std, batch_size=3, seed=7)]
+    again = [yb.tolist() for _, yb in training.TrainBatches(x, y, mean, std, batch_size=3, seed=7)]
     assert again == first
     xb, yb = next(iter(data))
     assert xb.dtype == torch.float32
@@ -168,13 +135,13 @@ def test_without_flips_each_pass_is_the_seeds_permutation():
     """The order a seed gives on the CPU is exactly torch.randperm's: the fast path changed no draw."""
     n, bs, seed = 40, 8, 11
     x, y = _asymmetric_images(n), torch.arange(n)
-    data = worker.TrainBatches(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), bs, seed)
+    data = training.TrainBatches(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), bs, seed)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(2):
         expected = torch.randperm(n, generator=gen).tolist()
         got = [i for _, yb in data for i in yb.tolist()]
         assert got == expected
-    xb, yb = next(iter(worker.TrainBatches(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), bs, seed)))
+    xb, yb = next(iter(training.TrainBatches(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), bs, seed)))
     assert torch.equal(xb, x[yb].float() / 255.0)  # never mirrored
 
 
@@ -182,7 +149,7 @@ def test_flips_mirror_about_half_the_images_and_follow_the_seed():
     n = 200
     x, y = _asymmetric_images(n), torch.arange(n)
     mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
-    data = worker.TrainBatches(x, y, mean, std, 32, seed=5, flip=True)
+    data = training.TrainBatches(x, y, mean, std, 32, seed=5, flip=True)
     mirrored = 0
     for xb, yb in data:
         assert xb.dtype == torch.float32 and xb.shape[1:] == (3, 4, 8)
@@ -192,27 +159,27 @@ def test_flips_mirror_about_half_the_images_and_follow_the_seed():
         assert bool((is_plain ^ is_mirror).all())  # each image whole, either way round
         mirrored += int(is_mirror.sum())
     assert 60 < mirrored < 140
-    first = [xb for xb, _ in worker.TrainBatches(x, y, mean, std, 32, seed=5, flip=True)]
-    again = [xb for xb, _ in worker.TrainBatches(x, y, mean, std, 32, seed=5, flip=True)]
+    first = [xb for xb, _ in training.TrainBatches(x, y, mean, std, 32, seed=5, flip=True)]
+    again = [xb for xb, _ in training.TrainBatches(x, y, mean, std, 32, seed=5, flip=True)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 def test_handle_hflip_reaches_the_worker(tmp_path):
     handle = _handle(tmp_path / "ds")
-    assert worker.load_data(str(handle), torch.device("cpu")).flip is False
+    assert training.load_data(str(handle), torch.device("cpu")).flip is False
     meta = json.loads((handle / "meta.json").read_text())
     (handle / "meta.json").write_text(json.dumps({**meta, "hflip": True}))
-    data = worker.load_data(str(handle), torch.device("cpu"))
+    data = training.load_data(str(handle), torch.device("cpu"))
     assert data.flip is True and data.to(torch.device("cpu")).flip is True
 
 
 def test_cpu_keeps_float32_nchw_and_no_autocast():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     sample = torch.zeros(2, 3, 8, 8)
-    speed = worker.choose_speed(net, sample, 4096, torch.device("cpu"))
-    assert speed == worker.Speed() and speed.describe() == "float32"
-    assert worker.try_channels_last(net, sample, torch.device("cpu")) is False
-    with worker.mixed_precision(torch.device("cpu"), speed.bf16):
+    speed = choose_speed(net, sample, 4096, torch.device("cpu"))
+    assert speed == Speed() and speed.describe() == "float32"
+    assert try_channels_last(net, sample, torch.device("cpu")) is False
+    with mixed_precision(torch.device("cpu"), speed.bf16):
         assert not torch.is_autocast_enabled("cpu")
         assert net(sample).dtype == torch.float32
     assert net[0].weight.is_contiguous()
@@ -225,8 +192,8 @@ def test_chunked_preparation_yields_the_same_batches(monkeypatch, n):
     mean, std = torch.full((1, 3, 1, 1), 0.4), torch.full((1, 3, 1, 1), 0.2)
 
     def passes(chunk_bytes):
-        monkeypatch.setattr(worker, "CHUNK_BYTES", chunk_bytes)
-        data = worker.TrainBatches(x, y, mean, std, 8, seed=2, flip=True)
+        monkeypatch.setattr(training, "CHUNK_BYTES", chunk_bytes)
+        data = training.TrainBatches(x, y, mean, std, 8, seed=2, flip=True)
         return [[(xb.clone(), yb.clone()) for xb, yb in data] for _ in range(2)]
 
     one_at_a_time, chunked = passes(1), passes(1 << 30)
@@ -309,13 +276,13 @@ def test_zoo_learn_gets_the_batches_and_trains_as_on_a_plain_list():
 
     via_worker, via_list = fresh(), fresh()
     start = [p.detach().clone() for p in via_worker.parameters()]
-    batches = worker.TrainBatches(x, y, mean, std, 32, seed=4)
-    plain = list(worker.TrainBatches(x, y, mean, std, 32, seed=4))
+    batches = training.TrainBatches(x, y, mean, std, 32, seed=4)
+    plain = list(training.TrainBatches(x, y, mean, std, 32, seed=4))
     assert len(plain) == 3 and all(xb.dtype == torch.float32 and xb.shape == (32, 1, 28, 28) for xb, _ in plain)
-    assert worker.uses_learn(via_worker)
+    assert training.uses_learn(via_worker)
     torch.manual_seed(1)  # dropout draws
-    with worker.mixed_precision(cpu):
-        assert worker.train_epoch(via_worker.learn, via_worker, batches, cuda_graphs=False) is None  # the zoo's learn returns nothing
+    with mixed_precision(cpu):
+        assert training.train_epoch(via_worker.learn, via_worker, batches, cuda_graphs=False) is None  # the zoo's learn returns nothing
     torch.manual_seed(1)
     via_list.train()
     via_list.learn(plain)
@@ -332,7 +299,7 @@ def test_gpu_bf16_weights_follow_the_optimizer_inside_one_autocast_context():
     opt = torch.optim.SGD(lin.parameters(), lr=0.5)
     x = torch.ones(2, 4, device=dev)
     outs = []
-    with worker.mixed_precision(dev):
+    with mixed_precision(dev):
         for _ in range(3):
             out = lin(x)
             assert out.dtype == torch.bfloat16
@@ -350,12 +317,12 @@ def test_gpu_speed_is_chosen_by_the_work_per_batch():
     net_cls, prm = _zoo_lenet()
     dev = torch.device("cuda")
     sample = torch.zeros(2, 3, 32, 32, device=dev)
-    light = worker.choose_speed(net_cls((128, 3, 32, 32), (10,), prm, dev).to(dev), sample, 128, dev)
-    assert light.bf16 is False and light.channels_last is False and 0 < light.step_flops < worker.HEAVY_STEP_FLOPS
+    light = choose_speed(net_cls((128, 3, 32, 32), (10,), prm, dev).to(dev), sample, 128, dev)
+    assert light.bf16 is False and light.channels_last is False and 0 < light.step_flops < HEAVY_STEP_FLOPS
     big = resnet18(num_classes=10).to(dev)
     big.conv1 = torch.nn.Conv2d(3, 64, 3, padding=1, bias=False).to(dev)
-    heavy = worker.choose_speed(big, sample, 512, dev)
-    assert heavy.bf16 is True and heavy.channels_last is True and heavy.step_flops > worker.HEAVY_STEP_FLOPS
+    heavy = choose_speed(big, sample, 512, dev)
+    assert heavy.bf16 is True and heavy.channels_last is True and heavy.step_flops > HEAVY_STEP_FLOPS
     assert big.conv1.weight.is_contiguous(memory_format=torch.channels_last) and big.training
 
 
@@ -368,10 +335,10 @@ def test_gpu_learn_gets_resident_float32_batches_in_bf16():
     mean, std = torch.full((1, 3, 1, 1), 0.5, device=dev), torch.full((1, 3, 1, 1), 0.25, device=dev)
     torch.manual_seed(0)
     net = net_cls((64, 3, 32, 32), (10,), prm, dev).to(dev)
-    assert worker.try_channels_last(net, worker.normalise(x[:2], mean, std), dev) is True
+    assert try_channels_last(net, training.normalise(x[:2], mean, std), dev) is True
     seen = []
 
-    class Spy(worker.TrainBatches):
+    class Spy(training.TrainBatches):
         def __iter__(self):
             for xb, yb in super().__iter__():
                 seen.append((xb.device.type, xb.dtype, xb.is_contiguous(memory_format=torch.channels_last)))
@@ -379,11 +346,11 @@ def test_gpu_learn_gets_resident_float32_batches_in_bf16():
 
     start = [p.detach().clone() for p in net.parameters()]
     batches = Spy(x, y, mean, std, 64, seed=0, flip=True, channels_last=True)
-    with worker.mixed_precision(dev):
-        learn = worker.make_learn(net, prm, lemur=True)
-        worker.train_epoch(learn, net, batches, cuda_graphs=False)
+    with mixed_precision(dev):
+        learn = training.make_learn(net, prm, lemur=True)
+        training.train_epoch(learn, net, batches, cuda_graphs=False)
         with torch.no_grad():
-            assert net(worker.normalise(x[:4], mean, std)).dtype == torch.bfloat16
+            assert net(training.normalise(x[:4], mean, std)).dtype == torch.bfloat16
     assert seen == [("cuda", torch.float32, True)] * 8
     assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
     assert any(not torch.equal(p, s) for p, s in zip(net.parameters(), start))
@@ -404,14 +371,14 @@ def test_gpu_channels_last_is_refused_by_a_view_and_training_still_runs():
 
     net = Viewer().to(dev)
     sample = torch.zeros(2, 3, 8, 8, device=dev)
-    assert worker.try_channels_last(net, sample, dev) is False
+    assert try_channels_last(net, sample, dev) is False
     assert net.conv.weight.is_contiguous() and net.training
     x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, device=dev)
     y = torch.randint(0, 10, (64,), device=dev)
-    batches = worker.TrainBatches(x, y, torch.zeros(1, 3, 1, 1, device=dev), torch.ones(1, 3, 1, 1, device=dev),
-                                  16, seed=0)
-    with worker.mixed_precision(dev):
-        loss = worker.train_epoch(worker.make_learn(net, {"lr": 0.01}, lemur=False), net, batches, cuda_graphs=True)
+    batches = training.TrainBatches(x, y, torch.zeros(1, 3, 1, 1, device=dev), torch.ones(1, 3, 1, 1, device=dev),
+                                    16, seed=0)
+    with mixed_precision(dev):
+        loss = training.train_epoch(training.make_learn(net, {"lr": 0.01}, lemur=False), net, batches, cuda_graphs=True)
     assert loss is not None and np.isfinite(loss)
 
 
@@ -449,14 +416,14 @@ def test_gpu_worker_run_end_to_end(tmp_path, batch_size, how):
 @cuda
 def test_gpu_wide_warm_up_warms_the_jobs_shapes_and_gives_its_memory_back():
     dev = torch.device("cuda")
-    assert worker.warm_up_wide(dev, 128, 50_000, 10_000) == "step 128, step 80, inference 128, inference 16"
+    assert device_setup.warm_up_wide(dev, 128, 50_000, 10_000) == "step 128, step 80, inference 128, inference 16"
     # cuBLAS's workspaces stay, as after any first matmul; earlier tests in this process may hold
     # memory too, so what the call leaves is measured against what was there before it
     torch.cuda.empty_cache()
     kept, reserved = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
-    assert worker.warm_up_wide(dev, 128, 50_000, 10_000)
+    assert device_setup.warm_up_wide(dev, 128, 50_000, 10_000)
     assert torch.cuda.memory_allocated(dev) == kept  # nothing of the network, its gradients or optimizer
     assert torch.cuda.memory_reserved(dev) - reserved < 256 << 20  # its activations' memory went back
     # No batch known yet: the usual 512; a huge one is capped; an even split has no last batch.
-    assert worker.warm_up_wide(dev, None, 1024, 512) == "step 512, inference 512"
-    assert worker.warm_up_wide(dev, 100_000, 4096, 10) == "step 1024, inference 1024, inference 10"
+    assert device_setup.warm_up_wide(dev, None, 1024, 512) == "step 512, inference 512"
+    assert device_setup.warm_up_wide(dev, 100_000, 4096, 10) == "step 1024, inference 1024, inference 10"
