@@ -88,22 +88,21 @@ def run_once(workers: int, sources: list[str], ds, handle: Path, device: str, ki
     from deltanas.agent.config import SandboxConfig
     from deltanas.agent.executor import LocalExecutor
     from deltanas.agent.executor_ray import RayExecutor
-    from deltanas.sandbox.base import Limits
+    from deltanas.sandbox.base import DEFAULT_HYPERPARAMETERS, JobSpec, Limits
     from deltanas.sandbox.process import ProcessSandbox
-    from deltanas.tools.proxy import DEFAULT_HYPERPARAMETERS, make_job
+    from deltanas.tools.proxy import make_job
 
     root = Path(tempfile.mkdtemp(prefix=f"deltanas-ray-bench-{workers}-"))
-    args = dict(workers=workers, hyperparameters=DEFAULT_HYPERPARAMETERS, epochs=1, batch_size=128,
-                device=device, limits=Limits(timeout_s=600, cpu_threads=2))
+    spec = JobSpec(str(handle.resolve()), dict(DEFAULT_HYPERPARAMETERS), epochs=1, batch_size=128, device=device,
+                   limits=Limits(timeout_s=600, cpu_threads=2))
     started = time.perf_counter()
     if local:  # its warm worker started ahead, as an actor's is
         sandbox = ProcessSandbox(root / "work", warm=True)
-        sandbox.prewarm(make_job("", handle_dir=handle.resolve(), candidate_id="prewarm", device=device,
-                                 limits=args["limits"]))
-        ex = LocalExecutor(sandbox, ds, handle, **args)
+        sandbox.prewarm(make_job(spec, "", "prewarm"))
+        ex = LocalExecutor(sandbox, ds, spec, workers=workers)
     else:
-        ex = RayExecutor(SandboxConfig(type="process", device=device, workers=workers), ds, handle, root / "work",
-                         **args)
+        ex = RayExecutor(SandboxConfig(type="process", device=device, workers=workers), ds, spec, root / "work",
+                         workers=workers)
     ready = time.perf_counter() - started
     killed: list[int] = []
 

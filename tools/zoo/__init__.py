@@ -19,8 +19,10 @@ from pathlib import Path
 from functools import lru_cache
 from importlib import resources
 
-# The hyperparameters a baseline is measured with when none are given.
-DEFAULT_PRM: dict[str, float] = {"lr": 0.01, "momentum": 0.9, "dropout": 0.2}
+from deltanas.sandbox.base import DEFAULT_HYPERPARAMETERS
+
+# The hyperparameters a baseline is measured with when none are given: the jobs' own defaults.
+DEFAULT_PRM: dict[str, float] = DEFAULT_HYPERPARAMETERS
 
 # Baseline file name (without .py) -> the design family it represents.
 _FAMILIES: dict[str, str] = {
