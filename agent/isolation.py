@@ -43,8 +43,8 @@ def fs_isolation(sandbox) -> str | None:
 
 def runs_model_code(llm_spec: str) -> bool:
     """False for `mutate`, whose candidates (its cold-start cycles' too) the rule-based mutator
-    makes from the baselines the user chose, and for the tests' `scripted` backend."""
-    return parse_llm_spec(llm_spec).type not in ("mutate", "scripted")
+    makes from the baselines the user chose."""
+    return parse_llm_spec(llm_spec).type != "mutate"
 
 
 def refusal(missing: str, *, config_key: bool) -> str:

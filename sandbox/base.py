@@ -63,7 +63,7 @@ class Candidate:
 @dataclass(frozen=True)
 class Job(JobSpec, Candidate):
     """One candidate under the run's settings. Its fields, the candidate's first, are the keys of the
-    job.json the worker reads (`Settings.from_job` in sandbox/worker.py)."""
+    job.json the worker reads (`Settings.from_job` in sandbox/training.py)."""
 
     @classmethod
     def of(cls, spec: JobSpec, candidate: Candidate) -> Job:

@@ -55,10 +55,10 @@ import sys
 import time
 
 from deltanas.sandbox import device_setup, outcome, proctree, training, worker
+from deltanas.sandbox.sizing import SPARES
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 MAX_LINE = 64 * 1024
-SPARES = 3  # children readied ahead of their jobs, with --spare (runtime.py counts their CUDA contexts)
 KILL_ROUNDS = 200  # sweeps of the leftover processes before the worker gives up on itself
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 

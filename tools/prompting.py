@@ -12,8 +12,9 @@ from importlib import resources
 
 import jinja2
 
-from deltanas.agent.llm.base import Message
 from deltanas.tools.diff_write import make_diff
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
 
 MODES = ("delta", "full")
 
