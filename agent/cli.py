@@ -194,8 +194,8 @@ def _run_overrides(a: argparse.Namespace) -> dict:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from deltanas.agent import rundir
     from deltanas.agent.config import dump_toml, load_config
+    from deltanas.agent.run import rundir
 
     if a.resume:
         if a.config or a.run_dir:
@@ -220,14 +220,14 @@ def cmd_run(a: argparse.Namespace) -> int:
         return EXIT_OK
     if not a.resume and run_dir.exists():
         rundir.create_run_dir(run_dir, cfg, dry_run=True)  # refuse a used directory before slow checks
-    from deltanas.agent.runtime import preflight
+    from deltanas.agent.run.build import preflight
 
     dataset = preflight(cfg)
     if not a.resume:
         rundir.create_run_dir(run_dir, cfg)
     elif a.cycles:
         (run_dir / rundir.CONFIG_FILE).write_text(dump_toml(cfg))
-    from deltanas.agent.session import run_session
+    from deltanas.agent.run.terminal import run_session
 
     return run_session(cfg, run_dir, plain=a.plain or not sys.stdout.isatty(), dataset=dataset)
 
@@ -235,9 +235,9 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_status(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from deltanas.agent.progress import print_status, summarise
-    from deltanas.agent.rundir import ARCHIVE_FILE
-    from deltanas.agent.store import Store
+    from deltanas.agent.archive import Store
+    from deltanas.agent.run.progress import print_status, summarise
+    from deltanas.agent.run.rundir import ARCHIVE_FILE
 
     path = Path(a.dir)
     if not (path / ARCHIVE_FILE).exists():
@@ -252,10 +252,10 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from deltanas.agent.archive import Store
     from deltanas.agent.config import load_config
-    from deltanas.agent.learning import export_records, write_hf, write_jsonl
-    from deltanas.agent.rundir import ARCHIVE_FILE
-    from deltanas.agent.store import Store
+    from deltanas.agent.learning.examples import export_records, write_hf, write_jsonl
+    from deltanas.agent.run.rundir import ARCHIVE_FILE
 
     path = Path(a.dir)
     if not (path / ARCHIVE_FILE).exists():
@@ -280,9 +280,9 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from deltanas.agent.report import print_table, write_report
-    from deltanas.agent.rundir import ARCHIVE_FILE
-    from deltanas.agent.store import Store
+    from deltanas.agent.archive import Store
+    from deltanas.agent.run.report import print_table, write_report
+    from deltanas.agent.run.rundir import ARCHIVE_FILE
 
     path = Path(a.dir)
     if not (path / ARCHIVE_FILE).exists():
@@ -297,20 +297,19 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from deltanas.agent import serve
-
+    from deltanas.agent.llm import vllm_server
     try:
-        p = serve.plan(a.model, run_dir=Path(a.run) if a.run else None, python=a.python, host=a.host, port=a.port,
+        p = vllm_server.plan(a.model, run_dir=Path(a.run) if a.run else None, python=a.python, host=a.host, port=a.port,
                        max_lora_rank=a.max_lora_rank, dtype=a.dtype, max_model_len=a.max_model_len,
                        seed=a.seed, extra=a.vllm_args)
-    except (serve.ServeError, ValueError) as e:
+    except (vllm_server.ServeError, ValueError) as e:
         raise CLIError(str(e)) from None
     if a.print_command:
         print(json.dumps({"argv": p.argv, "env": p.env, "llm": p.llm_spec, "adapters": p.adapters}, indent=2))
         return EXIT_OK
     names = ", ".join(n for n, _ in p.adapters) or "none"
     print(f"serving {a.model} at {p.url} (adapters: {names}); run with --llm {p.llm_spec}", flush=True)
-    return serve.serve_forever(p)
+    return vllm_server.serve_forever(p)
 
 
 def _read_text(path: str, what: str) -> str:
@@ -362,8 +361,8 @@ def eval_config(a: argparse.Namespace):
 def cmd_eval(a: argparse.Namespace) -> int:
     import tempfile
 
-    from deltanas.agent import isolation
-    from deltanas.agent.runtime import job_spec, load_run_dataset, make_sandbox
+    from deltanas.agent.run import isolation
+    from deltanas.agent.run.build import job_spec, load_run_dataset, make_sandbox
     from deltanas.sandbox.sizing import check_device
     from deltanas.tools.datasets import default_cache_dir, prepare_handle
     from deltanas.tools.proxy import evaluate_source
@@ -401,7 +400,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def cmd_sandbox(a: argparse.Namespace) -> int:
     from deltanas.sandbox.docker import DockerUnavailable
-    from deltanas.sandbox.image import ImageBuildError, build_image, check
+    from deltanas.sandbox.choose import check
+    from deltanas.sandbox.image import ImageBuildError, build_image
 
     if a.sandbox_command == "build":
         try:
@@ -422,7 +422,7 @@ def cmd_sandbox(a: argparse.Namespace) -> int:
         for layer in info.get("layers") or ():
             print(f"  {layer['name']}: {'in force' if layer['in_force'] else 'NOT in force'}: {layer['why']}")
         if info["sandbox"] == "process" and info.get("layers") is not None:
-            from deltanas.agent.isolation import FS_LAYERS, OPT_IN_FLAG
+            from deltanas.agent.run.isolation import FS_LAYERS, OPT_IN_FLAG
 
             fs = any(layer["in_force"] for layer in info["layers"] if layer["name"] in FS_LAYERS)
             print("model-written code: " + ("runs, each job in a filesystem view of its own" if fs else
@@ -468,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if passthrough:
         args.vllm_args = passthrough
+    from deltanas.agent.archive import StoreError
     from deltanas.agent.config import ConfigError
-    from deltanas.agent.store import StoreError
     from deltanas.sandbox.sizing import SandboxUnfit
 
     try:

@@ -2,7 +2,7 @@
 
 Everything is validated before anything starts; an unknown key or a bad value is
 one clear message. Checks that need the machine (a GPU index, a Docker daemon,
-the dataset) are `preflight` in agent/runtime.py, so that this module stays
+the dataset) are `preflight` in agent/run/build.py, so that this module stays
 import-light. A job's defaults (limits, epochs, batch size, hyperparameters) are
 those of sandbox/base.py, stated there once.
 """
@@ -11,11 +11,14 @@ from __future__ import annotations
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deltanas.sandbox.base import DEFAULT_HYPERPARAMETERS, JobSpec, Limits
+
+if TYPE_CHECKING:
+    from deltanas.agent.llm.factory import LLMSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,6 +78,14 @@ class LLMConfig(_Section):
 
         parse_llm_spec(v)  # raises ValueError with the accepted forms
         return v
+
+    @property
+    def backend(self) -> LLMSpec:
+        """The parsed `spec` (backend type, model, server URL): what the rest of the code reads.
+        The parse is cached per spec string, so it runs once, at validation."""
+        from deltanas.agent.llm.factory import parse_llm_spec
+
+        return parse_llm_spec(self.spec)
 
 
 class SearchConfig(_Section):
@@ -182,12 +193,12 @@ class SandboxConfig(_Section):
     unsafe_no_isolation: bool = False
     """Run model-written candidates even where they cannot get a filesystem view of their own
     (no Docker, bubblewrap or Landlock): they can then read the test labels and your files and
-    write anywhere you can. Off, such a run is refused (agent/isolation.py); the `mutate`
+    write anywhere you can. Off, such a run is refused (agent/run/isolation.py); the `mutate`
     backend's candidates run either way. `--unsafe-no-isolation` sets it; the archive records it."""
 
 
 class LearnConfig(_Section):
-    """The LoRA update after each cycle (agent/lora.py). The defaults suit the few examples a
+    """The LoRA update after each cycle (agent/learning/lora.py). The defaults suit the few examples a
     small run gathers (one epoch, a step per example, a higher rate) and keep the CPU demo within
     its 10 minutes; `--preset paper` has the paper's (3 epochs, 8 accumulated steps, 1e-5)."""
 
@@ -210,7 +221,7 @@ class LearnConfig(_Section):
     archive file gives its `ok` candidates that beat their parent; a LEMUR nn-dataset SQLite database
     (tables nn and stat, e.g. `db/ab.nn.db`, or a folder holding `db/ab.nn.db`) or an nn-dataset
     checkout (`ab/nn/nn/<Name>.py` and `ab/nn/stat/train/...`) gives pairs of its networks. A path that
-    cannot be read is recorded in the archive and the run goes on (agent/coldstart.py)."""
+    cannot be read is recorded in the archive and the run goes on (agent/learning/cold_start_pairs.py)."""
     cold_start_max_pairs: int = Field(64, gt=0)
     """At most this many pairs over all `cold_start_from` paths, the more accurate variants first."""
     cold_start_max_diff_lines: int = Field(40, gt=0)

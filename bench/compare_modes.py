@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from deltanas.agent.report import run_metrics
-from deltanas.agent.store import Store
+from deltanas.agent.archive import Store
+from deltanas.agent.run.report import run_metrics
 
 ROWS = (("valid_rate", "valid rate", "{:.1%}"), ("applied_rate", "applied rate", "{:.1%}"),
         ("mean_accuracy", "mean accuracy", "{:.2%}"), ("best_accuracy", "best accuracy", "{:.2%}"),

@@ -5,7 +5,7 @@ grammar and free.
     python bench/grammar_cost.py --prompts 8 --max-new-tokens 256 --rounds 2 --json
 
 The prompts are the run's own: the zoo baselines in turn as parents, each candidate with the
-edit sites and kinds of layer the run would draw for it (`agent/constraint.py` on the embedded
+edit sites and kinds of layer the run would draw for it (`agent/loop/answer_format.py` on the embedded
 config). The same batch is generated with its grammars (`constrain = "grammar"`) and without
 them (`none`, the paper's protocol), at the same token cap and sampling, alternating rounds so
 that a machine busy with other work slows both alike. The figure is the constrained tokens per
@@ -24,8 +24,8 @@ import sys
 import time
 
 from deltanas.agent.config import load_config
-from deltanas.agent.constraint import families_for, format_for, sites_for
 from deltanas.agent.llm.base import Prompt, Sampling
+from deltanas.agent.loop.answer_format import families_for, format_for, sites_for
 from deltanas.tools import prompting
 from deltanas.tools.zoo import get_baseline
 

@@ -254,7 +254,7 @@ def time_checks(nearest: Callable[[MinHash], tuple[str | None, float]], sigs: li
 
 
 def build_from_blobs(make, blobs: list[tuple[str, bytes]], template: NoveltyIndex, *, traced: bool):
-    """(index, seconds, bytes held): a resume-style rebuild, as `agent/runtime.py` does it."""
+    """(index, seconds, bytes held): a resume-style rebuild, as `agent/run/build.py` does it."""
     gc.collect()
     if traced:
         tracemalloc.start()

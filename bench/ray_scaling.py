@@ -86,8 +86,8 @@ def run_once(workers: int, sources: list[str], ds, handle: Path, device: str, ki
     """One row: the candidates through `workers` Ray actors, or (`local`) through the driver's own
     warm process sandbox on one GPU, without Ray: the same jobs with nothing of Ray's in between."""
     from deltanas.agent.config import SandboxConfig
-    from deltanas.agent.executor import LocalExecutor
-    from deltanas.agent.executor_ray import RayExecutor
+    from deltanas.agent.run.executor import LocalExecutor
+    from deltanas.agent.run.executor_ray import RayExecutor
     from deltanas.sandbox.base import DEFAULT_HYPERPARAMETERS, JobSpec, Limits
     from deltanas.sandbox.process import ProcessSandbox
     from deltanas.tools.proxy import make_job

@@ -76,8 +76,8 @@ def changed_lines(diff: str) -> int:
 
 def archive_report(run_dir: Path, count) -> list[str]:
     """Lines on one run's archive: real completion tokens per candidate, by mode and proposer."""
-    from deltanas.agent.rundir import ARCHIVE_FILE
-    from deltanas.agent.store import Store
+    from deltanas.agent.archive import Store
+    from deltanas.agent.run.rundir import ARCHIVE_FILE
 
     store = Store(run_dir / ARCHIVE_FILE, readonly=True)
     try:

@@ -28,7 +28,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from deltanas.agent.store import Store
+from deltanas.agent.archive import Store
 from deltanas.tools.diff_apply import apply_model_output
 from deltanas.tools.full_extract import apply_full_output
 

@@ -2,7 +2,7 @@
 
 A `Sandbox` takes a `Job` and returns a `Result`. A job is the run's `JobSpec` (the
 dataset handle, hyperparameters, epochs, seed, batch size, device, limits: built once
-per run, agent/runtime.py `job_spec`) plus a `Candidate` (its id and source).
+per run, agent/run/build.py `job_spec`) plus a `Candidate` (its id and source).
 Backends: `process` and `docker`. Both run `deltanas.sandbox.worker` inside the
 isolation and read back only size-limited JSON and a `.npy` of test predictions;
 test labels never enter.

@@ -1,4 +1,4 @@
-"""The sandbox image, and which sandbox a run gets: `deltanas sandbox build` and `check`.
+"""The sandbox image: `deltanas sandbox build`.
 
 Two ways to an image:
 
@@ -10,8 +10,7 @@ Two ways to an image:
   deltanas.sandbox folder read-only into it (the same release as the host, so
   the host's interpreter finds the C libraries it was built against).
 
-`select_backend` is the one place that turns `sandbox = "auto" | "docker" |
-"process"` into a backend and a reason; `check()` reports it for the CLI.
+Which sandbox a run gets, and `deltanas sandbox check`, are sandbox/choose.py's.
 """
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from deltanas.sandbox.docker import (DEFAULT_IMAGE, PYTHON_LABEL, DockerUnavailable, _client, _one_line,
-                                     docker_available, image_available)
+from deltanas.sandbox.docker import DEFAULT_IMAGE, PYTHON_LABEL, _client, _one_line
 
 DEBOOTSTRAP_TIMEOUT_S = 900
 
@@ -152,50 +150,3 @@ def build_image(tag: str = DEFAULT_IMAGE, mode: str = "auto", client=None) -> tu
     build_offline_image(tag, c)
     done = "already present" if existed else "built offline from a debootstrap rootfs"
     return tag, f"{done} ({why})" if mode == "auto" else done
-
-
-# -- which sandbox -------------------------------------------------------------------------------------------------
-
-def select_backend(requested: str = "auto", image: str = DEFAULT_IMAGE) -> tuple[str, str]:
-    """("docker" | "process", why). Raises DockerUnavailable when "docker" is demanded
-    and cannot be had."""
-    if requested not in ("auto", "docker", "process"):
-        raise ValueError(f"sandbox {requested!r}: use auto, docker or process")
-    if requested == "process":
-        return "process", "the process sandbox was asked for"
-    ok, detail = docker_available()
-    if ok and image_available(image):
-        return "docker", f"{detail}; image {image} is present"
-    why = detail if not ok else f"image {image} is missing (build it with `deltanas sandbox build`)"
-    if requested == "docker":
-        raise DockerUnavailable(f"sandbox 'docker' was asked for, but {why}")
-    return "process", f"falling back to the process sandbox: {why}"
-
-
-def check(requested: str = "auto", image: str = DEFAULT_IMAGE) -> dict:
-    """What `deltanas sandbox check` prints: the sandbox in force, its isolation, and why."""
-    ok, detail = docker_available()
-    present = ok and image_available(image)
-    out: dict = {"requested": requested, "docker": {"available": ok, "detail": detail},
-                 "image": {"tag": image, "present": present, "python": None}}
-    try:
-        kind, reason = select_backend(requested, image)
-    except DockerUnavailable as e:
-        out.update(sandbox=None, reason=str(e), isolation="none: the run would refuse to start")
-        return out
-    with tempfile.TemporaryDirectory(prefix="deltanas-check-") as tmp:
-        if kind == "docker":
-            from deltanas.sandbox.docker import DockerSandbox
-
-            sb = DockerSandbox(Path(tmp), image=image)
-            out["image"]["python"] = sb.python_from
-        else:
-            from deltanas.sandbox.process import ProcessSandbox
-
-            sb = ProcessSandbox(Path(tmp))
-        try:
-            out.update(sandbox=kind, reason=reason, isolation=sb.isolation(),
-                       layers=sb.layers() if hasattr(sb, "layers") else None)
-        finally:
-            sb.close()
-    return out

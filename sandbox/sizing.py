@@ -1,6 +1,6 @@
 """How big each candidate's share of the machine is: the device it trains on, checked, and its
 part of a GPU's memory. Plain values in and out; the run's config is read on the agent side
-(agent/runtime.py). Imports nothing of the package, so that the in-sandbox warm worker can read
+(agent/run/build.py). Imports nothing of the package, so that the in-sandbox warm worker can read
 `SPARES` from here too."""
 from __future__ import annotations
 

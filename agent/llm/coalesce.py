@@ -38,7 +38,7 @@ class CoalescingBackend:
     def __init__(self, inner: LLMBackend, *, window_s: float = 0.05):
         self.inner = inner
         self.name = inner.name
-        # What the inner backend can do with a prompt's prefix and grammar (agent/constraint.py).
+        # What the inner backend can do with a prompt's prefix and grammar (agent/loop/answer_format.py).
         self.supports_grammar = getattr(inner, "supports_grammar", False)
         self.supports_prefix = getattr(inner, "supports_prefix", False)
         self.window_s = window_s

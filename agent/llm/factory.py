@@ -4,6 +4,7 @@ No spec names the tests' scripted backend: they build `agent/llm/scripted.py`'s 
 directly."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ def _bad(spec: str, why: str) -> ValueError:
     return ValueError(f"invalid LLM spec {spec!r}: {why}. Accepted forms: {ACCEPTED_FORMS}")
 
 
+@functools.lru_cache(maxsize=64)
 def parse_llm_spec(spec: str) -> LLMSpec:
+    """The one parse of a spec string (cached: `LLMConfig.backend` reads it here)."""
     s = spec.strip() if isinstance(spec, str) else ""
     if not s:
         raise _bad(str(spec), "empty")

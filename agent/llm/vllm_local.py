@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from deltanas.agent.llm.base import Completion, Prompt, Sampling
-from deltanas.agent.llm.serving import serving_folder
+from deltanas.agent.llm.model_folder import serving_folder
 from deltanas.agent.stopping import RunStopped
 
 log = logging.getLogger(__name__)

@@ -12,17 +12,17 @@ import time
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
-from deltanas.agent import coldstart
-from deltanas.agent.coldstart import Pair, archive_pairs, gather, lemur_pairs, pair_example, source_kind
+from deltanas.agent.archive import CandidateRow, Store
 from deltanas.agent.config import load_config
-from deltanas.agent.deps import DatasetInfo, Deps
+from deltanas.agent.learning import cold_start_pairs
+from deltanas.agent.learning.cold_start_pairs import Pair, archive_pairs, gather, lemur_pairs, pair_example, source_kind
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.llm.scripted import ScriptedBackend
-from deltanas.agent.report import markdown, run_metrics
-from deltanas.agent.runner import run_graph
-from deltanas.agent.runtime import restore_adapter
+from deltanas.agent.loop.deps import DatasetInfo, Deps
+from deltanas.agent.run.build import restore_adapter
+from deltanas.agent.run.driver import run_graph
+from deltanas.agent.run.report import markdown, run_metrics
 from deltanas.agent.stopping import RunStopped
-from deltanas.agent.store import CandidateRow, Store
 from deltanas.tools import prompting
 from deltanas.tools.diff_apply import apply_model_output
 from deltanas.tools.full_extract import apply_full_output
@@ -297,7 +297,7 @@ def test_gather_reports_each_source_dedups_and_caps(tmp_path):
     assert [r["pairs"] for r in reports] == [0, 2, 0]
     assert reports[0]["error"].startswith("cannot read: ") and "missing" in reports[0]["error"]
     assert reports[2]["kind"] == "lemur-checkout" and reports[2]["error"] is None
-    assert "missing: cannot read" in coldstart.describe(reports)
+    assert "missing: cannot read" in cold_start_pairs.describe(reports)
     pairs, reports = gather([str(db), str(checkout)], dataset="mnist", limit=1)
     assert len(pairs) == 1 and reports[1]["summary"] == "not read: 1 pairs were found before it"
     # a variant too close to its base to be novel is not taught
@@ -394,8 +394,8 @@ def test_cold_start_trains_first_is_loaded_and_later_updates_keep_its_pairs(tmp_
 def test_cold_start_stopped_midway_resumes_without_reading_the_sources_again(tmp_path, monkeypatch):
     db = lemur_db(tmp_path / "ab.nn.db")
     reads, trained, leftover = [], [], []
-    real_gather = coldstart.gather
-    monkeypatch.setattr(coldstart, "gather", lambda *a, **k: reads.append(1) or real_gather(*a, **k))
+    real_gather = cold_start_pairs.gather
+    monkeypatch.setattr(cold_start_pairs, "gather", lambda *a, **k: reads.append(1) or real_gather(*a, **k))
 
     def learner(examples, out_dir, stop):
         partial = out_dir.parent / f".{out_dir.name}.partial-x"
@@ -486,7 +486,7 @@ def test_an_archive_source_feeds_a_new_run(tmp_path):
 @pytest.mark.slow
 def test_cold_start_pairs_train_a_real_adapter(tmp_path):
     """SmolLM2 with tiny LoRA settings: the cold-start adapter is a real peft adapter, loaded before cycle 0."""
-    from deltanas.agent.lora import LoraSettings, adapter_complete, train_adapter
+    from deltanas.agent.learning.lora import LoraSettings, adapter_complete, train_adapter
 
     db = lemur_db(tmp_path / "ab.nn.db")
     tiny = LoraSettings(r=4, alpha=8, epochs=1, grad_accum=1, max_length=256, lr=1e-4)

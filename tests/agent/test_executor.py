@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from deltanas.agent.executor import LocalExecutor
+from deltanas.agent.run.executor import LocalExecutor
 from deltanas.agent.stopping import RunStopped
 from deltanas.sandbox.base import JobSpec, Result
 from deltanas.tools.zoo import get_baseline

@@ -18,8 +18,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from deltanas.agent.config import SandboxConfig  # noqa: E402
-from deltanas.agent.executor import LocalExecutor  # noqa: E402
-from deltanas.agent.executor_ray import RayExecutor  # noqa: E402
+from deltanas.agent.run.executor import LocalExecutor  # noqa: E402
+from deltanas.agent.run.executor_ray import RayExecutor  # noqa: E402
 from deltanas.agent.stopping import RunStopped  # noqa: E402
 from deltanas.sandbox.base import JobSpec, Limits  # noqa: E402
 from deltanas.sandbox.process import ProcessSandbox  # noqa: E402
@@ -299,9 +299,9 @@ def test_close_during_jobs_kills_them_and_records_nothing(local_ray, data, tmp_p
 
 
 def test_missing_ray_is_a_config_error(monkeypatch):
-    from deltanas.agent import executor_ray
     from deltanas.agent.config import ConfigError, load_config
-    from deltanas.agent.runtime import preflight
+    from deltanas.agent.run import executor_ray
+    from deltanas.agent.run.build import preflight
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ConfigError, match=r"deltanas\[ray\]"):
@@ -320,8 +320,8 @@ def test_too_few_resources_is_a_config_error(local_ray, data, tmp_path):
 
 
 def test_an_actor_without_the_drivers_handle_refuses_to_start(local_ray, data, tmp_path):
-    from deltanas.agent import executor_ray
     from deltanas.agent.config import ConfigError
+    from deltanas.agent.run import executor_ray
 
     ds, handle = data
     other = write_handle(synthetic(seed=9), tmp_path / "other")
@@ -348,7 +348,7 @@ def test_whole_run_with_the_ray_executor(tmp_path):
     status = json.loads(s.stdout)
     assert status["candidates"] == 2 and "proposed" not in status["per_status"]
     assert 0.1 < status["baselines"]["base-lenet"] <= 1.0
-    from deltanas.agent.store import Store
+    from deltanas.agent.archive import Store
 
     rows = Store(d / "archive.sqlite", readonly=True).candidates()
     assert {r.id for r in rows} == {"base-lenet", "c000-000", "c000-001"} and all(r.final for r in rows)

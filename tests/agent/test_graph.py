@@ -13,13 +13,13 @@ import time
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
-from deltanas.agent import runner
+from deltanas.agent.archive import Store
 from deltanas.agent.config import load_config
-from deltanas.agent.deps import DatasetInfo, Deps
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.llm.scripted import ScriptedBackend
-from deltanas.agent.runner import run_graph, run_with_signals, sqlite_saver
-from deltanas.agent.store import Store
+from deltanas.agent.loop.deps import DatasetInfo, Deps
+from deltanas.agent.run import driver
+from deltanas.agent.run.driver import run_graph, run_with_signals, sqlite_saver
 from deltanas.tools.novelty import NoveltyIndex
 
 from support import InstantExecutor, block_diff, threads_inside
@@ -235,7 +235,7 @@ class Deaf(ScriptedBackend):
 
 def test_a_kill_returns_even_when_a_backend_ignores_it_and_says_so(tmp_path, sigterm_guard, monkeypatch):
     """The session then exits without waiting for the stuck thread (Python would join it at exit)."""
-    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.5)
+    monkeypatch.setattr(driver, "KILL_GRACE_S", 0.5)
     deaf = Deaf(good_answers)
     deps = make_deps(tmp_path, deaf, InstantExecutor(), **{"search.cycles": 1, "search.candidates": 2})
     when: dict = {}

@@ -15,8 +15,8 @@ from langgraph.checkpoint.memory import InMemorySaver
 from deltanas.agent.config import load_config
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.llm.scripted import ScriptedBackend
-from deltanas.agent.runner import run_graph
-from deltanas.agent.runtime import build_deps
+from deltanas.agent.run.build import build_deps
+from deltanas.agent.run.driver import run_graph
 
 # Each payload goes at the top of Net.__init__, so it runs inside the sandbox when the net is built;
 # the padding lines make every candidate structurally novel against its parent.

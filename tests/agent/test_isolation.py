@@ -1,5 +1,5 @@
 """No model-written code runs without a filesystem view of its own unless the user opts in
-(agent/isolation.py): the refusal, the opt-in by flag and by config key, the mutate
+(agent/run/isolation.py): the refusal, the opt-in by flag and by config key, the mutate
 exemption, and the archive's record as `deltanas status` and `deltanas report` show it.
 A fake sandbox stands in for a machine without Docker, bubblewrap or Landlock."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from deltanas.agent import isolation, runtime
+from deltanas.agent.archive import Store
 from deltanas.agent.cli import main
 from deltanas.agent.config import ConfigError, load_config
 from deltanas.agent.llm.scripted import ScriptedBackend
-from deltanas.agent.store import Store
+from deltanas.agent.run import isolation, build
 
 MODEL = "openai:m@http://127.0.0.1:9/v1"  # a model-written run; preflight never calls the server
 
@@ -66,18 +66,18 @@ class Docker:
 @pytest.fixture
 def unconfined(monkeypatch):
     """Every sandbox the run builds is Unconfined; the run itself stops before loading anything."""
-    monkeypatch.setattr(runtime, "sandbox_for", lambda *a, **k: Unconfined())
-    monkeypatch.setattr(runtime, "make_sandbox", lambda *a, **k: Unconfined())
-    monkeypatch.setattr(runtime, "load_run_dataset", lambda cfg: "dataset")
+    monkeypatch.setattr(build, "sandbox_for", lambda *a, **k: Unconfined())
+    monkeypatch.setattr(build, "make_sandbox", lambda *a, **k: Unconfined())
+    monkeypatch.setattr(build, "load_run_dataset", lambda cfg: "dataset")
     started = []
 
     def run_session(cfg, run_dir, *, plain, dataset):
         started.append(cfg)
         return 0
 
-    import deltanas.agent.session as session
+    import deltanas.agent.run.terminal as terminal
 
-    monkeypatch.setattr(session, "run_session", run_session)
+    monkeypatch.setattr(terminal, "run_session", run_session)
     return started
 
 
@@ -129,7 +129,7 @@ def test_build_deps_refuses_too_for_callers_that_skip_preflight(tmp_path):
     cfg = load_config(None, {"llm.spec": MODEL, "data.dataset": "synthetic", "baselines": ["lenet"]})
     sandbox = Unconfined()
     with pytest.raises(ConfigError, match="--unsafe-no-isolation"):
-        runtime.build_deps(cfg, tmp_path / "run", sandbox=sandbox)
+        build.build_deps(cfg, tmp_path / "run", sandbox=sandbox)
     assert sandbox.closed
 
 
@@ -137,7 +137,7 @@ def test_an_opted_in_run_is_recorded_and_shown_by_status_and_report(tmp_path, ca
     cfg = load_config(None, {"llm.spec": MODEL, "data.dataset": "synthetic", "baselines": ["lenet"],
                              "learn.enabled": False, "sandbox.unsafe_no_isolation": True})
     run_dir = tmp_path / "run"
-    deps = runtime.build_deps(cfg, run_dir, llm=ScriptedBackend([]), sandbox=Unconfined())
+    deps = build.build_deps(cfg, run_dir, llm=ScriptedBackend([]), sandbox=Unconfined())
     deps.executor.close()
     deps.store.close()
     [entry] = Store(run_dir / "archive.sqlite", readonly=True).get_meta(isolation.ISOLATION_META)

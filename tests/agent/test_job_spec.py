@@ -1,5 +1,5 @@
 """One `JobSpec` per run: `deltanas eval` trains a candidate exactly as the loop does, because both
-take every job setting from `runtime.job_spec` and add only the candidate."""
+take every job setting from `build.job_spec` (agent/run/build.py) and add only the candidate."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from deltanas.agent import cli, runtime
+from deltanas.agent import cli
+
 from deltanas.agent.config import load_config
 from deltanas.agent.llm.scripted import ScriptedBackend
+from deltanas.agent.run import build
 from deltanas.sandbox.base import DEFAULT_HYPERPARAMETERS, Candidate, Job, JobSpec, Limits, Result
 from deltanas.tools.proxy import make_job
 from deltanas.tools.zoo import get_baseline
@@ -70,7 +72,7 @@ def write_settings(tmp_path: Path, dataset: str, limit_train: int, limit_test: i
 
 def loop_evaluate(cfg, source: str, candidate_id: str, run_dir: Path, sandbox=None):
     """`source` through the loop's own executor, as `build_deps` makes it for a run."""
-    deps = runtime.build_deps(cfg, run_dir, llm=ScriptedBackend([]), sandbox=sandbox)
+    deps = build.build_deps(cfg, run_dir, llm=ScriptedBackend([]), sandbox=sandbox)
     try:
         return deps.executor.evaluate(source, candidate_id, run_dir / "candidates" / candidate_id)
     finally:
@@ -92,7 +94,7 @@ def test_a_job_is_the_spec_plus_the_candidate_in_the_workers_key_order():
 
 def test_the_configs_defaults_are_the_jobs(tmp_path):
     cfg = load_config(None, {})
-    spec = runtime.job_spec(cfg, tmp_path)
+    spec = build.job_spec(cfg, tmp_path)
     assert spec.limits == Limits() and spec.limits.timeout_s == cfg.sandbox.timeout_s == 300.0
     assert spec.hyperparameters == DEFAULT_HYPERPARAMETERS
     bare = JobSpec(str(tmp_path))
@@ -101,7 +103,7 @@ def test_the_configs_defaults_are_the_jobs(tmp_path):
     # The hyperparameters a job gets are those its source declares, from the run's values.
     source = get_baseline("lenet").source
     assert make_job(spec, "x = 1\n", "c").hyperparameters == DEFAULT_HYPERPARAMETERS
-    assert make_job(runtime.job_spec(load_config(None, {"train.lr": 0.5}), tmp_path), source, "c").hyperparameters \
+    assert make_job(build.job_spec(load_config(None, {"train.lr": 0.5}), tmp_path), source, "c").hyperparameters \
         == {**DEFAULT_HYPERPARAMETERS, "lr": 0.5}
 
 
@@ -110,7 +112,7 @@ def test_eval_builds_the_job_the_loop_builds(tmp_path, monkeypatch):
     model = tmp_path / "c000-003.py"
     model.write_text(get_baseline("lenet").source)
     evaluated = RecordingSandbox()
-    monkeypatch.setattr(runtime, "make_sandbox", lambda cfg, work_root: evaluated)
+    monkeypatch.setattr(build, "make_sandbox", lambda cfg, work_root: evaluated)
     assert cli.main(["eval", str(model), "--config", str(settings), "--json"]) == cli.EXIT_FAIL
     cfg = load_config(settings, {"llm.spec": "mutate"})
     looped = RecordingSandbox()
@@ -128,7 +130,7 @@ def test_eval_flags_override_the_config(tmp_path, monkeypatch):
     model = tmp_path / "net.py"
     model.write_text(get_baseline("lenet").source)
     sandbox = RecordingSandbox()
-    monkeypatch.setattr(runtime, "make_sandbox", lambda cfg, work_root: sandbox)
+    monkeypatch.setattr(build, "make_sandbox", lambda cfg, work_root: sandbox)
     cli.main(["eval", str(model), "--config", str(settings), "--timeout", "50", "--epochs", "2", "--json"])
     (job,) = sandbox.jobs
     assert (job.limits.timeout_s, job.epochs, job.batch_size) == (50.0, 2, 64)

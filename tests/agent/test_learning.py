@@ -12,15 +12,15 @@ import threading
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
+from deltanas.agent.archive import CandidateRow, Store
 from deltanas.agent.config import load_config
-from deltanas.agent.deps import DatasetInfo, Deps
-from deltanas.agent.learning import export_records, sft_example, successful, training_set
+from deltanas.agent.learning.examples import export_records, sft_example, successful, training_set
+from deltanas.agent.learning.lora import LoraSettings, adapter_complete, train_adapter
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.llm.scripted import ScriptedBackend
-from deltanas.agent.lora import LoraSettings, adapter_complete, train_adapter
-from deltanas.agent.runner import run_graph
+from deltanas.agent.loop.deps import DatasetInfo, Deps
+from deltanas.agent.run.driver import run_graph
 from deltanas.agent.stopping import RunStopped
-from deltanas.agent.store import CandidateRow, Store
 from deltanas.tools.novelty import NoveltyIndex
 
 from support import InstantExecutor, block_diff
@@ -128,7 +128,7 @@ def test_export_loads_in_datasets_and_trains_in_trl(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     from deltanas.agent.llm.hf import load_pretrained
-    from deltanas.agent.llm.serving import drop_gguf_mark
+    from deltanas.agent.llm.model_folder import drop_gguf_mark
 
     tok, net = load_pretrained("smollm2", "cpu")
     drop_gguf_mark(net)

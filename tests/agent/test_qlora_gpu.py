@@ -12,7 +12,7 @@ import importlib.util
 
 import torch
 
-from deltanas.agent.lora import META_FILE, LoraSettings, adapter_complete, train_adapter
+from deltanas.agent.learning.lora import META_FILE, LoraSettings, adapter_complete, train_adapter
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
                                reason="QLoRA needs a CUDA GPU and bitsandbytes (run on the device machine)")

@@ -8,12 +8,12 @@ from statistics import mean
 
 from langgraph.checkpoint.memory import InMemorySaver
 
+from deltanas.agent.archive import Store
 from deltanas.agent.config import load_config
-from deltanas.agent.deps import DatasetInfo, Deps
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.llm.scripted import ScriptedBackend
-from deltanas.agent.runner import run_graph
-from deltanas.agent.store import Store
+from deltanas.agent.loop.deps import DatasetInfo, Deps
+from deltanas.agent.run.driver import run_graph
 from deltanas.tools.novelty import NoveltyIndex
 
 from support import InstantExecutor, block_diff

@@ -104,16 +104,17 @@ def test_sigint_drains_and_exits_cleanly(tmp_path):
 # cancel cuts short: the user's case of a stop during a slow generation, without loading a model.
 SLOW_MODEL = """
 import sys
-from deltanas.agent import cli, runtime
+from deltanas.agent import cli
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.llm.scripted import ScriptedBackend
+from deltanas.agent.run import build
 
 class Slow(ScriptedBackend):
     def generate(self, prompts, sampling):
         print("generating", flush=True)
         return super().generate(prompts, sampling)
 
-runtime.make_llm = lambda cfg: CoalescingBackend(Slow(lambda p: "no change", delay_s=300))
+build.make_llm = lambda cfg: CoalescingBackend(Slow(lambda p: "no change", delay_s=300))
 sys.exit(cli.main(sys.argv[1:]))
 """
 

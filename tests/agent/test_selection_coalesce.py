@@ -3,11 +3,11 @@ import time
 
 import pytest
 
+from deltanas.agent.archive import CandidateRow
 from deltanas.agent.llm.base import Completion, Prompt, Sampling
 from deltanas.agent.llm.coalesce import CoalescingBackend
-from deltanas.agent.selection import select_parents
+from deltanas.agent.loop.selection import select_parents
 from deltanas.agent.stopping import RunStopped
-from deltanas.agent.store import CandidateRow
 
 from support import threads_inside
 

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from deltanas.agent.store import CandidateRow, Store, StoreError
+from deltanas.agent.archive import CandidateRow, Store, StoreError
 
 
 def _row(i, **kw):

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from deltanas.agent import serve
+from deltanas.agent.learning.lora import LoraSettings, train_adapter
+from deltanas.agent.llm import vllm_server
 from deltanas.agent.llm.base import Prompt, Sampling
+from deltanas.agent.llm.model_folder import READY_MARK, serving_folder
 from deltanas.agent.llm.openai_compat import OpenAIBackend
-from deltanas.agent.llm.serving import READY_MARK, serving_folder
-from deltanas.agent.lora import LoraSettings, train_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "Name the secret animal."
@@ -229,7 +229,7 @@ def test_deltanas_serve_loads_run_adapters_and_new_ones_at_runtime(vllm_env, tmp
 
 
 def _fake_adapter(path: Path, r: int = 8) -> Path:
-    from deltanas.agent.lora import META_FILE
+    from deltanas.agent.learning.lora import META_FILE
 
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_text(json.dumps({"r": r, "peft_type": "LORA"}))
@@ -248,7 +248,7 @@ def test_serve_plan_orders_whole_adapters_and_sizes_the_rank(tmp_path, monkeypat
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    p = serve.plan(str(folder), run_dir=run, python=sys.executable, port=8011, max_lora_rank=16)
+    p = vllm_server.plan(str(folder), run_dir=run, python=sys.executable, port=8011, max_lora_rank=16)
     assert [n for n, _ in p.adapters] == ["cold-start", "cycle-2", "cycle-3", "cycle-10"]
     assert p.argv[p.argv.index("--max-lora-rank") + 1] == "64"  # cycle-3's rank 48, rounded up to vLLM's 64
     assert p.argv[p.argv.index("--model") + 1] == str(folder)
@@ -259,10 +259,10 @@ def test_serve_plan_orders_whole_adapters_and_sizes_the_rank(tmp_path, monkeypat
 
 def test_serve_refuses_clearly(tmp_path, monkeypatch):
     monkeypatch.delenv("DELTANAS_VLLM_PYTHON", raising=False)
-    with pytest.raises(serve.ServeError, match="not an executable"):
-        serve.vllm_python(str(tmp_path / "nope"))
-    with pytest.raises(serve.ServeError, match="does not exist"):
-        serve.run_adapters(tmp_path / "missing-run")
+    with pytest.raises(vllm_server.ServeError, match="not an executable"):
+        vllm_server.vllm_python(str(tmp_path / "nope"))
+    with pytest.raises(vllm_server.ServeError, match="does not exist"):
+        vllm_server.run_adapters(tmp_path / "missing-run")
     r = subprocess.run([sys.executable, "-m", "deltanas.agent.cli", "serve", "no-such-model", "--python",
                         sys.executable, "--print-command"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not an alias" in r.stderr

@@ -35,8 +35,8 @@ needs_smollm2 = pytest.mark.skipif(not _tokenizer_available(), reason="the SmolL
 
 
 def _fake_run(run_dir: Path) -> None:
-    from deltanas.agent.rundir import ARCHIVE_FILE
-    from deltanas.agent.store import CandidateRow, Store
+    from deltanas.agent.archive import CandidateRow, Store
+    from deltanas.agent.run.rundir import ARCHIVE_FILE
     from deltanas.tools.diff_write import make_diff
     from deltanas.tools.zoo import get_baseline
 

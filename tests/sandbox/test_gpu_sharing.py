@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deltanas.agent.config import ConfigError, load_config
-from deltanas.agent.runtime import job_spec
+from deltanas.agent.run.build import job_spec
 from deltanas.sandbox.base import JobSpec, Limits
 from deltanas.sandbox.process import ProcessSandbox
 from deltanas.sandbox.sizing import CUDA_CONTEXT_MB, SPARES, SandboxUnfit, gpu_share_mb

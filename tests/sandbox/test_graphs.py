@@ -298,7 +298,7 @@ def test_host_state_of_an_unchanged_model_is_stable_with_nan_attributes():
 
 def test_the_switch_travels_from_the_config_to_the_worker(tmp_path):
     from deltanas.agent.config import load_config
-    from deltanas.agent.runtime import job_spec
+    from deltanas.agent.run.build import job_spec
     from deltanas.tools.proxy import make_job
 
     assert load_config(None, {}).sandbox.cuda_graphs is True

@@ -451,7 +451,7 @@ def test_host_files_cannot_be_read(sandbox, data, run_dir):
     handle holds no test labels."""
     need_fs_isolation(sandbox)
     paths = {"archive": run_dir / "archive.sqlite", "labels": run_dir / "test_labels.npy",
-             "agent": PROJECT / "agent" / "store.py", "project": PROJECT / "pyproject.toml"}
+             "agent": PROJECT / "agent" / "archive.py", "project": PROJECT / "pyproject.toml"}
     r = run(sandbox, data, probe(f'''
 for name, path in {({k: str(v) for k, v in paths.items()})!r}.items():
     try:

@@ -153,7 +153,7 @@ def test_bulk_signatures_equal_single_ones(mutated_zoo):
 
 
 def test_resume_from_archive_bytes_answers_the_same(mutated_zoo):
-    """What agent/runtime.py does on resume: the archive's `minhash` blobs, `from_hashvalues`, `add`."""
+    """What agent/run/build.py does on resume: the archive's `minhash` blobs, `from_hashvalues`, `add`."""
     live = NoveltyIndex()
     sigs = live.signatures(mutated_zoo[:300])
     blobs = []

@@ -19,10 +19,10 @@ from typing import Any, Literal
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from deltanas.agent.deps import Deps, RunStopped
-from deltanas.agent.graph import build_graph
-from deltanas.agent.rundir import CHECKPOINT_FILE
-from deltanas.agent.store import StoreError
+from deltanas.agent.archive import StoreError
+from deltanas.agent.loop.deps import Deps, RunStopped
+from deltanas.agent.loop.graph import build_graph
+from deltanas.agent.run.rundir import CHECKPOINT_FILE
 
 THREAD = {"configurable": {"thread_id": "search"}}
 KILL_GRACE_S = 5.0  # after a kill, how long the graph's threads get to unwind and checkpoint

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deltanas.agent.constraint import families_for, format_for
-from deltanas.agent.deps import Deps
+from deltanas.agent.archive import CandidateRow
 from deltanas.agent.llm.base import Prompt
-from deltanas.agent.state import CandidateState
-from deltanas.agent.store import CandidateRow
+from deltanas.agent.loop.answer_format import families_for, format_for
+from deltanas.agent.loop.deps import Deps
+from deltanas.agent.loop.state import CandidateState
 from deltanas.tools import prompting
 from deltanas.tools.diff_apply import apply_model_output
 from deltanas.tools.full_extract import apply_full_output

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from deltanas.agent.archive import Store
 from deltanas.agent.config import Config
-from deltanas.agent.executor import Executor
 from deltanas.agent.llm.base import LLMBackend, Sampling
+from deltanas.agent.run.executor import Executor
 from deltanas.agent.stopping import RunStopped
-from deltanas.agent.store import Store
 from deltanas.tools.novelty import NoveltyIndex
 
 
@@ -32,7 +32,7 @@ class Deps:
     run_dir: Path
     stop: threading.Event = field(default_factory=threading.Event)
     learner: Callable[[list[dict[str, Any]], Path, threading.Event], dict[str, Any]] | None = None
-    """Trains a LoRA adapter on examples into a folder (agent/lora.py); None: no update, see `learner_note`."""
+    """Trains a LoRA adapter on examples into a folder (agent/learning/lora.py); None: no update, see `learner_note`."""
     learner_note: str = ""
     cold_llm: LLMBackend | None = None
     """Proposes the first `learn.cold_start_cycles` cycles (the mutate backend): their successful

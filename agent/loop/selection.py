@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from deltanas.agent.store import CandidateRow
+from deltanas.agent.archive import CandidateRow
 
 
 def select_parents(pool: Sequence[CandidateRow], n: int, *, tournament_size: int, explore: float,

@@ -6,7 +6,7 @@ on every attention and MLP projection; lr 1e-5, 3 epochs, gradient accumulation
 (1.16) computes log-probabilities from `lm_head.weight` directly and refuses an
 adapter there ("the adapter would never be trained"), so `lm_head` is off by
 default and turning it on fails with trl's message. Examples are
-conversational prompt-completion pairs (agent/learning.py), so trl renders them
+conversational prompt-completion pairs (agent/learning/examples.py), so trl renders them
 with the tokenizer's own chat template (the one the hf backend serves with) and
 puts the loss on the completion's tokens only.
 
@@ -86,7 +86,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     from trl import SFTConfig, SFTTrainer
 
     from deltanas.agent.llm.hf import CHATML_TEMPLATE, load_pretrained, stop_points
-    from deltanas.agent.llm.serving import drop_gguf_mark
+    from deltanas.agent.llm.model_folder import drop_gguf_mark
 
     hf_logging.disable_progress_bar()
     disable_progress_bar()
@@ -195,11 +195,11 @@ def clear_partials(adapters_dir: Path) -> int:
 
 def _load_quantized(model: str, quant: dict):
     """(tokenizer, 4-bit model on GPU 0). A GGUF model goes through its plain-weights folder
-    (agent/llm/serving.py): transformers quantizes float weights, not GGUF blocks."""
+    (agent/llm/model_folder.py): transformers quantizes float weights, not GGUF blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltanas.agent.llm.hf import resolve_model
-    from deltanas.agent.llm.serving import serving_folder
+    from deltanas.agent.llm.model_folder import serving_folder
 
     loc = resolve_model(model)
     path = str(serving_folder(model)) if loc.gguf_file else loc.path

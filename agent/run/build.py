@@ -11,14 +11,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-from deltanas.agent import isolation
+from deltanas.agent.archive import Store
 from deltanas.agent.config import Config, ConfigError, SandboxConfig
-from deltanas.agent.deps import DatasetInfo, Deps
-from deltanas.agent.executor import Executor, LocalExecutor
 from deltanas.agent.llm.base import LLMBackend
 from deltanas.agent.llm.coalesce import CoalescingBackend
-from deltanas.agent.rundir import ARCHIVE_FILE
-from deltanas.agent.store import Store
+from deltanas.agent.loop.deps import DatasetInfo, Deps
+from deltanas.agent.run import isolation
+from deltanas.agent.run.executor import Executor, LocalExecutor
+from deltanas.agent.run.rundir import ARCHIVE_FILE
 from deltanas.sandbox.base import JobSpec, Limits, Sandbox
 from deltanas.sandbox.choose import sandbox_for
 from deltanas.sandbox.sizing import check_device, gpu_share_mb
@@ -41,7 +41,7 @@ def probe_fs_isolation(s: SandboxConfig) -> tuple[str, str | None]:
     """(the sandbox `[sandbox]` gets on this machine, `isolation.fs_isolation` of it), without
     starting a worker. Under Ray it stands for the actors on this machine."""
     from deltanas.sandbox.docker import DockerUnavailable
-    from deltanas.sandbox.image import select_backend
+    from deltanas.sandbox.choose import select_backend
 
     try:
         kind, _why = select_backend(s.type, s.image)
@@ -59,8 +59,8 @@ def probe_fs_isolation(s: SandboxConfig) -> tuple[str, str | None]:
 
 def check_isolation(cfg: Config) -> None:
     """Refuses a run whose model-written candidates would get no filesystem view of their own,
-    unless `sandbox.unsafe_no_isolation` (agent/isolation.py)."""
-    model_code = isolation.runs_model_code(cfg.llm.spec)
+    unless `sandbox.unsafe_no_isolation` (agent/run/isolation.py)."""
+    model_code = isolation.runs_model_code(cfg.llm.backend)
     if not model_code or cfg.sandbox.unsafe_no_isolation:
         return  # nothing to refuse: no probe
     _kind, missing = probe_fs_isolation(cfg.sandbox)
@@ -101,12 +101,10 @@ def preflight(cfg: Config):
     check_device(cfg.sandbox.device, here=cfg.sandbox.executor == "local")
     _gpu_share(cfg)
     if cfg.sandbox.executor == "ray":
-        from deltanas.agent.executor_ray import import_ray
+        from deltanas.agent.run.executor_ray import import_ray
 
         import_ray()
-    from deltanas.agent.llm.factory import parse_llm_spec
-
-    spec = parse_llm_spec(cfg.llm.spec)
+    spec = cfg.llm.backend
     if spec.type == "hf":
         from deltanas.agent.llm.hf import resolve_model
 
@@ -116,7 +114,7 @@ def preflight(cfg: Config):
             raise ConfigError(f"llm.spec {cfg.llm.spec!r}: {e}") from None
     if cfg.sandbox.type == "docker":
         from deltanas.sandbox.docker import DockerUnavailable
-        from deltanas.sandbox.image import select_backend
+        from deltanas.sandbox.choose import select_backend
 
         try:
             select_backend("docker", cfg.sandbox.image)
@@ -129,7 +127,7 @@ def preflight(cfg: Config):
 def make_llm(cfg: Config) -> LLMBackend:
     from deltanas.agent.llm.factory import make_backend
 
-    backend = make_backend(cfg.llm.spec, device=cfg.llm.device, dtype=cfg.llm.dtype, batch_size=cfg.llm.batch_size,
+    backend = make_backend(cfg.llm.backend, device=cfg.llm.device, dtype=cfg.llm.dtype, batch_size=cfg.llm.batch_size,
                            seed=cfg.search.seed, timeout_s=cfg.llm.timeout_s, max_lora_rank=cfg.learn.r,
                            gpu_memory=cfg.llm.gpu_memory, seed_requests=cfg.llm.seed_requests)
     return CoalescingBackend(backend)
@@ -137,11 +135,9 @@ def make_llm(cfg: Config) -> LLMBackend:
 
 def make_learner(cfg: Config):
     """(the LoRA trainer for this run's model, or None; why not, when None)."""
-    from deltanas.agent.llm.factory import parse_llm_spec
-
     if not cfg.learn.enabled:
         return None, "learn.enabled is false"
-    spec = parse_llm_spec(cfg.llm.spec)
+    spec = cfg.llm.backend
     if spec.type not in ("hf", "vllm", "openai"):
         return None, f"the {spec.type} backend has no weights to adapt"
     if spec.type == "openai":
@@ -155,7 +151,7 @@ def make_learner(cfg: Config):
             return None, (f"the server's model {spec.model!r} is not a local model (an alias, a .gguf file or a "
                           "folder), so no adapter can be trained for it here; serve it with `deltanas serve "
                           "PATH` and use openai:PATH@URL")
-    from deltanas.agent.lora import LoraSettings, train_adapter
+    from deltanas.agent.learning.lora import LoraSettings, train_adapter
 
     c = cfg.learn
     settings = LoraSettings(r=c.r, alpha=c.alpha, dropout=c.dropout, lr=c.lr, epochs=c.epochs,
@@ -177,7 +173,7 @@ def _auto_device() -> str:
 
 def restore_adapter(deps: Deps) -> str | None:
     """On resume: generate with the newest complete adapter the run trained. Returns its path."""
-    from deltanas.agent.lora import adapter_complete
+    from deltanas.agent.learning.lora import adapter_complete
 
     for a in reversed(deps.store.adapters()):
         path = deps.run_dir / (a.get("path") or "")
@@ -193,7 +189,7 @@ def make_executor(cfg: Config, ds, spec: JobSpec, work_root: Path, stop: threadi
     if s.executor == "ray":
         if sandbox is not None:
             raise ValueError("an injected sandbox runs here; the ray executor builds one in each actor")
-        from deltanas.agent.executor_ray import RayExecutor
+        from deltanas.agent.run.executor_ray import RayExecutor
 
         return RayExecutor(s, ds, spec, work_root / "ray", workers=s.workers, address=s.ray_address, stop=stop)
     sb = sandbox if sandbox is not None else make_sandbox(cfg, work_root)
@@ -205,7 +201,7 @@ def _isolation_record(cfg: Config, executor: Executor) -> dict:
     sandbox = getattr(executor, "sandbox", None)  # the Ray executor's are in its actors: probe one here
     name, missing = (sandbox.name, isolation.fs_isolation(sandbox)) if sandbox is not None \
         else probe_fs_isolation(cfg.sandbox)
-    return isolation.record(name, executor.isolation(), missing, model_code=isolation.runs_model_code(cfg.llm.spec),
+    return isolation.record(name, executor.isolation(), missing, model_code=isolation.runs_model_code(cfg.llm.backend),
                             opted_in=cfg.sandbox.unsafe_no_isolation)
 
 

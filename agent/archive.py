@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS adapters (   -- one LoRA update per finished cycle
     created_at REAL NOT NULL,
     example_ids TEXT                   -- JSON list of the candidates (and cold-start pairs) it learnt from
 );
-CREATE TABLE IF NOT EXISTS pairs (      -- cold-start training pairs from outside the run (agent/coldstart.py)
+CREATE TABLE IF NOT EXISTS pairs (      -- cold-start training pairs from outside the run (agent/learning/cold_start_pairs.py)
     id TEXT PRIMARY KEY,
     origin TEXT NOT NULL,              -- the run directory, archive or LEMUR data it came from
     example TEXT NOT NULL,             -- JSON: the prompt-completion example the LoRA updates train on

@@ -12,9 +12,9 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deltanas.agent import isolation
+from deltanas.agent.archive import CandidateRow, Store
 from deltanas.agent.config import Config
-from deltanas.agent.store import CandidateRow, Store
+from deltanas.agent.run import isolation
 
 
 def summarise(store: Store) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from typing import Literal
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
-from deltanas.agent import candidate_nodes as cn
-from deltanas.agent import cycle_nodes as cy
-from deltanas.agent.deps import Deps
-from deltanas.agent.state import CandidateOutput, CandidateState, RunState
+from deltanas.agent.loop import candidate_nodes as cn
+from deltanas.agent.loop import cycle_nodes as cy
+from deltanas.agent.loop.deps import Deps
+from deltanas.agent.loop.state import CandidateOutput, CandidateState, RunState
 
 
 def route_after_apply(state: CandidateState, max_repairs: int) -> Literal["novelty", "repair", "record", "__end__"]:

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from deltanas.agent.config import ConfigError
-from deltanas.agent.llm.factory import parse_llm_spec
+from deltanas.agent.llm.factory import LLMSpec
 
 ISOLATION_META = "sandbox:isolation"
 """Archive meta key: a list with one record per session of the run (see `record`), oldest first."""
@@ -41,10 +41,10 @@ def fs_isolation(sandbox) -> str | None:
     return "bubblewrap (bwrap) is missing or cannot start the worker's view here"
 
 
-def runs_model_code(llm_spec: str) -> bool:
+def runs_model_code(backend: LLMSpec) -> bool:
     """False for `mutate`, whose candidates (its cold-start cycles' too) the rule-based mutator
     makes from the baselines the user chose."""
-    return parse_llm_spec(llm_spec).type != "mutate"
+    return backend.type != "mutate"
 
 
 def refusal(missing: str, *, config_key: bool) -> str:

@@ -18,7 +18,7 @@ from deltanas.tools.proxy import EvalOutcome, make_job, score_result
 
 class Executor(Protocol):
     """Trains candidates (from several threads at once) and scores them on the driver.
-    `RayExecutor` (agent/executor_ray.py) is the other implementation."""
+    `RayExecutor` (agent/run/executor_ray.py) is the other implementation."""
 
     def evaluate(self, source: str, candidate_id: str, out_dir: Path) -> EvalOutcome: ...
 

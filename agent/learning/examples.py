@@ -13,7 +13,7 @@ Two forms leave the archive:
   answers, the repair turns), so it is trained on the same chat: a conversational
   prompt-completion pair whose completion is the answer that succeeded. The loss
   falls on that answer's tokens only, rendered with the tokenizer's own template.
-  The cold-start pairs of `learn.cold_start_from` (agent/coldstart.py) are stored
+  The cold-start pairs of `learn.cold_start_from` (agent/learning/cold_start_pairs.py) are stored
   in the same form and join every update's examples.
 
 The success rule says which candidates count (`learn.rule`): `improved` (valid,
@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from deltanas.agent.store import CandidateRow, Store
+from deltanas.agent.archive import CandidateRow, Store
 from deltanas.tools.trajectory import TOOL_SCHEMAS, chat_view
 
 Rule = Literal["improved", "valid", "top_k"]
@@ -107,7 +107,7 @@ def export_records(store: Store, *, successful_only: bool = False, rule: Rule = 
 
 
 def training_set(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> tuple[list[str], list[dict[str, Any]]]:
-    """(ids, training pairs): the cold-start pairs taken from outside the run (agent/coldstart.py), then
+    """(ids, training pairs): the cold-start pairs taken from outside the run (agent/learning/cold_start_pairs.py), then
     the successful candidates of every cycle up to `up_to_cycle`. Every update keeps the cold-start
     pairs, as it keeps earlier cycles' successes: each adapter is trained afresh on all of them."""
     pairs = store.pairs()

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.live import Live
 
 from deltanas.agent.config import Config
-from deltanas.agent.progress import LiveView, candidates_table, print_status, summarise
-from deltanas.agent.runner import run_with_signals, sqlite_saver
-from deltanas.agent.runtime import build_deps
+from deltanas.agent.run.build import build_deps
+from deltanas.agent.run.driver import run_with_signals, sqlite_saver
+from deltanas.agent.run.progress import LiveView, candidates_table, print_status, summarise
 
 
 def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int:

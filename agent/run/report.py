@@ -13,7 +13,7 @@ Definitions (every number comes from the candidates table and the adapters table
 - tokens: prompt and completion tokens per candidate (the first proposal and every repair);
 - seconds: generation and proxy-training time summed over the cycle; the LoRA update's time;
 - isolation: each session's sandbox and whether candidates had a filesystem view of their own
-  (the archive's `sandbox:isolation`, agent/isolation.py); without one, an accuracy may come
+  (the archive's `sandbox:isolation`, agent/run/isolation.py); without one, an accuracy may come
   from a candidate that read the test labels.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from deltanas.agent import isolation
-from deltanas.agent.store import CandidateRow, Store
+from deltanas.agent.archive import CandidateRow, Store
+from deltanas.agent.run import isolation
 
 COLUMNS = [("cycle", "cycle"), ("proposer", "proposer"), ("constrain", "held by"), ("candidates", "n"), ("valid_rate", "valid"),
            ("applied_rate", "applied"),

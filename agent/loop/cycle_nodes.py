@@ -11,15 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from deltanas.agent import coldstart, constraint
-from deltanas.agent.deps import Deps
-from deltanas.agent.learning import training_set
+from deltanas.agent.learning import cold_start_pairs
+
+from deltanas.agent.archive import CandidateRow
+from deltanas.agent.learning.examples import training_set
+from deltanas.agent.learning.lora import adapter_complete, clear_partials
 from deltanas.agent.llm.base import Prompt
-from deltanas.agent.lora import adapter_complete, clear_partials
-from deltanas.agent.selection import select_parents as tournament
-from deltanas.agent.state import Proposal, RunState
+from deltanas.agent.loop import answer_format
+from deltanas.agent.loop.deps import Deps
+from deltanas.agent.loop.selection import select_parents as tournament
+from deltanas.agent.loop.state import Proposal, RunState
 from deltanas.agent.stopping import RunStopped
-from deltanas.agent.store import CandidateRow
 from deltanas.tools import prompting
 from deltanas.tools.novelty import NoveltyIndex
 from deltanas.tools.trajectory import TOOL_SCHEMAS, proposal_step
@@ -109,13 +111,13 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
     prompts, chats, formats, placed = [], [], [], []
     for idx, pid in enumerate(parent_ids):
         parent = deps.store.get(pid)
-        sites = constraint.sites_for(deps.config, llm, parent.source, cycle, idx)
-        families = constraint.families_for(deps.config, llm, parent.source, cycle, idx)
+        sites = answer_format.sites_for(deps.config, llm, parent.source, cycle, idx)
+        families = answer_format.families_for(deps.config, llm, parent.source, cycle, idx)
         chat = prompting.propose_messages(
             parent_source=parent.source, dataset=deps.dataset.name, in_shape=deps.dataset.in_shape,
             num_classes=deps.dataset.num_classes, parent_accuracy=parent.accuracy, goal=s.goal, mode=s.mode,
             allow_train_changes=s.allow_train_changes, sites=sites, families=families)
-        fmt = constraint.format_for(deps.config, llm, parent.source, sites, families)
+        fmt = answer_format.format_for(deps.config, llm, parent.source, sites, families)
         chats.append(chat)
         formats.append(fmt)
         placed.append(sites)
@@ -239,7 +241,7 @@ COLD_START_SOURCES = "cold_start:sources"  # meta key: what each learn.cold_star
 
 def cold_start(state: RunState, deps: Deps) -> dict[str, Any]:
     """Before cycle 0: teach the model deltas from pairs found outside this run (another run's
-    archive, LEMUR data: agent/coldstart.py), then generate with that adapter. The pairs are read
+    archive, LEMUR data: agent/learning/cold_start_pairs.py), then generate with that adapter. The pairs are read
     once and kept in the archive, and every later update trains on them too. A path that cannot be
     read is recorded and the run goes on; the update is recorded like the others, under cycle -1.
     A run extended past its last cycle passes here too: it trains the update deferred then."""
@@ -258,7 +260,7 @@ def cold_start(state: RunState, deps: Deps) -> dict[str, Any]:
     if deps.store.get_meta(COLD_START_SOURCES) is None:
         _store_cold_start_pairs(deps)
     pairs = deps.store.pairs()
-    sources = coldstart.describe(deps.store.get_meta(COLD_START_SOURCES))
+    sources = cold_start_pairs.describe(deps.store.get_meta(COLD_START_SOURCES))
     if deps.learner is None:
         deps.store.put_adapter(COLD_START, "skipped", examples=len(pairs), note=f"{deps.learner_note} ({sources})")
         return {}
@@ -281,14 +283,14 @@ def _store_cold_start_pairs(deps: Deps) -> None:
     def distinct(base: str, variant: str) -> bool:  # the run would call a closer variant a duplicate
         return index.check(variant, base).novel
 
-    found, reports = coldstart.gather(
+    found, reports = cold_start_pairs.gather(
         [str(Path(p).expanduser()) for p in learn.cold_start_from], dataset=deps.dataset.name,
         task=learn.lemur_task, epoch=learn.lemur_epoch, max_diff_lines=learn.cold_start_max_diff_lines,
         limit=learn.cold_start_max_pairs, allow_train_changes=s.allow_train_changes, distinct=distinct)
     for r in reports:
         if r["error"]:
             log.warning("cold start: %s: %s", r["path"], r["error"])
-    deps.store.put_pairs([{"id": p.id, "origin": p.origin, "meta": p.meta(), "example": coldstart.pair_example(
+    deps.store.put_pairs([{"id": p.id, "origin": p.origin, "meta": p.meta(), "example": cold_start_pairs.pair_example(
         p, in_shape=deps.dataset.in_shape, num_classes=deps.dataset.num_classes, mode=s.mode, goal=s.goal,
         allow_train_changes=s.allow_train_changes)} for p in found])
     deps.store.set_meta(COLD_START_SOURCES, reports)  # last: the marker that the pairs are all stored

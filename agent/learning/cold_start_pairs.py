@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deltanas.agent.rundir import ARCHIVE_FILE
-from deltanas.agent.store import Store, StoreError
+from deltanas.agent.archive import Store, StoreError
+from deltanas.agent.run.rundir import ARCHIVE_FILE
 from deltanas.tools import prompting, pyast
 from deltanas.tools.diff_apply import apply_diff
 from deltanas.tools.diff_write import make_diff
