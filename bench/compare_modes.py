@@ -23,8 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import passthrough  # bench/passthrough.py: a script's own folder is first on sys.path
+
 from deltanas.agent.archive import Store
 from deltanas.agent.run.report import run_metrics
+
 
 ROWS = (("valid_rate", "valid rate", "{:.1%}"), ("applied_rate", "applied rate", "{:.1%}"),
         ("mean_accuracy", "mean accuracy", "{:.2%}"), ("best_accuracy", "best accuracy", "{:.2%}"),
@@ -60,11 +63,7 @@ def run_mode(mode: str, args: argparse.Namespace, extra: list[str], root: Path) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = passthrough.split(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llm", default="hf:smollm2")
     p.add_argument("--cycles", type=int, default=2)

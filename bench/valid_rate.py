@@ -28,9 +28,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import passthrough  # bench/passthrough.py: a script's own folder is first on sys.path
+
 from deltanas.agent.archive import Store
 from deltanas.tools.diff_apply import apply_model_output
 from deltanas.tools.full_extract import apply_full_output
+
 
 MODES = ("grammar", "prefix", "none")
 ROWS = (("placed_first", "placed, first answer", "{:.1%}"), ("applied_first", "applied, first answer", "{:.1%}"), ("valid", "valid after repairs", "{:.1%}"),
@@ -110,11 +113,7 @@ def measure(run_dir: Path, mode: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+    argv, extra = passthrough.split(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llm", default="hf:smollm2")
     p.add_argument("--modes", default=",".join(MODES), help="constrain modes, in the order shown")
