@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from deltanas.sandbox.docker import DEFAULT_IMAGE, PYTHON_LABEL, _client, _one_line
+from deltanas.sandbox.docker import DEFAULT_IMAGE, PYTHON_LABEL, _client, _one_line, image_available
 
 DEBOOTSTRAP_TIMEOUT_S = 900
 
