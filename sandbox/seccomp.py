@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import socket
@@ -64,6 +65,7 @@ def unavailable_reason() -> str:
         return f"seccomp is Linux's ({platform.system()} here)"
     if platform.machine() != "x86_64":
         return f"the filter lists x86_64's system call numbers; this machine is {platform.machine()}"
+    _prepared()
     return ""
 
 
@@ -88,13 +90,19 @@ def program() -> list[tuple[int, int, int, int]]:
     return rows
 
 
+@functools.lru_cache(maxsize=1)
+def _prepared() -> tuple[ctypes.CDLL, _Program, ctypes.Array]:
+    """libc and the filter, made once in the host process: the child between fork and exec then
+    only calls prctl (no dlopen there, whose lock another thread may have held at the fork)."""
+    rows = program()
+    table = (_Instruction * len(rows))(*(_Instruction(*row) for row in rows))
+    return ctypes.CDLL(None, use_errno=True), _Program(len(rows), table), table
+
+
 def install() -> None:
     """Sets PR_SET_NO_NEW_PRIVS and installs the filter on the calling thread (between fork and
     exec, the process's only one). Raises OSError where the kernel refuses."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    rows = program()
-    table = (_Instruction * len(rows))(*(_Instruction(*row) for row in rows))
-    prog = _Program(len(rows), table)
+    libc, prog, _table = _prepared()
     for args in ((PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), (PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0)):
         if libc.prctl(*args) != 0:
             code = ctypes.get_errno()
