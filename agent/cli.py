@@ -5,10 +5,11 @@
     deltanas run --resume runs/run        continue a stopped or killed run
     deltanas status runs/run [--json]
     deltanas export runs/run [--format jsonl|hf] [--output PATH] [--successful-only] [--cycle K]
-    deltanas report runs/run [--output DIR]
+    deltanas report runs/run [--output DIR] [--against runs/control]
     deltanas serve smollm2 --run runs/run [--python .venv-vllm/bin/python] [--port 8000]
     deltanas diff apply BASE.py DIFF [--output FILE] [--json]
     deltanas eval MODEL.py [--config FILE] [--dataset mnist] [--json]
+    deltanas bootstrap [--pairs N] [--output DIR] [--from PATH ...] [--no-adapter]
     deltanas zoo list [--json] | deltanas zoo show NAME
     deltanas sandbox build [--mode auto|online|offline] | deltanas sandbox check [--json]
 
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dir")
     rp.add_argument("--output", help="default: DIR/report")
     rp.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
+    rp.add_argument("--against", action="append", default=[], metavar="DIR",
+                    help="another run to draw beside this one (a control without learning; repeatable): "
+                         "compare.png and a table in summary.md")
 
     sv = sub.add_parser("serve", help="a vLLM OpenAI-compatible server for a model and a run's LoRA adapters",
                         description="Start `vllm serve` with LoRA and runtime adapter loading on, for MODEL (an "
@@ -170,6 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
     sbc.add_argument("--sandbox", choices=["auto", "docker", "process"], default="auto")
     sbc.add_argument("--image", default="deltanas-sandbox:base")
     sbc.add_argument("--json", action="store_true")
+
+    bs = sub.add_parser("bootstrap", help="make format-teaching pairs with the mutator, and train an adapter on them",
+                        description="Write N mutator pairs (a zoo network or a variant, and a further variant that "
+                                    "applies, compiles and runs forward) in the run's own prompt format, plus the "
+                                    "improvement pairs of --from sources, to DIR/examples.jsonl; then train a LoRA "
+                                    "adapter on them into DIR/adapter. Use DIR as a [learn] cold_start_from source. "
+                                    "The same flags give the same folder; an interrupted one is finished.")
+    bs.add_argument("--pairs", type=_positive_int, default=2000, help="mutator (format) pairs to make (default 2000)")
+    bs.add_argument("--output", metavar="DIR", default="runs/bootstrap", help="default: runs/bootstrap")
+    bs.add_argument("--from", dest="sources", action="append", default=[], metavar="PATH",
+                    help="also take improvement pairs from a run, an archive or LEMUR data (repeatable)")
+    bs.add_argument("--config", metavar="FILE", help="TOML config: its [llm], [search], [novelty] and [learn] apply")
+    bs.add_argument("--llm", metavar="SPEC", help="the model the adapter is for (default: the config's, hf:smollm2)")
+    bs.add_argument("--dataset", help="the dataset the prompts name (default mnist)")
+    bs.add_argument("--baselines", metavar="A,B,..", help="zoo networks to mutate (default: the whole zoo)")
+    bs.add_argument("--seed", type=int)
+    bs.add_argument("--device", help="where the adapter trains: cpu, cuda, cuda:N (default: cuda if there is one)")
+    bs.add_argument("--epochs", type=_positive_float)
+    bs.add_argument("--lr", type=_positive_float)
+    bs.add_argument("--batch-size", type=_positive_int)
+    bs.add_argument("--grad-accum", type=_positive_int)
+    bs.add_argument("--no-adapter", action="store_true", help="write the examples only")
 
     z = sub.add_parser("zoo", help="the embedded baseline networks")
     zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="SUBCOMMAND")
@@ -287,12 +313,19 @@ def cmd_report(a: argparse.Namespace) -> int:
     path = Path(a.dir)
     if not (path / ARCHIVE_FILE).exists():
         raise CLIError(f"{path}: no {ARCHIVE_FILE} here; is it a deltanas run directory?")
-    metrics, out = write_report(path, Store(path / ARCHIVE_FILE, readonly=True), a.output)
+    against = {}
+    for other in map(Path, a.against):
+        if not (other / ARCHIVE_FILE).exists():
+            raise CLIError(f"--against {other}: no {ARCHIVE_FILE} here; is it a deltanas run directory?")
+        label = other.name if other.name not in against and other.name != path.name else str(other)
+        against[label] = Store(other / ARCHIVE_FILE, readonly=True)
+    metrics, out = write_report(path, Store(path / ARCHIVE_FILE, readonly=True), a.output, against=against)
     if a.json:
         print(json.dumps(metrics, indent=2))
     else:
         print_table(Console(), metrics)
-        print(f"report written to {out}/ (summary.md and 4 plots)")
+        extra = f", compare.png against {', '.join(against)}" if against else ""
+        print(f"report written to {out}/ (summary.md and 4 plots{extra})")
     return EXIT_OK
 
 
@@ -459,6 +492,37 @@ def cmd_zoo(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bootstrap(a: argparse.Namespace) -> int:
+    from deltanas.agent.config import load_config
+    from deltanas.agent.learning.bootstrap import SHAPES, run_bootstrap
+
+    over = {"llm.spec": a.llm, "data.dataset": a.dataset, "search.seed": a.seed, "llm.device": a.device,
+            "learn.epochs": a.epochs, "learn.lr": a.lr, "learn.batch_size": a.batch_size,
+            "learn.grad_accum": a.grad_accum}
+    cfg = load_config(a.config, over)
+    if cfg.data.dataset not in SHAPES:
+        raise CLIError(f"--dataset {cfg.data.dataset}: the bootstrap writes prompts for {', '.join(sorted(SHAPES))}")
+    learner, device = None, ""
+    if not a.no_adapter:
+        from deltanas.agent.run.build import device_words, make_learner
+
+        learner, why = make_learner(cfg.model_copy(update={"learn": cfg.learn.model_copy(update={"enabled": True})}))
+        if learner is None:
+            raise CLIError(f"no adapter can be trained for --llm {cfg.llm.spec}: {why} (or pass --no-adapter)")
+        device = device_words(cfg.llm.device)
+    baselines = [b.strip() for b in a.baselines.split(",") if b.strip()] if a.baselines else None
+    try:
+        run_bootstrap(cfg, Path(a.output), pairs=a.pairs, sources=a.sources, baselines=baselines, learner=learner,
+                      device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"deltanas: stopped; {a.output} holds only what was finished (the examples once all are made, the "
+              "adapter once trained): the same command goes on from there", file=sys.stderr)
+        return EXIT_STOPPED
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []
@@ -487,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_diff_apply(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "bootstrap":
+            return cmd_bootstrap(args)
         if args.command == "zoo":
             return cmd_zoo(args)
         if args.command == "sandbox":

@@ -204,10 +204,19 @@ class LearnConfig(_Section):
 
     enabled: bool = True
     """Train an adapter after each cycle and generate with it (hf backends; others skip, saying why)."""
+    updates: bool = True
+    """Train after each cycle. False keeps the cold-start adapter (if any) fixed for the whole run:
+    the control arm of `bench/learning_curve.py`, which differs from the learning arm in this alone."""
     after_last_cycle: bool = False
     """Also train after the run's last cycle. No cycle of the run proposes with that adapter, so by
     default it is recorded as `deferred` and trained first when the run is extended
     (`deltanas run --resume DIR --cycles N`); `--preset paper` trains it, as the paper does."""
+    method: Literal["sft", "dpo", "sft+dpo"] = "sft"
+    """What each update trains on: the successful trajectories (SFT); preference pairs, a valid first
+    answer against a failed one for the same parent (DPO, agent/learning/examples.preference_set);
+    or SFT, then DPO from that adapter. Without preference pairs, an sft+dpo update is SFT alone and
+    a dpo update is skipped, saying why."""
+    dpo_beta: float = Field(0.1, gt=0)
     rule: Literal["improved", "valid", "top_k"] = "improved"
     """Which candidates teach: valid, novel and at least the parent's accuracy; valid and novel; the top k."""
     top_k: int = Field(5, gt=0)

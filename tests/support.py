@@ -192,3 +192,29 @@ RELU_TO_GELU = """@@
 +            nn.GELU(),
              nn.MaxPool2d(2),
 ```"""
+
+
+def loop_deps(tmp_path: Path, learner, answer=None, *, dataset=("mnist", (1, 28, 28), 10), **over):
+    """Deps for a whole graph run: the scripted model (`answer(prompt)`, by default a fresh block
+    diff each time), the instant executor, a real archive under tmp_path/run, and `over` config keys
+    on top of one cycle of two candidates from lenet under the `valid` rule."""
+    from deltanas.agent.archive import Store
+    from deltanas.agent.config import load_config
+    from deltanas.agent.llm.coalesce import CoalescingBackend
+    from deltanas.agent.llm.scripted import ScriptedBackend
+    from deltanas.agent.loop.deps import DatasetInfo, Deps
+    from deltanas.tools.novelty import NoveltyIndex
+
+    if answer is None:
+        counter = iter(range(10_000))
+
+        def answer(p):
+            return f"```diff\n{block_diff(p.base_source, f'k{next(counter)}')}```"
+
+    cfg = load_config(None, {"llm.spec": "mutate", "search.cycles": 1, "search.candidates": 2,
+                             "baselines": ["lenet"], "learn.rule": "valid", "learn.after_last_cycle": True, **over})
+    run_dir = tmp_path / "run"
+    (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
+    return Deps(config=cfg, llm=CoalescingBackend(ScriptedBackend(answer), window_s=0.01), executor=InstantExecutor(),
+                store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(), dataset=DatasetInfo(*dataset),
+                run_dir=run_dir, learner=learner, learner_note="" if learner else "no learner in this test")

@@ -16,6 +16,10 @@ Where pairs come from (`learn.cold_start_from`), told apart by what is at the pa
 - **a LEMUR checkout**: a folder with `ab/nn/nn/<Name>.py` and
   `ab/nn/stat/train/<task>_<dataset>_<metric>_<Name>/<epoch>.json` (a JSON list of
   trials, each with an `accuracy`); the `ab/nn` folder itself works too.
+- **a bootstrap folder** (`deltanas bootstrap`, agent/learning/bootstrap.py): `manifest.json` and
+  `examples.jsonl`, one pair per line with both sources. Its format pairs (mutator variants that
+  apply, compile and run forward, never trained) are asked of the run's dataset; its improvement
+  pairs count only on the dataset they were measured on.
 
 LEMUR networks are ranked by their best accuracy after `epoch` epochs on the
 task and dataset. For every network, its partner is the less accurate network
@@ -34,7 +38,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,18 +48,25 @@ from deltanas.tools import prompting, pyast
 from deltanas.tools.diff_apply import apply_diff
 from deltanas.tools.diff_write import make_diff
 
-Kind = Literal["run", "lemur-db", "lemur-checkout"]
+Kind = Literal["run", "lemur-db", "lemur-checkout", "bootstrap"]
+Purpose = Literal["improvement", "format"]
+"""What a pair teaches: a variant that trained better than its base, or only the answer's form
+(a mutator's variant that applies, compiles and runs forward, never trained)."""
 Distinct = Callable[[str, str], bool]
 """(base, variant) -> whether the variant is different enough to count as novel."""
 
 LEMUR_DB = Path("db") / "ab.nn.db"
+BOOTSTRAP_MANIFEST = "manifest.json"
+BOOTSTRAP_EXAMPLES = "examples.jsonl"
+BOOTSTRAP_ADAPTER = "adapter"
 # The run's dataset names that LEMUR spells differently.
 LEMUR_DATASETS = {"cifar10": "cifar-10", "cifar100": "cifar-100"}
 DEFAULT_LIMIT = 64
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _LEMUR_COLUMNS = {"nn": {"name", "code"}, "stat": {"nn", "accuracy", "epoch", "task", "dataset"}}
 _WANTED = ("a run directory (holding archive.sqlite), an archive.sqlite, a LEMUR nn-dataset database "
-           "(ab.nn.db) or an nn-dataset checkout (ab/nn/nn and ab/nn/stat/train)")
+           "(ab.nn.db), an nn-dataset checkout (ab/nn/nn and ab/nn/stat/train) or a `deltanas bootstrap` "
+           "folder (manifest.json and examples.jsonl)")
 
 
 @dataclass(frozen=True)
@@ -66,17 +77,20 @@ class Pair:
     base_source: str
     variant_source: str
     base_accuracy: float | None
-    variant_accuracy: float
+    variant_accuracy: float | None  # None for a format pair: never trained
     base_name: str = ""
     variant_name: str = ""
+    purpose: Purpose = "improvement"
+    source: str = ""  # "run", "lemur" or "mutator": where the pair was first made
 
     @property
     def digest(self) -> str:
-        return _digest(self.base_source, self.variant_source)
+        return pair_digest(self.base_source, self.variant_source)
 
     def meta(self) -> dict[str, Any]:
         """What the archive keeps beside the training example, so a pair can be traced."""
-        return {"origin": self.origin, "dataset": self.dataset, "base": self.base_name, "variant": self.variant_name,
+        return {"origin": self.origin, "source": self.source or self.id.split(":", 1)[0], "purpose": self.purpose,
+                "dataset": self.dataset, "base": self.base_name, "variant": self.variant_name,
                 "base_accuracy": self.base_accuracy, "variant_accuracy": self.variant_accuracy,
                 "diff_lines": changed_lines(make_diff(self.base_source, self.variant_source))}
 
@@ -128,6 +142,8 @@ def source_kind(path: str | Path) -> Kind:
     if p.is_dir():
         if (p / ARCHIVE_FILE).is_file():
             return "run"
+        if (p / BOOTSTRAP_MANIFEST).is_file() and (p / BOOTSTRAP_EXAMPLES).is_file():
+            return "bootstrap"
         if _checkout_root(p) is not None:
             return "lemur-checkout"
         if (p / LEMUR_DB).is_file():
@@ -143,6 +159,13 @@ def source_kind(path: str | Path) -> Kind:
                      f"database (tables nn and stat); its tables: {', '.join(sorted(tables)) or 'none'}")
 
 
+def source_kind_or_none(path: str | Path) -> Kind | None:
+    try:
+        return source_kind(path)
+    except (OSError, ValueError, sqlite3.Error):
+        return None
+
+
 def harvest(path: str | Path, *, dataset: str, task: str = "img-classification", epoch: int = 1,
             max_diff_lines: int = 40, limit: int = DEFAULT_LIMIT, allow_train_changes: bool = False,
             distinct: Distinct | None = None) -> Harvest:
@@ -152,6 +175,8 @@ def harvest(path: str | Path, *, dataset: str, task: str = "img-classification",
                   distinct=distinct)
     if kind == "run":
         return archive_pairs(path, dataset=dataset, **common)
+    if kind == "bootstrap":
+        return bootstrap_pairs(path, dataset=dataset, **common)
     return lemur_pairs(path, task=task, dataset=dataset, epoch=epoch, **common)
 
 
@@ -217,12 +242,12 @@ def archive_pairs(path: str | Path, dataset: str | None = None, *, max_diff_line
             if parent.accuracy is None or r.accuracy is None or r.accuracy <= parent.accuracy:
                 out.skipped["not better than the parent"] += 1
                 continue
-            base, variant = _clean(parent.source), _clean(r.source)
+            base, variant = clean_source(parent.source), clean_source(r.source)
             why = refusal(base, variant, max_diff_lines, allow_train_changes, distinct)
             if why:
                 out.skipped[why] += 1
                 continue
-            out.pairs.append(Pair(id=f"run:{r.id}:{_digest(base, variant)}", origin=str(p), dataset=r.dataset,
+            out.pairs.append(Pair(id=f"run:{r.id}:{pair_digest(base, variant)}", origin=str(p), dataset=r.dataset,
                                   base_source=base, variant_source=variant, base_accuracy=parent.accuracy,
                                   variant_accuracy=r.accuracy, base_name=parent.id, variant_name=r.id))
     finally:
@@ -249,8 +274,8 @@ def lemur_pairs(path: str | Path, *, task: str = "img-classification", dataset: 
     name = LEMUR_DATASETS.get(dataset, dataset)
     skipped: Counter = Counter()
     kind = source_kind(p)
-    if kind == "run":
-        raise ValueError(f"{p}: a deltanas run, not LEMUR data; expected an nn-dataset database or checkout")
+    if kind in ("run", "bootstrap"):
+        raise ValueError(f"{p}: a deltanas {kind}, not LEMUR data; expected an nn-dataset database or checkout")
     if kind == "lemur-checkout":
         nets = _checkout_networks(_checkout_root(p), task, name, epoch, skipped)
     else:
@@ -347,7 +372,7 @@ def _usable(nets: list[_Net], skipped: Counter) -> list[_Net]:
     """Valid Python that defines Net; one network per distinct code (the more accurate name)."""
     by_code: dict[str, _Net] = {}
     for n in nets:
-        code = _clean(n.code)
+        code = clean_source(n.code)
         try:
             tree = pyast.parse(code)
         except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -398,10 +423,64 @@ def _closest_pairs(nets: list[_Net], origin: str, dataset: str, max_lines: int, 
             if why:
                 skipped[why] += 1
                 continue
-            out.append(Pair(id=f"lemur:{b.name}:{_digest(a.code, b.code)}", origin=origin, dataset=dataset,
+            out.append(Pair(id=f"lemur:{b.name}:{pair_digest(a.code, b.code)}", origin=origin, dataset=dataset,
                             base_source=a.code, variant_source=b.code, base_accuracy=a.accuracy,
                             variant_accuracy=b.accuracy, base_name=a.name, variant_name=b.name))
             break
+    return out
+
+
+# --- a bootstrap folder ---------------------------------------------------------------------------------------------
+
+def pair_record(pair: Pair) -> dict[str, Any]:
+    """A pair as one line of a bootstrap folder's examples.jsonl (its example rides beside it)."""
+    return {"id": pair.id, "origin": pair.origin, "source": pair.source, "purpose": pair.purpose,
+            "dataset": pair.dataset, "base_name": pair.base_name, "variant_name": pair.variant_name,
+            "base_accuracy": pair.base_accuracy, "variant_accuracy": pair.variant_accuracy,
+            "base_source": pair.base_source, "variant_source": pair.variant_source}
+
+
+def bootstrap_pairs(path: str | Path, dataset: str, *, max_diff_lines: int = 40, limit: int = DEFAULT_LIMIT,
+                    allow_train_changes: bool = False, distinct: Distinct | None = None) -> Harvest:
+    """The pairs of a bootstrap folder that this run would accept: improvement pairs measured on
+    `dataset` first, then format pairs (asked of `dataset`, as the run will ask). Every pair passes
+    the run's own rules again, since its settings may differ from the bootstrap's."""
+    p = Path(path).expanduser()
+    out = Harvest(origin=str(p), kind="bootstrap")
+    improving, forming = [], []
+    try:
+        lines = (p / BOOTSTRAP_EXAMPLES).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p / BOOTSTRAP_EXAMPLES}: cannot read it ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            pair = Pair(id=str(rec["id"]), origin=str(p), dataset=str(rec["dataset"]),
+                        base_source=clean_source(rec["base_source"]), variant_source=clean_source(rec["variant_source"]),
+                        base_accuracy=rec.get("base_accuracy"), variant_accuracy=rec.get("variant_accuracy"),
+                        base_name=str(rec.get("base_name", "")), variant_name=str(rec.get("variant_name", "")),
+                        purpose="format" if rec.get("purpose") == "format" else "improvement",
+                        source=str(rec.get("source", "")))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            out.skipped["lines that are not a pair record"] += 1
+            continue
+        out.networks += 1
+        if pair.purpose == "improvement" and pair.dataset != dataset:
+            out.skipped[f"improvement pairs measured on another dataset than {dataset}"] += 1
+            continue
+        why = refusal(pair.base_source, pair.variant_source, max_diff_lines, allow_train_changes, distinct)
+        if why:
+            out.skipped[why] += 1
+            continue
+        if pair.purpose == "format":
+            forming.append(replace(pair, dataset=dataset))
+        else:
+            improving.append(pair)
+    if not out.networks and not out.skipped:
+        raise ValueError(f"{p / BOOTSTRAP_EXAMPLES}: holds no pairs")
+    out.pairs = (improving + forming)[:limit]
     return out
 
 
@@ -433,17 +512,17 @@ def refusal(base: str, variant: str, max_lines: int, allow_train_changes: bool,
     return None
 
 
-def _clean(source: str) -> str:
+def clean_source(source: str) -> str:
     """One spelling of a file: LF line ends and one final newline, as the applier writes it."""
     return source.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n") + "\n"
 
 
-def _digest(base: str, variant: str) -> str:
+def pair_digest(base: str, variant: str) -> str:
     return hashlib.sha1(f"{base}\0{variant}".encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def _best_first(pairs: list[Pair]) -> list[Pair]:
-    return sorted(pairs, key=lambda p: (-p.variant_accuracy, p.id))
+    return sorted(pairs, key=lambda p: (-(p.variant_accuracy or 0.0), p.id))
 
 
 # --- several sources ------------------------------------------------------------------------------------------------

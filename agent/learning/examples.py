@@ -15,6 +15,9 @@ Two forms leave the archive:
   falls on that answer's tokens only, rendered with the tokenizer's own template.
   The cold-start pairs of `learn.cold_start_from` (agent/learning/cold_start_pairs.py) are stored
   in the same form and join every update's examples.
+- **Preference examples** (`preference_set`): for `learn.method = "dpo"` or `"sft+dpo"`, a
+  valid first answer against a failed first answer for the same parent, as trl's DPOTrainer
+  takes them (conversational prompt, chosen, rejected).
 
 The success rule says which candidates count (`learn.rule`): `improved` (valid,
 novel, and at least as accurate as the parent), `valid` (valid and novel), or
@@ -117,6 +120,33 @@ def training_set(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> tupl
         if example is not None:
             ids.append(r.id)
             out.append(example)
+    return ids, out
+
+
+def preference_set(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """(ids, preference examples) for DPO, as EvoTune pairs them: an answer that passed `rule` at its
+    first try against a first answer that failed (did not apply, did not train, or was a near-copy)
+    for the same parent in the same cycle. The prompt is the chat both were sent; where the cycle
+    sent each candidate its own prompt (sampled edit sites), the chosen answer's. Each failed answer
+    is used once, so one bad parent cannot fill the set. Conversational: trl's DPOTrainer renders
+    them with the tokenizer's chat template."""
+    good = [r for r in successful(store, rule, top_k, up_to_cycle=up_to_cycle) if r.attempts == 0 and r.completion]
+    bad: dict[tuple[int, str | None], list[CandidateRow]] = {}
+    for r in store.candidates():
+        if (r.kind != "baseline" and r.final and r.status != "ok" and r.cycle <= up_to_cycle
+                and r.completion and r.completion.strip()):
+            bad.setdefault((r.cycle, r.parent_id), []).append(r)
+    ids, out = [], []
+    for g in good:
+        pool = bad.get((g.cycle, g.parent_id))
+        prompt = chat_view(store.get_trajectory(g.id) or [])[:2]
+        if not pool or len(prompt) < 2:
+            continue
+        same = next((b for b in pool if chat_view(store.get_trajectory(b.id) or [])[:2] == prompt), pool[0])
+        pool.remove(same)
+        ids.append(f"{g.id}>{same.id}")
+        out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": g.completion}],
+                    "rejected": [{"role": "assistant", "content": same.completion}]})
     return ids, out
 
 

@@ -23,6 +23,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
                "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
                "fc1", "fc2", "out_proj", "Wqkv", "wo", "w1", "w2", "w3")
 META_FILE = "deltanas_adapter.json"
+METHODS = ("sft", "dpo")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class LoraSettings:
     max_length: int = 2048
     lm_head: bool = False  # the paper adapts lm_head too; trl 1.16 refuses it (see the module's note)
     qlora: bool = False  # 4-bit base; needs a GPU and bitsandbytes
+    dpo_beta: float = 0.1  # trl's default: how far the DPO update may move from the reference
 
 
 def target_modules(model, lm_head: bool = True) -> list[str]:
@@ -69,13 +72,23 @@ def adapter_complete(path: Path) -> bool:
 
 
 def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, settings: LoraSettings,
-                  device: str = "cpu", seed: int = 0, stop=None) -> dict[str, Any]:
-    """Trains a fresh adapter on `examples` and moves it to `out_dir` when whole. Returns
-    {"loss", "steps", "examples", "seconds", ...}. A set `stop` event (threading.Event)
+                  device: str = "cpu", seed: int = 0, stop=None, start_from: Path | None = None,
+                  method: str = "sft", progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Trains an adapter on `examples` and moves it to `out_dir` when whole: a fresh one, or one that
+    starts from the adapter at `start_from` (a bootstrap's: its rank and targets then hold, and
+    `settings`' r, alpha and dropout are not used). `method` "sft": prompt-completion examples
+    (trl's SFTTrainer, loss on the completion); "dpo": preference examples, each a prompt with a
+    chosen and a rejected answer (trl's DPOTrainer, with `settings.dpo_beta`; the reference is the
+    adapter it starts from, which trl copies as a frozen `ref` adapter, or the base model for a
+    fresh one). Only the trained adapter is saved. Returns
+    {"loss", "steps", "examples", "seconds", ...}; `progress`, if given, hears a line about every
+    tenth of the steps (the step, the loss, the time so far). A set `stop` event (threading.Event)
     aborts with RunStopped before the next decoder layer's forward (or micro-batch), leaving
     no adapter: on a CPU one micro-batch of a long example takes a minute."""
     if not examples:
         raise ValueError("no training examples")
+    if method not in METHODS:
+        raise ValueError(f"unknown training method {method!r}; use sft or dpo")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from datasets import Dataset
@@ -83,7 +96,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     from datasets.utils.logging import disable_progress_bar
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from deltanas.agent.llm.hf import CHATML_TEMPLATE, load_pretrained, stop_points
     from deltanas.agent.llm.model_folder import drop_gguf_mark
@@ -117,31 +130,44 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
         # (and peft's on a GGUF model's missing config.json) would only clutter it.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(trl|transformers|deltanas)\.")
         warnings.filterwarnings("ignore", message="Could not find a config file", module=r"peft\.")
-        args = SFTConfig(
+        common = dict(
             output_dir=str(partial / "trainer"), learning_rate=settings.lr, num_train_epochs=settings.epochs,
             gradient_accumulation_steps=settings.grad_accum, weight_decay=settings.weight_decay,
             lr_scheduler_type=settings.scheduler, per_device_train_batch_size=settings.batch_size,
-            max_length=settings.max_length, truncation_mode="keep_end", completion_only_loss=True,
-            report_to=[], save_strategy="no",
+            max_length=settings.max_length, truncation_mode="keep_end", report_to=[], save_strategy="no",
             logging_steps=1, seed=seed, use_cpu=device == "cpu", bf16=device != "cpu", disable_tqdm=True,
             dataloader_num_workers=0)
-        peft_config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                                 target_modules=target_modules(net, settings.lm_head), task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=net, args=args, train_dataset=Dataset.from_list(examples), processing_class=tok,
-                             peft_config=peft_config)
+        args = (SFTConfig(**common, completion_only_loss=True) if method == "sft"
+                else DPOConfig(**common, beta=settings.dpo_beta))
+        if start_from is not None:
+            from peft import PeftModel
+
+            net = PeftModel.from_pretrained(net, str(start_from), is_trainable=True)
+            peft_config = None
+            targets = sorted(net.peft_config["default"].target_modules)
+        else:
+            peft_config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                     target_modules=target_modules(net, settings.lm_head), task_type="CAUSAL_LM")
+            targets = sorted(peft_config.target_modules)
+        trainer = (SFTTrainer if method == "sft" else DPOTrainer)(
+            model=net, args=args, train_dataset=Dataset.from_list(examples), processing_class=tok,
+            peft_config=peft_config)
         trainer.remove_callback(PrinterCallback)  # the run's own view reports the update
+        if progress is not None:
+            trainer.add_callback(_progress_callback(progress, started))
         if stop is not None:
             trainer.add_callback(_stop_callback(stop))
             for layer in stop_points(trainer.model):
                 layer.register_forward_pre_hook(_stop_hook(stop))
         out = trainer.train()
         adapter = partial / "adapter"
-        trainer.model.save_pretrained(str(adapter))
+        trainer.model.save_pretrained(str(adapter), selected_adapters=["default"])  # not DPO's frozen `ref`
         info = {"loss": float(out.training_loss), "steps": int(out.global_step), "examples": len(examples),
+                "method": method,
                 "seconds": time.perf_counter() - started, "base_model": model,
                 "quantization": "nf4" if quant else None,
-                "settings": settings.__dict__, "target_modules": peft_config.target_modules and
-                sorted(peft_config.target_modules)}
+                "settings": settings.__dict__, "target_modules": targets,
+                "start_from": str(start_from) if start_from is not None else None}
         (adapter / META_FILE).write_text(json.dumps(info, indent=2))
         _fsync_tree(adapter)
         if out_dir.exists():  # a complete adapter is never overwritten in place
@@ -160,6 +186,19 @@ def _stop_hook(stop):
             raise RunStopped("stop requested during the LoRA update")
 
     return check
+
+
+def _progress_callback(say: Callable[[str], None], started: float):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            step, total = state.global_step, state.max_steps or 1
+            if logs and "loss" in logs and (step % max(1, total // 10) == 0 or step == total):
+                say(f"step {step}/{total}, loss {logs['loss']:.4f}, {time.perf_counter() - started:.0f} s")
+            return control
+
+    return Progress()
 
 
 def _stop_callback(stop):
@@ -182,6 +221,21 @@ def _stop_callback(stop):
             return control
 
     return StopCallback()
+
+
+def copy_adapter(src: Path, dest: Path) -> None:
+    """A whole adapter copied to `dest`, through a hidden sibling renamed into place (as trained ones are)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(src, partial)
+        _fsync_tree(partial)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(partial, dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def clear_partials(adapters_dir: Path) -> int:

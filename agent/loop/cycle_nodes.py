@@ -14,8 +14,8 @@ from typing import Any
 from deltanas.agent.learning import cold_start_pairs
 
 from deltanas.agent.archive import CandidateRow
-from deltanas.agent.learning.examples import training_set
-from deltanas.agent.learning.lora import adapter_complete, clear_partials
+from deltanas.agent.learning.examples import preference_set, training_set
+from deltanas.agent.learning.lora import META_FILE, adapter_complete, clear_partials, copy_adapter
 from deltanas.agent.llm.base import Prompt
 from deltanas.agent.loop import answer_format
 from deltanas.agent.loop.deps import Deps
@@ -211,6 +211,9 @@ def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:
         return {}
     if k in done and done[k]["status"] in ("skipped", "failed"):
         return {}
+    if not cfg.updates:
+        deps.store.put_adapter(k, "skipped", note="learn.updates = false: the cold-start adapter, if any, stays")
+        return {}
     if k == deps.config.search.cycles - 1 and not cfg.after_last_cycle:
         deps.store.put_adapter(k, "deferred", note="after the last cycle (learn.after_last_cycle = false): "
                                                    "trained first if the run is extended with --cycles")
@@ -219,24 +222,34 @@ def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:
         deps.store.put_adapter(k, "skipped", note=deps.learner_note)
         return {}
     ids, examples = training_set(deps.store, cfg.rule, cfg.top_k, up_to_cycle=k)
+    pref_ids, preferences = ([], []) if cfg.method == "sft" else preference_set(deps.store, cfg.rule, cfg.top_k, k)
+    if cfg.method == "dpo":
+        ids, examples = pref_ids, preferences
+        what = f"{len(examples)} preference pairs (a valid first answer against a failed one, same parent)"
+    else:
+        what = f"{len(examples)} successful trajectories (rule {cfg.rule}) and cold-start pairs"
     if len(examples) < cfg.min_examples:
         deps.store.put_adapter(k, "skipped", examples=len(examples),
-                               note=f"{len(examples)} successful trajectories (rule {cfg.rule}) and cold-start "
-                                    f"pairs, fewer than learn.min_examples = {cfg.min_examples}")
+                               note=f"{what}, fewer than learn.min_examples = {cfg.min_examples}")
         return {}
+    if cfg.method == "sft+dpo":
+        ids = ids + pref_ids
     last = next((a for a in reversed(history) if a["status"] in ("trained", "reused") and a["cycle"] < k), None)
     if last is not None and last["example_ids"] == ids and adapter_complete(deps.run_dir / last["path"]):
         # Nothing new to learn from: the adapter in use was trained on exactly these examples.
         deps.store.put_adapter(k, "reused", path=last["path"], examples=len(ids), loss=last["loss"], steps=0,
                                seconds=0.0, note=f"trained on the same examples: {last['path']}", example_ids=ids)
         return {}
-    _train(deps, k, f"adapters/cycle-{k}", ids, examples, what=f"LoRA update after cycle {k}")
+    _train(deps, k, f"adapters/cycle-{k}", ids, examples, what=f"LoRA update after cycle {k}",
+           preferences=preferences if cfg.method == "sft+dpo" else None,
+           note=f"{cfg.method}: {len(preferences)} preference pairs" if cfg.method != "sft" else "")
     return {}
 
 
 COLD_START = -1  # the adapters table's cycle for the cold-start adapter, trained before cycle 0
 COLD_START_DIR = "adapters/cold-start"
 COLD_START_SOURCES = "cold_start:sources"  # meta key: what each learn.cold_start_from path gave
+COLD_START_ADOPTED = "cold_start:adopted"  # meta key: the bootstrap folder whose adapter the run started from
 
 
 def cold_start(state: RunState, deps: Deps) -> dict[str, Any]:
@@ -254,7 +267,7 @@ def cold_start(state: RunState, deps: Deps) -> dict[str, Any]:
     done = next((a for a in adapters if a["cycle"] == COLD_START), None)
     if done is not None:  # a resume: never trained twice
         later = any(a["cycle"] > COLD_START and a["status"] in ("trained", "reused") for a in adapters)
-        if not later and done["status"] == "trained" and adapter_complete(deps.run_dir / done["path"]):
+        if not later and done["status"] in ("trained", "reused") and adapter_complete(deps.run_dir / done["path"]):
             deps.llm.load_adapter(str(deps.run_dir / done["path"]))
         return {}
     if deps.store.get_meta(COLD_START_SOURCES) is None:
@@ -264,6 +277,8 @@ def cold_start(state: RunState, deps: Deps) -> dict[str, Any]:
     if deps.learner is None:
         deps.store.put_adapter(COLD_START, "skipped", examples=len(pairs), note=f"{deps.learner_note} ({sources})")
         return {}
+    if _adopt_bootstrap_adapter(deps, [p["id"] for p in pairs]):
+        return {}
     if len(pairs) < cfg.min_examples:
         deps.store.put_adapter(COLD_START, "skipped", examples=len(pairs),
                                note=f"{len(pairs)} cold-start pairs, fewer than learn.min_examples = "
@@ -272,6 +287,45 @@ def cold_start(state: RunState, deps: Deps) -> dict[str, Any]:
     _train(deps, COLD_START, COLD_START_DIR, [p["id"] for p in pairs], [p["example"] for p in pairs],
            what="the cold-start LoRA update", note=sources)
     return {}
+
+
+def _adopt_bootstrap_adapter(deps: Deps, pair_ids: list[str]) -> bool:
+    """The first `learn.cold_start_from` bootstrap folder (`deltanas bootstrap`) whose adapter was
+    trained on this run's model becomes the cold-start adapter as it is, copied into the run so the
+    run stands alone; every later update starts from it rather than afresh, so what the bootstrap's
+    thousands of examples taught is kept. Recorded as reused, with where it came from."""
+    model = deps.config.llm.backend.model
+    for path in deps.config.learn.cold_start_from:
+        folder = Path(path).expanduser()
+        adapter = folder / cold_start_pairs.BOOTSTRAP_ADAPTER
+        if cold_start_pairs.source_kind_or_none(folder) != "bootstrap" or not adapter_complete(adapter):
+            continue
+        try:
+            meta = json.loads((adapter / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            log.warning("cold start: %s: unreadable adapter metadata (%s); not used", adapter, e)
+            continue
+        if meta.get("base_model") != model:
+            log.warning("cold start: %s was trained on %r, this run's model is %r; its pairs are used, not its "
+                        "adapter", adapter, meta.get("base_model"), model)
+            continue
+        copy_adapter(adapter, deps.run_dir / COLD_START_DIR)
+        deps.store.put_adapter(COLD_START, "reused", path=COLD_START_DIR, examples=int(meta.get("examples") or 0),
+                               loss=meta.get("loss"), steps=0, seconds=0.0, example_ids=pair_ids,
+                               note=f"the bootstrap adapter of {folder} ({meta.get('examples')} examples); "
+                                    "later updates start from it")
+        deps.store.set_meta(COLD_START_ADOPTED, str(folder))
+        deps.llm.load_adapter(str(deps.run_dir / COLD_START_DIR))
+        return True
+    return False
+
+
+def _start_from(deps: Deps) -> Path | None:
+    """The adopted bootstrap adapter later updates start from, or None (they start afresh)."""
+    if deps.store.get_meta(COLD_START_ADOPTED) is None:
+        return None
+    path = deps.run_dir / COLD_START_DIR
+    return path if adapter_complete(path) else None
 
 
 def _store_cold_start_pairs(deps: Deps) -> None:
@@ -297,13 +351,15 @@ def _store_cold_start_pairs(deps: Deps) -> None:
 
 
 def _train(deps: Deps, cycle: int, rel: str, ids: list[str], examples: list[dict[str, Any]], *, what: str,
-           note: str = "") -> None:
+           note: str = "", preferences: list[dict[str, Any]] | None = None) -> None:
     """Train an adapter into `rel` (under the run directory), record the outcome under `cycle`,
     and generate with it. A failure is recorded and the run goes on with the adapter in use."""
     clear_partials(deps.run_dir / "adapters")
     deps.check_stop()
+    start = _start_from(deps) if cycle != COLD_START else None
     try:
-        info = deps.learner(examples, deps.run_dir / rel, deps.stop)
+        extra = {"preferences": preferences} if preferences else {}  # sft+dpo: both sets
+        info = deps.learner(examples, deps.run_dir / rel, deps.stop, start_from=start, **extra)
     except RunStopped:
         raise
     except Exception as e:  # noqa: BLE001 - a failed update is recorded; the run goes on with the last adapter
@@ -311,6 +367,7 @@ def _train(deps: Deps, cycle: int, rel: str, ids: list[str], examples: list[dict
         log.warning("%s failed: %s", what, text)
         deps.store.put_adapter(cycle, "failed", examples=len(examples), note=f"{type(e).__name__}: {text}")
         return
-    deps.store.put_adapter(cycle, "trained", path=rel, examples=len(examples), loss=info.get("loss"),
-                           steps=info.get("steps"), seconds=info.get("seconds"), example_ids=ids, note=note)
+    deps.store.put_adapter(cycle, "trained", path=rel, examples=info.get("examples") or len(examples),
+                           loss=info.get("loss"), steps=info.get("steps"), seconds=info.get("seconds"),
+                           example_ids=ids, note=note)
     deps.llm.load_adapter(str(deps.run_dir / rel))

@@ -31,8 +31,9 @@ class Deps:
     dataset: DatasetInfo
     run_dir: Path
     stop: threading.Event = field(default_factory=threading.Event)
-    learner: Callable[[list[dict[str, Any]], Path, threading.Event], dict[str, Any]] | None = None
-    """Trains a LoRA adapter on examples into a folder (agent/learning/lora.py); None: no update, see `learner_note`."""
+    learner: Callable[..., dict[str, Any]] | None = None
+    """`learner(examples, out_dir, stop, start_from=None)` trains a LoRA adapter on examples into a folder,
+    afresh or from the adapter at `start_from` (agent/learning/lora.py); None: no update, see `learner_note`."""
     learner_note: str = ""
     cold_llm: LLMBackend | None = None
     """Proposes the first `learn.cold_start_cycles` cycles (the mutate backend): their successful

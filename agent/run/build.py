@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 from deltanas.agent.archive import Store
@@ -156,11 +157,28 @@ def make_learner(cfg: Config):
     c = cfg.learn
     settings = LoraSettings(r=c.r, alpha=c.alpha, dropout=c.dropout, lr=c.lr, epochs=c.epochs,
                             grad_accum=c.grad_accum, weight_decay=c.weight_decay, scheduler=c.scheduler,
-                            batch_size=c.batch_size, max_length=c.max_length, qlora=c.qlora)
+                            batch_size=c.batch_size, max_length=c.max_length, qlora=c.qlora, dpo_beta=c.dpo_beta)
     device = cfg.llm.device if cfg.llm.device != "auto" else _auto_device()
 
-    def learn(examples, out_dir, stop):
-        return train_adapter(spec.model, examples, out_dir, settings, device=device, seed=cfg.search.seed, stop=stop)
+    def learn(examples, out_dir, stop, start_from=None, preferences=None, progress=None):
+        """learn.method sft: SFT on `examples`; dpo: DPO on `examples` (preference pairs); sft+dpo:
+        SFT on `examples`, then DPO on `preferences` from that adapter (SFT alone without them)."""
+        def train(data, out, method, start):
+            return train_adapter(spec.model, data, out, settings, device=device, seed=cfg.search.seed, stop=stop,
+                                 start_from=start, method=method, progress=progress)
+
+        if c.method == "dpo":
+            return train(examples, out_dir, "dpo", start_from)
+        if c.method == "sft" or not preferences:
+            return train(examples, out_dir, "sft", start_from)
+        sft_dir = Path(out_dir).parent / f".{Path(out_dir).name}.sft-{uuid.uuid4().hex[:8]}"
+        try:
+            sft = train(examples, sft_dir, "sft", start_from)
+            dpo = train(preferences, out_dir, "dpo", sft_dir)
+        finally:
+            shutil.rmtree(sft_dir, ignore_errors=True)
+        return {**dpo, "sft_loss": sft["loss"], "steps": sft["steps"] + dpo["steps"],
+                "seconds": sft["seconds"] + dpo["seconds"], "examples": len(examples) + len(preferences)}
 
     return learn, ""
 
@@ -169,6 +187,18 @@ def _auto_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_words(device: str) -> str:
+    """Where the model trains, in words for a record: the GPU's name, or the CPU and its threads."""
+    import platform
+
+    import torch
+
+    device = device if device != "auto" else _auto_device()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def restore_adapter(deps: Deps) -> str | None:

@@ -6,6 +6,9 @@ Definitions (every number comes from the candidates table and the adapters table
 - valid rate: candidates whose change applied and trained to an `ok` result, over all
   candidates of the cycle (duplicates are not trained, so they are not valid here);
 - applied rate: candidates whose change applied (any status but `apply_failed`);
+- novel and valid rate: valid candidates the novelty check passed (a run that trains its
+  near-copies too, `search.train_duplicates`, records them as valid but not novel);
+- improved rate: valid candidates more accurate than their parent, over all candidates;
 - novelty rejections: candidates that applied but were near-copies (`duplicate`);
 - repair success: of the candidates that needed a repair, those whose change finally applied;
 - accuracy: first-epoch test accuracy of the cycle's `ok` candidates (mean and best);
@@ -26,14 +29,15 @@ from deltanas.agent.archive import CandidateRow, Store
 from deltanas.agent.run import isolation
 
 COLUMNS = [("cycle", "cycle"), ("proposer", "proposer"), ("constrain", "held by"), ("candidates", "n"), ("valid_rate", "valid"),
-           ("applied_rate", "applied"),
+           ("applied_rate", "applied"), ("novel_valid_rate", "novel+valid"), ("improved_rate", "improved"),
            ("novelty_rejections", "dup"), ("repair_success", "repair ok"), ("mean_accuracy", "mean acc"),
            ("best_accuracy", "best acc"), ("mean_diff_lines", "diff lines"), ("prompt_tokens", "in tok/cand"),
            ("completion_tokens", "out tok/cand"), ("gen_seconds", "gen s"), ("train_seconds", "train s"),
            ("lora", "LoRA update")]
 
 
-def cycle_metrics(rows: list[CandidateRow]) -> dict[str, Any]:
+def cycle_metrics(rows: list[CandidateRow], accuracy_of: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """One cycle's figures; `accuracy_of` (every candidate's accuracy by id) gives the improved rate."""
     n = len(rows)
     applied = [r for r in rows if r.status != "apply_failed"]
     ok = [r for r in rows if r.status == "ok" and r.accuracy is not None]
@@ -42,6 +46,10 @@ def cycle_metrics(rows: list[CandidateRow]) -> dict[str, Any]:
         "candidates": n,
         "valid_rate": len(ok) / n if n else None,
         "applied_rate": len(applied) / n if n else None,
+        "novel_valid_rate": sum(1 for r in ok if r.novel is not False) / n if n else None,
+        "improved_rate": (sum(1 for r in ok if (accuracy_of.get(r.parent_id) is not None
+                                                and r.accuracy > accuracy_of[r.parent_id])) / n
+                          if n and accuracy_of is not None else None),
         "novelty_rejections": sum(1 for r in rows if r.status == "duplicate"),
         "repair_success": (sum(1 for r in repaired if r.status != "apply_failed") / len(repaired)
                            if repaired else None),
@@ -63,10 +71,11 @@ def run_metrics(store: Store) -> dict[str, Any]:
     rows = store.candidates()
     cycles = sorted({r.cycle for r in rows if r.cycle >= 0})
     adapters = {a["cycle"]: a for a in store.adapters()}
+    accuracy_of = {r.id: r.accuracy for r in rows}
     per_cycle = []
     for c in cycles:
         m = {"cycle": c, "proposer": store.get_meta(f"proposer:{c}"),
-             **cycle_metrics([r for r in rows if r.cycle == c])}
+             **cycle_metrics([r for r in rows if r.cycle == c], accuracy_of)}
         a = adapters.get(c)
         m["lora"] = ({"status": a["status"], "examples": a["examples"], "loss": a["loss"], "seconds": a["seconds"],
                       "note": a["note"]} if a else None)
@@ -74,7 +83,7 @@ def run_metrics(store: Store) -> dict[str, Any]:
     searched = [r for r in rows if r.cycle >= 0]
     cold = adapters.get(-1)  # the cold-start update, before cycle 0 (learn.cold_start_from)
     return {"baselines": {r.id: r.accuracy for r in rows if r.cycle < 0}, "cycles": per_cycle,
-            "overall": cycle_metrics(searched), "isolation": store.get_meta(isolation.ISOLATION_META),
+            "overall": cycle_metrics(searched, accuracy_of), "isolation": store.get_meta(isolation.ISOLATION_META),
             "cold_start": ({"status": cold["status"], "examples": cold["examples"], "loss": cold["loss"],
                             "seconds": cold["seconds"], "note": cold["note"]} if cold else None)}
 
@@ -179,12 +188,62 @@ def plots(metrics: dict[str, Any], out: Path) -> list[Path]:
     return files
 
 
-def write_report(run_dir: Path, store: Store, out: Path | None = None) -> tuple[dict[str, Any], Path]:
+CURVES = (("valid_rate", "valid"), ("novel_valid_rate", "novel and valid"), ("improved_rate", "improved over parent"),
+          ("mean_accuracy", "mean first-epoch accuracy"))
+
+
+def compare_plot(curves: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> Path:
+    """One figure, a panel per figure of `CURVES`, a line per run (or per arm of a benchmark).
+    Each point is a cycle's dict; `<key>_lo` and `<key>_hi`, where present, shade an interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.4))
+    for ax, (key, name) in zip(axes, CURVES):
+        for label, points in curves.items():
+            pts = [p for p in points if p.get(key) is not None]
+            xs = [p["cycle"] for p in pts]
+            line, = ax.plot(xs, [100 * p[key] for p in pts], marker="o", label=label)
+            band = [p for p in pts if p.get(f"{key}_lo") is not None]
+            if band:
+                ax.fill_between([p["cycle"] for p in band], [100 * p[f"{key}_lo"] for p in band],
+                                [100 * p[f"{key}_hi"] for p in band], alpha=0.2, color=line.get_color())
+        ax.set(xlabel="cycle", ylabel="%", title=name)
+        if key.endswith("_rate"):
+            ax.set_ylim(0, 100)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, store: Store, out: Path | None = None,
+                 against: dict[str, Store] | None = None) -> tuple[dict[str, Any], Path]:
+    """The report of one run; with `against` (other runs by label: a control), also `compare.png`,
+    their per-cycle curves in one figure, and their rows in the summary."""
     out = Path(out) if out else Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     metrics = run_metrics(store)
     plots(metrics, out)
-    (out / "summary.md").write_text(markdown(metrics, Path(run_dir)), encoding="utf-8")
+    text = markdown(metrics, Path(run_dir))
+    if against:
+        others = {label: run_metrics(s) for label, s in against.items()}
+        compare_plot({Path(run_dir).name: metrics["cycles"], **{k: m["cycles"] for k, m in others.items()}},
+                     out / "compare.png", title="per cycle, against " + ", ".join(others))
+        keys = ("cycle", *(k for k, _ in CURVES))
+        heads = dict(COLUMNS)
+        text += "\n## Against " + ", ".join(others) + "\n\n| run | " + " | ".join(heads[k] for k in keys) + " |\n" \
+            + "|" + " --- |" * (len(keys) + 1) + "\n"
+        for label, m in {Path(run_dir).name: metrics, **others}.items():
+            text += "".join(f"| {label} | " + " | ".join(row) + " |\n" for row in table_rows(m, keys))
+        text += "\n![against](compare.png)\n"
+    (out / "summary.md").write_text(text, encoding="utf-8")
     return metrics, out
 
 

@@ -13,12 +13,10 @@ import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
 from deltanas.agent.archive import CandidateRow, Store
-from deltanas.agent.config import load_config
 from deltanas.agent.learning import cold_start_pairs
 from deltanas.agent.learning.cold_start_pairs import Pair, archive_pairs, gather, lemur_pairs, pair_example, source_kind
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.llm.scripted import ScriptedBackend
-from deltanas.agent.loop.deps import DatasetInfo, Deps
 from deltanas.agent.run.build import restore_adapter
 from deltanas.agent.run.driver import run_graph
 from deltanas.agent.run.report import markdown, run_metrics
@@ -29,7 +27,7 @@ from deltanas.tools.full_extract import apply_full_output
 from deltanas.tools.novelty import NoveltyIndex
 from deltanas.tools.zoo import get_baseline
 
-from support import InstantExecutor, block_diff
+from support import loop_deps
 
 
 def edit(source: str, *subs: tuple[str, str]) -> str:
@@ -331,24 +329,15 @@ def fake_adapter(out_dir):
         (out_dir / name).write_text("{}")
 
 
-def make_deps(tmp_path, learner, **over) -> Deps:
-    counter = iter(range(10_000))
-    llm = ScriptedBackend(lambda p: f"```diff\n{block_diff(p.base_source, f'k{next(counter)}')}```")
-    cfg = load_config(None, {"llm.spec": "mutate", "search.cycles": 1, "search.candidates": 2,
-                             "baselines": ["lenet"], "learn.rule": "valid", "learn.after_last_cycle": True, **over})
-    run_dir = tmp_path / "run"
-    (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
-    return Deps(config=cfg, llm=CoalescingBackend(llm, window_s=0.01), executor=InstantExecutor(),
-                store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(),
-                dataset=DatasetInfo("mnist", (1, 28, 28), 10), run_dir=run_dir, learner=learner,
-                learner_note="" if learner else "no learner in this test")
+def make_deps(tmp_path, learner, **over):
+    return loop_deps(tmp_path, learner, **over)
 
 
 def test_cold_start_trains_first_is_loaded_and_later_updates_keep_its_pairs(tmp_path):
     lemur_db(tmp_path / "lemur" / "db" / "ab.nn.db")
     calls = []
 
-    def learner(examples, out_dir, stop):
+    def learner(examples, out_dir, stop, start_from=None):
         calls.append((out_dir.name, examples, len(deps.llm.inner.calls)))
         fake_adapter(out_dir)
         return {"loss": 0.7, "steps": 2, "seconds": 0.1}
@@ -397,7 +386,7 @@ def test_cold_start_stopped_midway_resumes_without_reading_the_sources_again(tmp
     real_gather = cold_start_pairs.gather
     monkeypatch.setattr(cold_start_pairs, "gather", lambda *a, **k: reads.append(1) or real_gather(*a, **k))
 
-    def learner(examples, out_dir, stop):
+    def learner(examples, out_dir, stop, start_from=None):
         partial = out_dir.parent / f".{out_dir.name}.partial-x"
         leftover.append(partial.exists())
         if not trained:
@@ -432,7 +421,7 @@ def test_cold_start_outcomes_are_recorded_and_the_run_goes_on(tmp_path):
     # every source unreadable: skipped, and the run goes on
     calls = []
 
-    def learner(examples, out_dir, stop):
+    def learner(examples, out_dir, stop, start_from=None):
         calls.append(out_dir.name)
         fake_adapter(out_dir)
         return {"loss": 1.0, "steps": 1, "seconds": 0.1}
@@ -444,7 +433,7 @@ def test_cold_start_outcomes_are_recorded_and_the_run_goes_on(tmp_path):
     assert "a folder, but no archive.sqlite" in cold["note"] and calls == ["cycle-0"]
 
     # a failing trainer: failed, recorded, and cycle 0 still runs
-    def broken(examples, out_dir, stop):
+    def broken(examples, out_dir, stop, start_from=None):
         raise RuntimeError("CUDA out of memory")
 
     deps = make_deps(tmp_path / "c", broken, **{"learn.cold_start_from": [str(db)]})
@@ -468,7 +457,7 @@ def test_an_archive_source_feeds_a_new_run(tmp_path):
     first.store.close()
     seen = []
 
-    def learner(examples, out_dir, stop):
+    def learner(examples, out_dir, stop, start_from=None):
         seen.append(examples)
         fake_adapter(out_dir)
         return {"loss": 1.0, "steps": 1, "seconds": 0.1}
@@ -491,7 +480,7 @@ def test_cold_start_pairs_train_a_real_adapter(tmp_path):
     db = lemur_db(tmp_path / "ab.nn.db")
     tiny = LoraSettings(r=4, alpha=8, epochs=1, grad_accum=1, max_length=256, lr=1e-4)
 
-    def learner(examples, out_dir, stop):
+    def learner(examples, out_dir, stop, start_from=None):
         return train_adapter("smollm2", examples, out_dir, tiny, device="cpu", stop=stop)
 
     deps = make_deps(tmp_path, learner, **{"learn.cold_start_from": [str(db)], "search.max_repairs": 0})

@@ -44,7 +44,7 @@ def make_deps(tmp_path, learner=None, **over) -> Deps:
 
 def recording_learner(log: list):
     """A learner that writes a complete adapter folder at once and records each call's examples."""
-    def learner(examples, out_dir, stop):
+    def learner(examples, out_dir, stop, start_from=None):
         log.append(examples)
         out_dir.mkdir(parents=True)
         for name in ("adapter_config.json", "adapter_model.safetensors", "deltanas_adapter.json"):
@@ -143,7 +143,7 @@ def test_export_loads_in_datasets_and_trains_in_trl(tmp_path):
 
 @pytest.mark.slow
 def test_lora_update_trains_a_real_adapter_and_hot_swaps_it(tmp_path):
-    def learner(examples, out_dir, stop):
+    def learner(examples, out_dir, stop, start_from=None):
         return train_adapter("smollm2", examples, out_dir, TINY, device="cpu", stop=stop)
 
     deps = make_deps(tmp_path, learner, **{"search.candidates": 2})
@@ -174,7 +174,7 @@ def test_update_skipped_without_successes_or_learner_and_recorded(tmp_path):
     (a,) = deps.store.adapters()
     assert a["status"] == "skipped" and a["note"] == "no learner in this test"
     calls = []
-    deps2 = make_deps(tmp_path / "2", learner=lambda *a: calls.append(a),
+    deps2 = make_deps(tmp_path / "2", learner=lambda *a, **k: calls.append(a),
                       **{"search.cycles": 1, "learn.min_examples": 50})
     assert run_graph(deps2, InMemorySaver()).status == "finished"
     (a,) = deps2.store.adapters()
@@ -182,7 +182,7 @@ def test_update_skipped_without_successes_or_learner_and_recorded(tmp_path):
 
 
 def test_a_failed_update_is_recorded_and_the_run_goes_on(tmp_path):
-    def broken(examples, out_dir, stop):
+    def broken(examples, out_dir, stop, start_from=None):
         raise RuntimeError("CUDA out of memory in the trainer")
 
     deps = make_deps(tmp_path, broken)
@@ -201,7 +201,7 @@ def test_an_interrupted_update_leaves_nothing_half_written_and_resume_redoes_it(
 
     leftover = []
 
-    def learner(examples, out_dir, stop):
+    def learner(examples, out_dir, stop, start_from=None):
         partial = out_dir.parent / f".{out_dir.name}.partial-x"
         leftover.append(partial.exists())  # the node clears what a killed update left
         partial.mkdir(parents=True, exist_ok=True)
