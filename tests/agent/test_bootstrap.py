@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,8 @@ from deltanas.tools.novelty import NoveltyIndex
 from deltanas.tools.zoo import DEFAULT_PRM, list_baselines
 
 from support import loop_deps
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_and_run(source: str, in_shape, classes: int, batch: int = 3) -> torch.Tensor:
@@ -196,6 +199,19 @@ def test_a_real_bootstrap_adapter_is_adopted_and_later_updates_start_from_it(tmp
     assert run_cli("bootstrap", "--pairs", "3", "--output", str(out), "--llm", "hf:tinycoder", "--device", "cpu",
                    "--baselines", "lenet") == 0
     assert "trained before; kept" in capsys.readouterr().out
+
+    # bench/format_rate.py: the same held-out prompts to the base model and with the adapter
+    figures = tmp_path / "format.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "format_rate.py"), "--llm", "hf:tinycoder",
+                           "--adapter", str(out / "adapter"), "--prompts", "2", "--max-new-tokens", "8",
+                           "--device", "cpu", "--json", str(figures)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(figures.read_text())["rows"]
+    assert list(rows) == ["base model (baseline)", f"adapter {out / 'adapter'}"]
+    for r in rows.values():
+        assert r["answers"] == 2 and r["applied"] + sum(r["errors"].values()) == 2
+        assert r["applied_rate"] == r["applied"] / 2 and r["applied_ci95"][0] <= r["applied_rate"] <= r["applied_ci95"][1]
+    assert "base model (baseline)" in proc.stdout
 
     calls = []
 
