@@ -45,9 +45,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def parents(n: int, dataset: str, seed: int) -> list[str]:
     """n parents: every zoo network once, then mutator variants drawn with `seed`."""
-    made = mutator_pairs(n, dataset=dataset, seed=seed)
+    made = mutator_pairs(2 * n, dataset=dataset, seed=seed)  # zoo parents repeat, and count once
     zoo = {p.base_source for p in made.pairs if "+" not in p.base_name}
-    rest = [p.base_source for p in made.pairs if "+" in p.base_name]
+    rest = list(dict.fromkeys(p.base_source for p in made.pairs if "+" in p.base_name))
     return (sorted(zoo) + rest)[:n]
 
 
