@@ -1,5 +1,5 @@
 """Learning from failure too (issue 17): preference pairs from the archive, and DPO (trl's
-DPOTrainer with peft) through the run's own update node on the real SmolLM2, beside SFT."""
+DPOTrainer with peft) through the run's own update node on the tiny GGUF model, beside SFT."""
 from __future__ import annotations
 
 import json
@@ -58,7 +58,7 @@ def make_deps(tmp_path, learner, **over):
         return "I would not change it." if k % 2 else f"```diff\n{block_diff(p.base_source, f'd{k}')}```"
 
     return loop_deps(tmp_path, learner, answer, dataset=("synthetic", (1, 28, 28), 10), **{
-        "llm.spec": "hf:smollm2", "llm.device": "cpu", "search.candidates": 4, "search.max_repairs": 0,
+        "llm.spec": "hf:tinycoder", "llm.device": "cpu", "search.candidates": 4, "search.max_repairs": 0,
         "learn.r": 4, "learn.alpha": 8, "learn.max_length": 256, "learn.epochs": 1.0, **over})
 
 
