@@ -200,11 +200,8 @@ def _one_thread() -> None:
 
 
 def _stream(job: tuple[int, int, tuple[float, int, int], dict[str, Any]]) -> Made:
-    from deltanas.tools.novelty import NoveltyIndex
-
-    share, stream, (threshold, num_perm, shingle), kw = job
-    index = NoveltyIndex(threshold=threshold, num_perm=num_perm, shingle=shingle)  # empty: parents only
-    return mutator_pairs(share, stream=stream, distinct=lambda base, variant: index.check(variant, base).novel, **kw)
+    share, stream, novelty, kw = job
+    return mutator_pairs(share, stream=stream, distinct=cold_start_pairs.novel_against_base(*novelty), **kw)
 
 
 def _one_pair(name: str, zoo_source: str, dataset: str, rng: random.Random, out: Made, seen: set[str],
@@ -295,13 +292,8 @@ def request_of(cfg, *, pairs: int, sources: Sequence[str], baselines: Sequence[s
 
 def make_examples(cfg, out_dir: Path, request: dict[str, Any], say: Callable[[str], None] = print) -> dict[str, Any]:
     """Make the pairs a request asks for and write the folder; returns the manifest."""
-    from deltanas.tools.novelty import NoveltyIndex
-
     n = cfg.novelty
-    index = NoveltyIndex(threshold=n.threshold, num_perm=n.num_perm, shingle=n.shingle)  # empty: parents only
-
-    def distinct(base: str, variant: str) -> bool:  # the run would call a closer variant a duplicate
-        return index.check(variant, base).novel
+    distinct = cold_start_pairs.novel_against_base(n.threshold, n.num_perm, n.shingle)
 
     improving, reports = [], []
     if request["from"]:

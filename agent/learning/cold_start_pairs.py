@@ -55,6 +55,15 @@ Purpose = Literal["improvement", "format"]
 Distinct = Callable[[str, str], bool]
 """(base, variant) -> whether the variant is different enough to count as novel."""
 
+
+def novel_against_base(threshold: float, num_perm: int, shingle: int) -> Distinct:
+    """The run's novelty rule (`[novelty]`) against the base alone: a closer variant the run
+    would call a duplicate of its parent."""
+    from deltanas.tools.novelty import NoveltyIndex
+
+    index = NoveltyIndex(threshold=threshold, num_perm=num_perm, shingle=shingle)  # empty: parents only
+    return lambda base, variant: index.check(variant, base).novel
+
 LEMUR_DB = Path("db") / "ab.nn.db"
 BOOTSTRAP_MANIFEST = "manifest.json"
 BOOTSTRAP_EXAMPLES = "examples.jsonl"

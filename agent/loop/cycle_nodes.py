@@ -23,7 +23,6 @@ from deltanas.agent.loop.selection import select_parents as tournament
 from deltanas.agent.loop.state import Proposal, RunState
 from deltanas.agent.stopping import RunStopped
 from deltanas.tools import prompting
-from deltanas.tools.novelty import NoveltyIndex
 from deltanas.tools.trajectory import TOOL_SCHEMAS, proposal_step
 from deltanas.tools.zoo import get_baseline, is_path
 
@@ -332,11 +331,7 @@ def _store_cold_start_pairs(deps: Deps) -> None:
     """Read every `learn.cold_start_from` path once; keep the pairs as the training examples the
     run would build (its prompt, mode and rules), and what each path gave."""
     learn, s, n = deps.config.learn, deps.config.search, deps.config.novelty
-    index = NoveltyIndex(threshold=n.threshold, num_perm=n.num_perm, shingle=n.shingle)  # empty: parents only
-
-    def distinct(base: str, variant: str) -> bool:  # the run would call a closer variant a duplicate
-        return index.check(variant, base).novel
-
+    distinct = cold_start_pairs.novel_against_base(n.threshold, n.num_perm, n.shingle)
     found, reports = cold_start_pairs.gather(
         [str(Path(p).expanduser()) for p in learn.cold_start_from], dataset=deps.dataset.name,
         task=learn.lemur_task, epoch=learn.lemur_epoch, max_diff_lines=learn.cold_start_max_diff_lines,
