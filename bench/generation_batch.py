@@ -50,7 +50,7 @@ def config_backend(device: str, batch: int, layers: int, hidden: int):
 
     tok = None
     try:
-        from deltanas.agent.llm.hf import resolve_model
+        from deltanas.agent.llm.model_folder import resolve_model
         from transformers import AutoTokenizer
 
         loc = resolve_model("smollm2")

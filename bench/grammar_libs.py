@@ -905,7 +905,7 @@ def _dist_version(dist: str) -> str:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    from deltanas.agent.llm.hf import resolve_model
+    from deltanas.agent.llm.model_folder import resolve_model
 
     loc = resolve_model(name)
     kwargs = {"local_files_only": True}

@@ -38,7 +38,7 @@ from deltanas.tools.zoo import list_baselines
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    from deltanas.agent.llm.hf import resolve_model
+    from deltanas.agent.llm.model_folder import resolve_model
 
     loc = resolve_model(model)
     kwargs = {"local_files_only": True}

@@ -45,7 +45,7 @@ from typing import Any
 
 from deltanas.sandbox.base import Job, Result, masked_paths, within
 from deltanas.sandbox.jobfiles import (DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back,
-                                       tree_size)
+                                       tree_size, workdir_cap)
 from deltanas.sandbox.pool import WarmPool, WorkerKey, spare_flag
 from deltanas.sandbox.sizing import SPARES
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
@@ -63,7 +63,6 @@ TMPFS_MB = 64
 POLL_S = 0.5
 IN_CONTAINER_GRACE_S = 30  # the in-container kill lands this long after the host's
 API_TIMEOUT_S = 60
-WORKDIR_SLACK_BYTES = 1 << 20
 WARM_BASE_MB = 1024  # a warm worker's own memory (Python, torch) on top of its jobs' limit and the dataset
 WARM_SPARE_MB = 2048  # a spare child (CUDA libraries and context) waiting beside the running job
 WARM_EXTRA_PIDS = 64  # the warm worker's own threads, on top of its jobs' process limit
@@ -252,7 +251,7 @@ class DockerSandbox:
             elif killed == "output":
                 result = read_back(predictions, workdir, job, meta, 0, "")
                 result.status = "output_limit"
-                result.error = f"the work dir grew past {self._workdir_cap(job, meta)} bytes"
+                result.error = f"the work dir grew past {workdir_cap(job, meta)} bytes"
                 result.predictions_path = result.final_loss = None
             else:
                 result = read_back(predictions, workdir, job, meta, rc, killed)
@@ -296,7 +295,7 @@ class DockerSandbox:
         try:
             container.start()
             deadline = time.monotonic() + job.limits.timeout_s
-            cap = self._workdir_cap(job, meta)
+            cap = workdir_cap(job, meta)
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -487,10 +486,6 @@ class DockerSandbox:
         package = Path(pkg.__file__).resolve().parent
         mounts.append(Mount(f"{PACKAGE_VIEW}/deltanas/sandbox", str(package), type="bind", read_only=True))
         return mounts
-
-    def _workdir_cap(self, job: Job, meta: dict) -> int:
-        # log.txt, predictions.npy and result.json, each under the per-file cap, plus the inputs.
-        return 3 * file_size_cap(job.limits, meta) + len(job.source.encode()) + WORKDIR_SLACK_BYTES
 
 
 class ContainerHandle:

@@ -46,11 +46,20 @@ def prepare_workdir(workdir: Path, job: Job) -> None:
     spec = {k: v for k, v in job.to_json().items() if k != "source"}
     (workdir / "job.json").write_text(json.dumps(spec), encoding="utf-8")
 
+WORKDIR_SLACK_BYTES = 1 << 20
+
 
 def file_size_cap(lim: Limits, meta: dict) -> int:
     """The per-file output cap of a job."""
     # The predictions file must fit under the same per-file cap as the log.
     return max(int(lim.max_output_bytes), 2 * int(meta["n_test"]) + 4096)
+
+
+def workdir_cap(job: Job, meta: dict) -> int:
+    """The most a job's work dir may hold while it runs: log.txt, predictions.npy and
+    result.json, each under the per-file cap, plus its inputs and a little slack. Every
+    backend watches it, since the per-file cap alone lets many small files fill the disk."""
+    return 3 * file_size_cap(job.limits, meta) + len(job.source.encode()) + WORKDIR_SLACK_BYTES
 
 
 class DatasetMetaCache:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from deltanas.sandbox.base import Job, Result
-from deltanas.sandbox.jobfiles import file_size_cap, new_workdir, prepare_workdir, read_back, tree_size
+from deltanas.sandbox.jobfiles import new_workdir, prepare_workdir, read_back, tree_size, workdir_cap
 
 STARTUP_TIMEOUT_S = 180.0
 REPLY_GRACE_S = 15.0  # the worker kills a job at its limit; the host gives it this long to say so
@@ -246,7 +246,7 @@ class WarmPool:
             workdir = new_workdir(w.dir, job.candidate_id)
             prepare_workdir(workdir, inner)
             prepare(workdir)
-            cap = 3 * file_size_cap(job.limits, meta) + len(job.source.encode()) + (1 << 20)
+            cap = workdir_cap(job, meta)
             try:
                 rc, killed = w.run(workdir.name, self.job_limits(job, meta), job.limits.timeout_s,
                                    lambda: tree_size(w.dir, cap) > cap)

@@ -31,7 +31,9 @@ Each job gets a fresh 0700 work dir under `work_root` holding `model.py`,
   does not touch the machine's other GPUs, and its memory and its threads are
   those of one device (not a security boundary: the device files are there).
 
-On the wall-clock limit the whole process tree and group get SIGKILL. The host
+On the wall-clock limit, or once the work dir as a whole grows past its cap (many files,
+each under RLIMIT_FSIZE, could otherwise fill the disk), the whole process tree and group
+get SIGKILL. The host
 reads back only a size-capped result.json (as JSON) and the predictions .npy
 (without pickle, validated), and never trusts the worker's word on accuracy.
 """
@@ -55,7 +57,8 @@ from typing import Callable, Iterator
 
 from deltanas.sandbox import landlock, proctree, seccomp
 from deltanas.sandbox.base import Job, Result, masked_paths, within
-from deltanas.sandbox.jobfiles import DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back
+from deltanas.sandbox.jobfiles import (DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back,
+                                       tree_size, workdir_cap)
 from deltanas.sandbox.pool import spare_flag
 from deltanas.sandbox.pool import WarmPool, WorkerKey
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
@@ -63,6 +66,7 @@ from deltanas.sandbox.worker import SANDBOX_INIT_ENV
 TORCH_ADDRESS_HEADROOM_MB = 8192  # measured: importing torch maps ~3.3 GB, training adds a little
 WARM_ADDRESS_HEADROOM_MB = 2048  # a warm child starts with torch mapped; this is for what it maps anew
 CPU_LIMIT_GRACE_S = 10
+POLL_S = 0.25  # how often a one-shot job's work dir is measured
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
               "CUDA_HOME", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES")
 BWRAP_FLAGS = ("--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL")
@@ -381,7 +385,13 @@ class ProcessSandbox:
             prepare_workdir(workdir, inner)
             self._hand_over(workdir)
             rc, killed = self._execute(workdir, job, meta)
-            result = read_back(self.work_root / "predictions", workdir, job, meta, rc, killed)
+            if killed == "output":
+                result = read_back(self.work_root / "predictions", workdir, job, meta, 0, "")
+                result.status = "output_limit"
+                result.error = f"the work dir grew past {workdir_cap(job, meta)} bytes"
+                result.predictions_path = result.final_loss = None
+            else:
+                result = read_back(self.work_root / "predictions", workdir, job, meta, rc, killed)
         finally:
             if not self.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -407,7 +417,7 @@ class ProcessSandbox:
                 pass
 
     def _execute(self, workdir: Path, job: Job, meta: dict) -> tuple[int, str]:
-        """Runs the worker to its end; returns its exit status and who killed it ("", "timeout", "closed")."""
+        """Runs the worker to its end; returns its exit status and who killed it ("", "timeout", "output", "closed")."""
         lim = job.limits
         workdir = workdir.resolve()  # bwrap binds it at this same path
         data = Path(job.dataset_dir).resolve()
@@ -426,10 +436,7 @@ class ProcessSandbox:
             self._running[proc.pid] = proc
         try:
             try:
-                rc, killed = proc.wait(timeout=lim.timeout_s), ""
-            except subprocess.TimeoutExpired:
-                kill_job(proc.pid)
-                rc, killed = proc.wait(), "timeout"
+                rc, killed = self._wait(proc, workdir, lim.timeout_s, workdir_cap(job, meta))
             except BaseException:  # Ctrl-C in the driver: take the job down with it
                 kill_job(proc.pid)
                 proc.wait()
@@ -443,6 +450,26 @@ class ProcessSandbox:
         if self.fs_isolated and 128 < rc < 128 + 65:  # bwrap's init reports a death by signal N as 128 + N
             rc = -(rc - 128)
         return rc, killed or ("closed" if closed else "")
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen, workdir: Path, timeout_s: float, cap: int) -> tuple[int, str]:
+        """Waits for the job, watching its work dir; on the deadline or past `cap` bytes the job
+        is killed, and the second item says which ("timeout" / "output")."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                killed = "timeout"
+                break
+            try:
+                return proc.wait(timeout=min(POLL_S, left)), ""
+            except subprocess.TimeoutExpired:
+                pass
+            if tree_size(workdir, cap) > cap:
+                killed = "output"
+                break
+        kill_job(proc.pid)
+        return proc.wait(), killed
 
     # -- warm workers --------------------------------------------------------------------------------------------
 

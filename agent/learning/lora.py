@@ -17,6 +17,7 @@ is redone on resume.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -50,6 +51,7 @@ class LoraSettings:
     lm_head: bool = False  # the paper adapts lm_head too; trl 1.16 refuses it (see the module's note)
     qlora: bool = False  # 4-bit base; needs a GPU and bitsandbytes
     dpo_beta: float = 0.1  # trl's default: how far the DPO update may move from the reference
+    checkpointing: bool = False  # recompute activations in the backward pass: less memory, a third more compute
 
 
 def target_modules(model, lm_head: bool = True) -> list[str]:
@@ -91,7 +93,6 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
         raise ValueError(f"unknown training method {method!r}; use sft or dpo")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from datasets import Dataset
     from peft import LoraConfig
     from datasets.utils.logging import disable_progress_bar
     from transformers import PrinterCallback
@@ -136,7 +137,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
             lr_scheduler_type=settings.scheduler, per_device_train_batch_size=settings.batch_size,
             max_length=settings.max_length, truncation_mode="keep_end", report_to=[], save_strategy="no",
             logging_steps=1, seed=seed, use_cpu=device == "cpu", bf16=device != "cpu", disable_tqdm=True,
-            dataloader_num_workers=0)
+            dataloader_num_workers=0, gradient_checkpointing=settings.checkpointing)
         args = (SFTConfig(**common, completion_only_loss=True) if method == "sft"
                 else DPOConfig(**common, beta=settings.dpo_beta))
         if start_from is not None:
@@ -150,7 +151,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
                                      target_modules=target_modules(net, settings.lm_head), task_type="CAUSAL_LM")
             targets = sorted(peft_config.target_modules)
         trainer = (SFTTrainer if method == "sft" else DPOTrainer)(
-            model=net, args=args, train_dataset=Dataset.from_list(examples), processing_class=tok,
+            model=net, args=args, train_dataset=_dataset(examples), processing_class=tok,
             peft_config=peft_config)
         trainer.remove_callback(PrinterCallback)  # the run's own view reports the update
         if progress is not None:
@@ -176,6 +177,19 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return info
+
+
+def _dataset(rows: list[dict]):
+    """The examples as a `datasets.Dataset`, fingerprinted by their JSON. `Dataset.from_list`
+    fingerprints by pickling the table's state with dill, which fails on Python 3.12 with
+    pyarrow 26 ("Can't pickle <class 'MonthDayNano'>"); the fingerprint given here is also
+    stable across runs, where datasets' own would depend on the environment."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable(pa.Table.from_pylist(rows)), fingerprint=digest)
 
 
 def _stop_hook(stop):
@@ -252,11 +266,10 @@ def _load_quantized(model: str, quant: dict):
     (agent/llm/model_folder.py): transformers quantizes float weights, not GGUF blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltanas.agent.llm.hf import resolve_model
-    from deltanas.agent.llm.model_folder import serving_folder
+    from deltanas.agent.llm.model_folder import resolve_model, serving_folder
 
     loc = resolve_model(model)
-    path = str(serving_folder(model)) if loc.gguf_file else loc.path
+    path = str(serving_folder(model, dtype="float32")) if loc.gguf_file else loc.path
     return (AutoTokenizer.from_pretrained(path, local_files_only=True),
             AutoModelForCausalLM.from_pretrained(path, device_map={"": 0}, local_files_only=True, **quant))
 

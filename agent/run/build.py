@@ -107,7 +107,7 @@ def preflight(cfg: Config):
         import_ray()
     spec = cfg.llm.backend
     if spec.type == "hf":
-        from deltanas.agent.llm.hf import resolve_model
+        from deltanas.agent.llm.model_folder import resolve_model
 
         try:
             resolve_model(spec.model)
@@ -144,7 +144,7 @@ def make_learner(cfg: Config):
     if spec.type == "openai":
         # The trainer needs the served model's weights on this machine; `deltanas serve MODEL`
         # names the server's model after MODEL, so an alias or a local path resolves here.
-        from deltanas.agent.llm.hf import resolve_model
+        from deltanas.agent.llm.model_folder import resolve_model
 
         try:
             resolve_model(spec.model)
@@ -157,7 +157,8 @@ def make_learner(cfg: Config):
     c = cfg.learn
     settings = LoraSettings(r=c.r, alpha=c.alpha, dropout=c.dropout, lr=c.lr, epochs=c.epochs,
                             grad_accum=c.grad_accum, weight_decay=c.weight_decay, scheduler=c.scheduler,
-                            batch_size=c.batch_size, max_length=c.max_length, qlora=c.qlora, dpo_beta=c.dpo_beta)
+                            batch_size=c.batch_size, max_length=c.max_length, qlora=c.qlora, dpo_beta=c.dpo_beta,
+                            checkpointing=c.checkpointing)
     device = cfg.llm.device if cfg.llm.device != "auto" else _auto_device()
 
     def learn(examples, out_dir, stop, start_from=None, preferences=None, progress=None):

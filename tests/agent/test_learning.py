@@ -124,14 +124,15 @@ def test_export_loads_in_datasets_and_trains_in_trl(tmp_path):
     assert {m["role"] for m in first} == {"system", "user", "assistant", "tool"}
     assert ds[0]["meta"]["status"] == "ok"
 
-    # TRL's SFTTrainer takes the records as they stand (messages + tools), with SmolLM2
+    # TRL's SFTTrainer takes the records as they stand (messages + tools). The model is the tiny
+    # one: this is the records' test (a full SmolLM2 step takes 80 s on a 2-core CPU; its LoRA
+    # steps are tested below).
     from trl import SFTConfig, SFTTrainer
 
-    from deltanas.agent.llm.hf import load_pretrained
-    from deltanas.agent.llm.model_folder import drop_gguf_mark
+    from deltanas.agent.llm.hf import CHATML_TEMPLATE, load_pretrained
 
-    tok, net = load_pretrained("smollm2", "cpu")
-    drop_gguf_mark(net)
+    tok, net = load_pretrained("tinycoder", "cpu")
+    tok.chat_template = tok.chat_template or CHATML_TEMPLATE  # tinycoder's GGUF carries none
     args = SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=1,
                      max_length=512, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = SFTTrainer(model=net, args=args, train_dataset=ds.remove_columns(["meta"]), processing_class=tok)

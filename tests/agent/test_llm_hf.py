@@ -12,7 +12,8 @@ import torch
 
 from deltanas.agent.llm.base import LLMBackend, Prompt, Sampling
 from deltanas.agent.llm.coalesce import CoalescingBackend
-from deltanas.agent.llm.hf import HFBackend, cpu_has_bf16, resolve_model, stop_points
+from deltanas.agent.llm.hf import HFBackend, cpu_has_bf16, stop_points
+from deltanas.agent.llm.model_folder import resolve_model
 from deltanas.agent.stopping import RunStopped
 from deltanas.tools import prompting
 
@@ -111,6 +112,32 @@ def test_load_adapter_switches_and_changes_logits(tmp_path):
         backend.load_adapter(str(bad))
     assert backend.active_adapter == "cycle-2"
     backend.close()
+
+
+@needs_tinycoder
+def test_a_gguf_model_loads_from_its_float32_folder_with_the_files_own_weights_and_tokens(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltanas.agent.llm.hf import load_pretrained
+    from deltanas.agent.llm.model_folder import READY_MARK, serving_folder
+
+    monkeypatch.setenv("DELTANAS_CACHE", str(tmp_path))
+    tok, net = load_pretrained("tinycoder", "cpu")
+    folder = serving_folder("tinycoder", dtype="float32")
+    assert (folder / READY_MARK).is_file() and (folder / "model.safetensors").is_file()
+    mark = (folder / READY_MARK).stat().st_mtime_ns
+    loc = resolve_model("tinycoder")
+    tok0 = AutoTokenizer.from_pretrained(loc.path, gguf_file=loc.gguf_file, local_files_only=True)
+    net0 = AutoModelForCausalLM.from_pretrained(loc.path, gguf_file=loc.gguf_file, local_files_only=True)
+    theirs, ours = net0.state_dict(), net.state_dict()
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert net.dtype == torch.float32 and getattr(net, "hf_quantizer", None) is None  # trainable as it stands
+    text = "<|im_start|>user\ndef f(x):\n    return x  # \u00fcn\u00ef\n<|im_end|>\n"
+    assert tok(text).input_ids == tok0(text).input_ids
+    assert (tok.eos_token, tok.pad_token, tok.chat_template) == (tok0.eos_token, tok0.pad_token, tok0.chat_template)
+    _, half = load_pretrained("tinycoder", "cpu", torch.bfloat16)  # a dtype asked for is a cast of the same
+    assert half.dtype == torch.bfloat16 and (folder / READY_MARK).stat().st_mtime_ns == mark  # not converted again
+    assert torch.equal(half.state_dict()["lm_head.weight"], ours["lm_head.weight"].to(torch.bfloat16))
 
 
 def test_resolve_model_errors(tmp_path):

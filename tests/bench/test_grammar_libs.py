@@ -21,7 +21,7 @@ pytest.importorskip("llguidance")
 
 
 def _tinycoder_available() -> bool:
-    from deltanas.agent.llm.hf import resolve_model
+    from deltanas.agent.llm.model_folder import resolve_model
 
     try:
         resolve_model("tinycoder")

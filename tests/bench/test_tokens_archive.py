@@ -22,7 +22,7 @@ def run_bench(script: str, *args: str) -> str:
 
 
 def _tokenizer_available() -> bool:
-    from deltanas.agent.llm.hf import resolve_model
+    from deltanas.agent.llm.model_folder import resolve_model
 
     try:
         resolve_model("smollm2")

@@ -287,10 +287,7 @@ def test_many_small_files_hit_the_work_dir_cap(sandbox, data):
     src = ("import time\nfor i in range(100000):\n    open(f'f{i}', 'w').write('x' * 150_000)\ntime.sleep(60)\n")
     limits = Limits(timeout_s=30, memory_mb=2048, cpu_threads=1, max_output_bytes=200_000)
     r = run(sandbox, data, src, limits=limits)
-    if sandbox.name == "process" and not sandbox.warm:
-        assert r.status in ("output_limit", "timeout"), r.error  # the one-shot process job has no size watch
-    else:
-        assert r.status == "output_limit", r.error
+    assert r.status == "output_limit", r.error
 
 
 def test_nan_loss_is_diverged(sandbox, data):
