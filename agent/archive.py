@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS candidates (
     kind TEXT NOT NULL,                -- baseline | delta | full
     parent_id TEXT,
     dataset TEXT NOT NULL,
-    status TEXT NOT NULL,              -- proposed | applied_failed | duplicate | ok | timeout | oom | crashed | invalid | diverged | output_limit
+    status TEXT NOT NULL,              -- proposed | applied_failed | duplicate | rejected | ok | timeout | oom | crashed | invalid | diverged | output_limit
     error_code TEXT,
     error_message TEXT,
     source TEXT,
@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS pairs (      -- cold-start training pairs from outsid
 );
 """
 
-FINAL_STATUSES = ("apply_failed", "duplicate", "ok", "timeout", "oom", "crashed", "invalid", "diverged",
+FINAL_STATUSES = ("apply_failed", "duplicate", "rejected", "ok", "timeout", "oom", "crashed", "invalid", "diverged",
                   "output_limit")
 
 

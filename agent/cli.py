@@ -3,6 +3,7 @@
     deltanas run                          the offline CPU demo: SmolLM2 + MNIST + the zoo
     deltanas run --llm mutate --cycles 5  the no-LLM baseline
     deltanas run --resume runs/run        continue a stopped or killed run
+    deltanas run --review                 ask before training each candidate: yes, no or your edit
     deltanas status runs/run [--json]
     deltanas export runs/run [--format jsonl|hf] [--output PATH] [--successful-only] [--cycle K]
     deltanas report runs/run [--output DIR] [--against runs/control]
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "loop with a mutator cold start. --config and flags override it")
     r.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     r.add_argument("--plain", action="store_true", help="line-by-line output instead of the live view")
+    r.add_argument("--review", action="store_true", default=None,
+                   help="ask before training each novel candidate: yes, no (with a reason) or your own edit")
 
     s = sub.add_parser("status", help="summarise a run, finished or not")
     s.add_argument("dir")
@@ -214,7 +217,7 @@ def _run_overrides(a: argparse.Namespace) -> dict:
         "sandbox.device": a.device, "sandbox.workers": a.workers, "llm.max_new_tokens": a.max_new_tokens,
         "sandbox.executor": a.executor, "sandbox.ray_address": a.ray_address,
         "sandbox.unsafe_no_isolation": a.unsafe_no_isolation,
-        "llm.constrain": a.constrain, "llm.sites": a.sites, "llm.layers": a.layers,
+        "llm.constrain": a.constrain, "llm.sites": a.sites, "llm.layers": a.layers, "search.review": a.review,
         "baselines": [b.strip() for b in a.baselines.split(",") if b.strip()] if a.baselines else None,
     }
 
@@ -246,6 +249,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         return EXIT_OK
     if not a.resume and run_dir.exists():
         rundir.create_run_dir(run_dir, cfg, dry_run=True)  # refuse a used directory before slow checks
+    if cfg.search.review and not sys.stdin.isatty():
+        raise CLIError("this run asks before training each candidate (search.review), and standard input is not a "
+                       "terminal to answer from; run it in a terminal")
     from deltanas.agent.run.build import preflight
 
     dataset = preflight(cfg)

@@ -100,6 +100,9 @@ class SearchConfig(_Section):
     goal: str = "improve the first-epoch test accuracy"
     allow_train_changes: bool = False
     """Allow diffs to change train_setup, learn or supported_hyperparameters."""
+    review: bool = False
+    """Pause before training each novel candidate for a person's yes / no / edit (`deltanas run
+    --review`); the question waits in the checkpoint, so a killed run asks it again on resume."""
     train_duplicates: bool = False
     """Train near-copies too and record their accuracy. They stay `duplicate` and never become
     parents; a measurement (bench/valid_rate.py) then sees whether they would have trained."""

@@ -1,8 +1,9 @@
 """A candidate's trajectory is its chat: the prompt, the model's answers, and every
 step as an OpenAI-style tool call with its result.
 
-The steps are `propose_diff` (the model's answer), `apply_diff`, `check_novelty`
-and `proxy_train`. A repair is a user turn that feeds the apply error back,
+The steps are `propose_diff` (the model's answer), `apply_diff`, `check_novelty`,
+`human_review` (under `search.review`: a person's verdict, reason and edit) and
+`proxy_train`. A repair is a user turn that feeds the apply error back,
 followed by a new `propose_diff`. The message list is trainable as it stands
 (TRL's `messages` + `tools` format).
 """
@@ -29,6 +30,10 @@ TOOL_SCHEMAS: list[dict[str, Any]] = [
         "description": "Train the new network for one epoch in the sandbox and score it on the test split.",
         "parameters": {"type": "object", "properties": {"dataset": {"type": "string"}, "epochs": {"type": "integer"}},
                        "required": ["dataset", "epochs"]}}},
+    {"type": "function", "function": {
+        "name": "human_review",
+        "description": "Ask a person whether to train the candidate: yes, no (with a reason), or their own edit.",
+        "parameters": {"type": "object", "properties": {}}}},
 ]
 
 
@@ -65,3 +70,18 @@ def chat_view(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
             if m.get("content"):
                 out.append({"role": "assistant", "content": m["content"]})
     return out
+
+
+def human_verdict(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last `human_review` result of a trajectory ({"verdict", "reason", "by"[, "diff"]}),
+    if the model's last answer was reviewed; None otherwise."""
+    names = {}
+    found = None
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            names[call["id"]] = call["function"]["name"]
+            if call["function"]["name"] == "propose_diff":
+                found = None  # a later answer: an earlier verdict is not about it
+        if m.get("role") == "tool" and names.get(m.get("tool_call_id")) == "human_review":
+            found = json.loads(m["content"])
+    return found

@@ -25,13 +25,14 @@ novel, and at least as accurate as the parent), `valid` (valid and novel), or
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from deltanas.agent.archive import CandidateRow, Store
-from deltanas.tools.trajectory import TOOL_SCHEMAS, chat_view
+from deltanas.tools.trajectory import TOOL_SCHEMAS, chat_view, human_verdict
 
 Rule = Literal["improved", "valid", "top_k"]
 RULES: tuple[str, ...] = Rule.__args__  # type: ignore[attr-defined]
@@ -77,18 +78,24 @@ def _as_json(arguments: Any) -> str:
 
 
 def export_record(row: CandidateRow, messages: list[dict[str, Any]], parent_accuracy: float | None) -> dict[str, Any]:
+    human = human_verdict(messages)
     return {"messages": openai_messages(messages), "tools": json.loads(json.dumps(TOOL_SCHEMAS)),
             "meta": {"candidate_id": row.id, "cycle": row.cycle, "parent_id": row.parent_id, "kind": row.kind,
-                     "status": row.status, "accuracy": row.accuracy, "parent_accuracy": parent_accuracy}}
+                     "status": row.status, "accuracy": row.accuracy, "parent_accuracy": parent_accuracy,
+                     "human": {"verdict": human["verdict"], "reason": human["reason"]} if human else None}}
 
 
 def sft_example(messages: list[dict[str, Any]]) -> dict[str, list[dict[str, str]]] | None:
     """The conversational prompt-completion pair of a successful trajectory: the chat as the
-    model saw it up to its last answer, and that answer. None when it holds no answer."""
+    model saw it up to its last answer, and that answer; where a person edited that answer in
+    review (agent/loop/review.py), their diff instead. None when it holds no answer."""
     chat = chat_view(messages)
     last = max((i for i, m in enumerate(chat) if m["role"] == "assistant"), default=None)
     if last is None or not chat[last]["content"].strip():
         return None
+    human = human_verdict(messages)
+    if human and human.get("answer"):
+        return {"prompt": chat[:last], "completion": [{"role": "assistant", "content": human["answer"]}]}
     return {"prompt": chat[:last], "completion": [chat[last]]}
 
 
@@ -163,11 +170,22 @@ def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def as_dataset(rows: list[dict[str, Any]]):
+    """The examples as a `datasets.Dataset`, fingerprinted by their JSON. `Dataset.from_list`
+    fingerprints by pickling the table's state with dill, which fails on Python 3.12 with
+    pyarrow 26 ("Can't pickle <class 'MonthDayNano'>"); the fingerprint given here is also
+    stable across runs, where datasets' own would depend on the environment."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable(pa.Table.from_pylist(rows)), fingerprint=digest)
+
+
 def write_hf(records: list[dict[str, Any]], path: Path) -> None:
     """A Hugging Face `datasets` folder (`datasets.load_from_disk`)."""
-    from datasets import Dataset
-
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty")
-    Dataset.from_list(records).save_to_disk(str(path))
+    as_dataset(records).save_to_disk(str(path))

@@ -17,7 +17,6 @@ is redone on resume.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -100,6 +99,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from deltanas.agent.llm.hf import CHATML_TEMPLATE, load_pretrained, stop_points
+    from deltanas.agent.learning.examples import as_dataset
     from deltanas.agent.llm.model_folder import drop_gguf_mark
 
     hf_logging.disable_progress_bar()
@@ -151,7 +151,7 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
                                      target_modules=target_modules(net, settings.lm_head), task_type="CAUSAL_LM")
             targets = sorted(peft_config.target_modules)
         trainer = (SFTTrainer if method == "sft" else DPOTrainer)(
-            model=net, args=args, train_dataset=_dataset(examples), processing_class=tok,
+            model=net, args=args, train_dataset=as_dataset(examples), processing_class=tok,
             peft_config=peft_config)
         trainer.remove_callback(PrinterCallback)  # the run's own view reports the update
         if progress is not None:
@@ -177,19 +177,6 @@ def train_adapter(model: str, examples: list[dict[str, Any]], out_dir: Path, set
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return info
-
-
-def _dataset(rows: list[dict]):
-    """The examples as a `datasets.Dataset`, fingerprinted by their JSON. `Dataset.from_list`
-    fingerprints by pickling the table's state with dill, which fails on Python 3.12 with
-    pyarrow 26 ("Can't pickle <class 'MonthDayNano'>"); the fingerprint given here is also
-    stable across runs, where datasets' own would depend on the environment."""
-    import pyarrow as pa
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
-
-    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Dataset(InMemoryTable(pa.Table.from_pylist(rows)), fingerprint=digest)
 
 
 def _stop_hook(stop):

@@ -81,7 +81,7 @@ def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
                     hunks=fmt.hunks if fmt else 0)
     comp = llm.generate([prompt], deps.sampling)[0]
     return {"messages": proposal_step(messages, comp.text), "completion": comp.text, "attempts": attempt,
-            "outcome": None, "novelty": None, "source": None,  # the failed version is not this one
+            "outcome": None, "novelty": None, "source": None, "review": None,  # the failed version is not this one
             "prompt_tokens": state.get("prompt_tokens", 0) + comp.prompt_tokens,
             "completion_tokens": state.get("completion_tokens", 0) + comp.completion_tokens}
 
@@ -125,6 +125,8 @@ def proxy_train(state: CandidateState, deps: Deps) -> dict[str, Any]:
 
 
 def _final_status(state: CandidateState) -> tuple[str, str | None, str | None]:
+    if (state.get("review") or {}).get("verdict") == "no":
+        return "rejected", "rejected", state["review"]["reason"] or "rejected in review"
     if state.get("novelty") and not state["novelty"]["novel"]:  # trained or not, never a parent
         n = state["novelty"]
         return "duplicate", "duplicate", f"similarity {n['max_similarity']:.3f} to {n['nearest_id']}"

@@ -11,6 +11,11 @@
                 repair ◄─────────────────────────────┘
                   (≤ max_repairs in all, the error fed back) ─► apply
 
+    with search.review, a novel candidate asks a person first (agent/loop/review.py):
+                novelty ──► review ──yes──► proxy_train
+                              ├──edit──► novelty (the person's version, not asked again)
+                              └──no────► record (rejected)
+
 `build_graph(deps)` returns an uncompiled StateGraph; the CLI compiles it with a
 SQLite checkpointer, tests with an in-memory one.
 """
@@ -24,6 +29,7 @@ from langgraph.types import Send
 
 from deltanas.agent.loop import candidate_nodes as cn
 from deltanas.agent.loop import cycle_nodes as cy
+from deltanas.agent.loop import review
 from deltanas.agent.loop.deps import Deps
 from deltanas.agent.loop.state import CandidateOutput, CandidateState, RunState
 
@@ -36,8 +42,15 @@ def route_after_apply(state: CandidateState, max_repairs: int) -> Literal["novel
     return "repair" if state.get("attempts", 0) < max_repairs else "record"
 
 
-def route_after_novelty(state: CandidateState, train_duplicates: bool = False) -> Literal["proxy_train", "record"]:
-    return "proxy_train" if state["novelty"]["novel"] or train_duplicates else "record"
+def route_after_novelty(state: CandidateState, train_duplicates: bool = False,
+                        review: bool = False) -> Literal["review", "proxy_train", "record"]:
+    if not (state["novelty"]["novel"] or train_duplicates):
+        return "record"
+    return "review" if review and not state.get("review") else "proxy_train"
+
+
+def route_after_review(state: CandidateState) -> Literal["proxy_train", "novelty", "record"]:
+    return {"yes": "proxy_train", "edit": "novelty", "no": "record"}[state["review"]["verdict"]]
 
 
 def route_after_train(state: CandidateState, max_repairs: int) -> Literal["repair", "record"]:
@@ -70,8 +83,12 @@ def build_candidate_graph(deps: Deps) -> StateGraph:
     g.add_edge(START, "apply")
     g.add_conditional_edges("apply", partial(route_after_apply, max_repairs=deps.config.search.max_repairs))
     g.add_edge("repair", "apply")
-    g.add_conditional_edges("novelty", partial(route_after_novelty,
-                                               train_duplicates=deps.config.search.train_duplicates))
+    s = deps.config.search
+    g.add_conditional_edges("novelty", partial(route_after_novelty, train_duplicates=s.train_duplicates,
+                                               review=s.review))
+    if s.review:
+        g.add_node("review", partial(review.review, deps=deps))
+        g.add_conditional_edges("review", route_after_review)
     g.add_conditional_edges("proxy_train", partial(route_after_train, max_repairs=deps.config.search.max_repairs))
     g.add_edge("record", END)
     return g

@@ -49,6 +49,7 @@ class CandidateState(TypedDict, total=False):
     error: dict[str, str] | None  # {"code", "message", "hint"} of the last failed apply
     novelty: dict[str, Any] | None
     outcome: dict[str, Any] | None  # the proxy-train outcome
+    review: dict[str, Any] | None  # a person's verdict under search.review (agent/loop/review.py)
     status: str  # set when the candidate is finished
     finished: Annotated[list[str], operator.add]
 

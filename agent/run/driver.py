@@ -13,11 +13,12 @@ import signal
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.types import Command
 
 from deltanas.agent.archive import StoreError
 from deltanas.agent.loop.deps import Deps, RunStopped
@@ -30,11 +31,14 @@ KILL_GRACE_S = 5.0  # after a kill, how long the graph's threads get to unwind a
 
 @dataclass
 class RunOutcome:
-    status: Literal["finished", "stopped", "failed"]
+    status: Literal["finished", "stopped", "failed", "waiting"]
     error: BaseException | None = None
     stuck: bool = False
     """Killed, and the graph's threads were still busy after KILL_GRACE_S. Python joins worker
     threads at exit, so the process must leave without waiting for them."""
+    questions: list[dict[str, Any]] = field(default_factory=list)
+    """"waiting": the questions the graph asks (agent/loop/review.py), each with its `id`; pass
+    answers keyed by those ids to `run_graph(answers=...)`. They stay in the checkpoint."""
 
 
 def sqlite_saver(deps: Deps) -> SqliteSaver:
@@ -50,14 +54,16 @@ def sqlite_saver(deps: Deps) -> SqliteSaver:
     return SqliteSaver(conn)
 
 
-def run_graph(deps: Deps, checkpointer: BaseCheckpointSaver) -> RunOutcome:
-    """Start or continue the search; returns when it finishes, stops or fails."""
+def run_graph(deps: Deps, checkpointer: BaseCheckpointSaver,
+              answers: dict[str, Any] | None = None) -> RunOutcome:
+    """Start or continue the search; returns when it finishes, stops, fails or waits for answers
+    to its questions (`answers`: question id -> answer, for some or all of them)."""
     graph = build_graph(deps).compile(checkpointer=checkpointer)
     cfg: dict[str, Any] = {**THREAD, "recursion_limit": 1_000_000,
                            "max_concurrency": max(4, deps.config.search.candidates)}
     snapshot = graph.get_state(cfg)
-    if snapshot.next:  # interrupted: continue the pending tasks
-        start: dict[str, Any] | None = None
+    if snapshot.next:  # interrupted or waiting: continue the pending tasks (a question is asked again)
+        start: Any = Command(resume=answers) if answers else None
     elif snapshot.values:  # finished; a resume with more --cycles extends it from where it ended
         if snapshot.values.get("cycle", 0) >= deps.config.search.cycles:
             return RunOutcome("finished")
@@ -72,16 +78,19 @@ def run_graph(deps: Deps, checkpointer: BaseCheckpointSaver) -> RunOutcome:
         if deps.stop.is_set():
             return RunOutcome("stopped")
         return RunOutcome("failed", e)
-    return RunOutcome("stopped" if deps.stop.is_set() and graph.get_state(cfg).next else "finished")
+    snapshot = graph.get_state(cfg)
+    if snapshot.interrupts:
+        return RunOutcome("waiting", questions=[{**i.value, "id": i.id} for i in snapshot.interrupts])
+    return RunOutcome("stopped" if deps.stop.is_set() and snapshot.next else "finished")
 
 
 def run_with_signals(deps: Deps, checkpointer: BaseCheckpointSaver, *, tick: Callable[[], None] | None = None,
                      on_drain: Callable[[], None] | None = None, on_kill: Callable[[], None] | None = None,
-                     period_s: float = 0.5) -> RunOutcome:
+                     period_s: float = 0.5, answers: dict[str, Any] | None = None) -> RunOutcome:
     """`run_graph` in a worker thread, with Ctrl-C draining (then killing) and `tick` called
     periodically. Returns within `period_s` + KILL_GRACE_S of a second interrupt."""
     box: dict[str, RunOutcome] = {}
-    worker = threading.Thread(target=lambda: box.setdefault("out", run_graph(deps, checkpointer)),
+    worker = threading.Thread(target=lambda: box.setdefault("out", run_graph(deps, checkpointer, answers)),
                               name="deltanas-graph", daemon=True)
     interrupts = 0
     killed = threading.Event()

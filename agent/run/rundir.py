@@ -8,6 +8,7 @@ from deltanas.agent.config import Config, ConfigError, dump_toml, load_config
 CONFIG_FILE = "config.toml"
 ARCHIVE_FILE = "archive.sqlite"
 CHECKPOINT_FILE = "checkpoints.sqlite"
+REVIEW_ANSWERS_FILE = "review-answers.json"  # answers typed under search.review, not yet handed to the graph
 
 
 def create_run_dir(path: Path, cfg: Config, *, dry_run: bool = False) -> Path:

@@ -13,6 +13,8 @@ from deltanas.agent.config import Config
 from deltanas.agent.run.build import build_deps
 from deltanas.agent.run.driver import run_with_signals, sqlite_saver
 from deltanas.agent.run.progress import LiveView, candidates_table, print_status, summarise
+from deltanas.agent.run.review_prompt import AnswerBook, ask_all
+from deltanas.agent.run.rundir import REVIEW_ANSWERS_FILE
 
 
 def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int:
@@ -49,15 +51,30 @@ def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int
         if plain:
             console.print(view.message)
 
-    try:
+    def drive(answers=None):
         if plain:
-            outcome = run_with_signals(deps, saver, tick=print_new, on_drain=drain_msg, on_kill=kill_msg, period_s=1.0)
+            out = run_with_signals(deps, saver, tick=print_new, on_drain=drain_msg, on_kill=kill_msg, period_s=1.0,
+                                   answers=answers)
             print_new()
-        else:
-            with Live(view.frame(), console=console, refresh_per_second=2, transient=False) as live:
-                outcome = run_with_signals(deps, saver, tick=lambda: live.update(view.frame()), on_drain=drain_msg,
-                                           on_kill=kill_msg)
-                live.update(view.frame())
+            return out
+        with Live(view.frame(), console=console, refresh_per_second=2, transient=False) as live:
+            out = run_with_signals(deps, saver, tick=lambda: live.update(view.frame()), on_drain=drain_msg,
+                                   on_kill=kill_msg, answers=answers)
+            live.update(view.frame())
+            return out
+
+    try:
+        outcome = drive()
+        book = AnswerBook(run_dir / REVIEW_ANSWERS_FILE)
+        while outcome.status == "waiting" and not deps.stop.is_set():  # search.review: ask, then go on
+            answers, go_on = ask_all(console, outcome.questions, allow_train_changes=cfg.search.allow_train_changes,
+                                     book=book)
+            if not answers:
+                break
+            outcome = drive(answers)  # the checkpoint holds the answers from here on
+            book.save({})
+            if not go_on:
+                break
     finally:
         deps.close()
     print_status(console, deps.store, summarise(deps.store))
@@ -74,6 +91,10 @@ def run_session(cfg: Config, run_dir: Path, *, plain: bool, dataset=None) -> int
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)
+        return 130
+    if outcome.status == "waiting":
+        console.print(f"[yellow]paused[/] after {took:.0f}s: {len(outcome.questions)} candidate(s) wait for review; "
+                      f"everything else is saved. Answer them with: deltanas run --resume {run_dir}")
         return 130
     console.print(f"[red]the run failed[/]: {type(outcome.error).__name__}: {outcome.error}\n"
                   f"The archive is intact; after fixing the cause, continue with: deltanas run --resume {run_dir}")
