@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import time
 import types
 from collections import Counter
@@ -171,8 +172,15 @@ def parallel_pairs(n: int, *, novelty: tuple[float, int, int], streams: int = ST
     if workers <= 1:
         results = map(_stream, jobs)
     else:  # spawned, not forked: the parent may hold threads (torch's, a run's)
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread)
-        results = pool.map(_stream, jobs)
+        # Ctrl-C reaches the whole process group. The parent stops the work; a worker must not
+        # print its own traceback, even one still starting up: the workers start with SIGINT
+        # blocked (a mask survives exec) and ignore it before they unblock it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_start)
+            results = pool.map(_stream, jobs)  # submits every job: the workers are spawned here
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         for made in results:
             out.tried += made.tried
@@ -193,7 +201,9 @@ def parallel_pairs(n: int, *, novelty: tuple[float, int, int], streams: int = ST
     return out
 
 
-def _one_thread() -> None:
+def _worker_start() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     import torch
 
     torch.set_num_threads(1)  # a process per core already; the forward checks are tiny

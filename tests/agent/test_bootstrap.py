@@ -137,12 +137,28 @@ def test_bootstrap_command_writes_the_runs_own_prompts_and_refuses_to_mix(tmp_pa
     assert "no weights to adapt" in capsys.readouterr().err
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            out.append(int(stat.parent.name))
+    return out
+
+
 def test_ctrl_c_leaves_nothing_half_written_and_the_same_command_goes_on(tmp_path):
     out = tmp_path / "bs"
     cmd = [sys.executable, "-m", "deltanas.agent.cli", "bootstrap", "--pairs", "600", "--output", str(out),
            "--no-adapter"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(8)  # the mutator's processes are at work
+    deadline = time.monotonic() + 120  # a loaded machine imports slowly: wait for the mutator's processes
+    while not _children(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert _children(proc.pid), "the mutator's processes never started"
+    time.sleep(2)  # at work
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
