@@ -3,8 +3,9 @@
 Each question (agent/loop/review.py) is shown as its diff, coloured, with its size, its
 novelty and its parent's accuracy. The answers: `y` trains it, `n` rejects it (a reason may
 follow), `e` opens the patched model.py in $EDITOR (or $VISUAL, else vi) and trains the
-saved version, `s` leaves it for later, `q` stops asking (the answers given so far still count). An edit is checked here as the
-graph will check it, so a refused one is said at once and asked again. End of input
+saved version, `s` leaves it for later, `q` stops asking (the answers given so far still
+count). An edit is checked here as the graph will check it, so a refused one is said at once
+and asked again. End of input
 (Ctrl-D) and Ctrl-C stop asking too: the questions stay in the checkpoint, and
 `deltanas run --resume` asks them again. Each answer is saved in the run directory as it is
 given (`AnswerBook`), so a session killed between two questions does not ask the first again.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 
 from deltanas.agent.loop.review import check_edit
@@ -47,14 +49,14 @@ def open_editor(source: str) -> str | None:
 def show(console: Console, q: dict[str, Any], n: int, total: int) -> None:
     acc = q.get("parent_accuracy")
     sim = q.get("similarity")
-    console.rule(f"[b]{n}/{total}[/] candidate {q['candidate_id']} (cycle {q['cycle']})")
-    console.print(f"parent {q['parent_id']}" + (f" at {100 * acc:.2f}%" if acc is not None else "")
+    console.rule(f"[b]{n}/{total}[/] candidate {escape(str(q['candidate_id']))} (cycle {q['cycle']})")
+    console.print(f"parent {escape(str(q['parent_id']))}" + (f" at {100 * acc:.2f}%" if acc is not None else "")
                   + f"; +{q.get('added') or 0} -{q.get('removed') or 0} lines"
-                  + (f"; similarity {sim:.3f} to {q.get('nearest_id')}" if sim is not None else "")
+                  + (f"; similarity {sim:.3f} to {escape(str(q.get('nearest_id')))}" if sim is not None else "")
                   + (f"; after {q['attempts']} repair(s)" if q.get("attempts") else ""))
     console.print(Syntax(q.get("diff") or "(no diff)", "diff", theme="ansi_dark", word_wrap=True))
     if q.get("error"):
-        console.print(f"[red]the last answer was refused:[/] {q['error']}")
+        console.print(f"[red]the last answer was refused:[/] {escape(q['error'])}")
 
 
 def ask_one(console: Console, q: dict[str, Any], read: Read, edit: Edit,
@@ -78,7 +80,7 @@ def ask_one(console: Console, q: dict[str, Any], read: Read, edit: Edit,
             try:
                 check_edit(q["parent_source"], new, allow_train_changes)
             except ValueError as e:
-                console.print(f"[red]{e}[/]")
+                console.print(f"[red]{escape(str(e))}[/]")
                 continue
             return {"verdict": "edit", "source": new, "reason": read("what did you change? (optional) > ").strip()}
         console.print("[yellow]answer y, n, e, s or q[/]" if choice else "[yellow]an answer is needed[/]")

@@ -77,9 +77,9 @@ def test_quit_ctrl_d_and_ctrl_c_stop_asking_and_keep_the_answers_given():
 
 def test_a_shown_error_is_the_graphs_reason_for_asking_again():
     console, out = _console()
-    q = {**_q(1), "error": "the verdict must be one of yes, no, edit, not 'maybe'"}
-    ask_all(console, [q], allow_train_changes=False, read=_typed("y"))
-    assert "the last answer was refused" in out.getvalue() and "'maybe'" in out.getvalue()
+    q = {**_q(1), "error": "the verdict must be one of yes, no, edit, not '[/maybe]' (x[0])"}
+    ask_all(console, [q], allow_train_changes=False, read=_typed("y"))  # brackets are text, not markup
+    assert "the last answer was refused" in out.getvalue() and "'[/maybe]' (x[0])" in out.getvalue()
 
 
 def test_answers_given_before_a_kill_are_not_asked_again(tmp_path):
