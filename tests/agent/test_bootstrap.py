@@ -153,7 +153,9 @@ def test_ctrl_c_leaves_nothing_half_written_and_the_same_command_goes_on(tmp_pat
     out = tmp_path / "bs"
     cmd = [sys.executable, "-m", "deltanas.agent.cli", "bootstrap", "--pairs", "600", "--output", str(out),
            "--no-adapter"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # As from a terminal: a test run started in the background (`cmd &`) would pass SIGINT on ignored.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120  # a loaded machine imports slowly: wait for the mutator's processes
     while not _children(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
