@@ -45,7 +45,7 @@ from typing import Any
 
 from deltanas.sandbox.base import Job, Result, masked_paths, within
 from deltanas.sandbox.jobfiles import (DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back,
-                                       tree_size, workdir_cap)
+                                       watch, workdir_cap)
 from deltanas.sandbox.pool import WarmPool, WorkerKey, spare_flag
 from deltanas.sandbox.sizing import SPARES
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
@@ -294,25 +294,18 @@ class DockerSandbox:
         killed = ""
         try:
             container.start()
-            deadline = time.monotonic() + job.limits.timeout_s
-            cap = workdir_cap(job, meta)
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    killed = "timeout"
-                    break
+
+            def ended(seconds: float) -> bool:
                 try:
-                    container.wait(timeout=min(POLL_S, left))
-                    break
+                    container.wait(timeout=seconds)
+                    return True
                 except Exception as e:  # noqa: BLE001 - the HTTP wait timed out; the job runs on
                     if not _is_timeout(e):
                         raise
-                if tree_size(workdir, cap) > cap:
-                    killed = "output"
-                    break
-                if self._closed:
-                    killed = "closed"
-                    break
+                    return False
+
+            killed = watch(ended, workdir, workdir_cap(job, meta), job.limits.timeout_s, POLL_S,
+                           lambda: self._closed)
             if not killed and self._closed:  # close() took the container down under us
                 killed = "closed"
             if killed:

@@ -20,7 +20,9 @@ import os
 import re
 import signal
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +140,24 @@ def read_back(predictions_root: Path, workdir: Path, job: Job, meta: dict, rc: i
     res.final_loss = _float_or_none(reported.get("final_loss"))
     res.predictions_path = str(keep_path)
     return res
+
+
+def watch(ended: Callable[[float], bool], workdir: Path, cap: int, timeout_s: float, poll_s: float,
+          closed: Callable[[], bool] = lambda: False) -> str:
+    """Waits for a job: `ended(s)` waits at most s seconds and says whether the job ended.
+    Returns "" once it has, or why it must be killed: "timeout", "output" (its work dir grew
+    past `cap` bytes) or "closed" (the sandbox was closed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timeout"
+        if ended(min(poll_s, left)):
+            return ""
+        if tree_size(workdir, cap) > cap:
+            return "output"
+        if closed():
+            return "closed"
 
 
 def tree_size(root: Path, stop_above: int) -> int:

@@ -58,7 +58,7 @@ from typing import Callable, Iterator
 from deltanas.sandbox import landlock, proctree, seccomp
 from deltanas.sandbox.base import Job, Result, masked_paths, within
 from deltanas.sandbox.jobfiles import (DatasetMetaCache, file_size_cap, new_workdir, prepare_workdir, read_back,
-                                       tree_size, workdir_cap)
+                                       watch, workdir_cap)
 from deltanas.sandbox.pool import spare_flag
 from deltanas.sandbox.pool import WarmPool, WorkerKey
 from deltanas.sandbox.worker import SANDBOX_INIT_ENV
@@ -455,20 +455,16 @@ class ProcessSandbox:
     def _wait(proc: subprocess.Popen, workdir: Path, timeout_s: float, cap: int) -> tuple[int, str]:
         """Waits for the job, watching its work dir; on the deadline or past `cap` bytes the job
         is killed, and the second item says which ("timeout" / "output")."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                killed = "timeout"
-                break
+        def ended(seconds: float) -> bool:
             try:
-                return proc.wait(timeout=min(POLL_S, left)), ""
+                proc.wait(timeout=seconds)
+                return True
             except subprocess.TimeoutExpired:
-                pass
-            if tree_size(workdir, cap) > cap:
-                killed = "output"
-                break
-        kill_job(proc.pid)
+                return False
+
+        killed = watch(ended, workdir, cap, timeout_s, POLL_S)
+        if killed:
+            kill_job(proc.pid)
         return proc.wait(), killed
 
     # -- warm workers --------------------------------------------------------------------------------------------
