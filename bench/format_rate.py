@@ -57,8 +57,11 @@ def measure(llm, prompts: list[Prompt], sampling: Sampling, index: NoveltyIndex)
     seconds = time.perf_counter() - started
     applied = novel = 0
     errors: dict[str, int] = {}
+    answers = []
     for prompt, comp in zip(prompts, out):
         res = apply_model_output(prompt.base_source, comp.text)
+        answers.append({"code": None if res.ok else res.error.code.value, "message": res.message[:400],
+                        "text": comp.text})
         if not res.ok:
             errors[res.error.code.value] = errors.get(res.error.code.value, 0) + 1
             continue
@@ -69,7 +72,7 @@ def measure(llm, prompts: list[Prompt], sampling: Sampling, index: NoveltyIndex)
     return {"answers": n, "applied": applied, "applied_rate": applied / n, "applied_ci95": [low, high],
             "novel": novel, "novel_rate": novel / n, "errors": errors,
             "tokens_per_answer": sum(c.completion_tokens for c in out) / n, "seconds_per_answer": seconds / n,
-            "sample": out[0].text[:600] if out else ""}
+            "sample": out[0].text[:600] if out else "", "outcomes": answers}
 
 
 def main() -> int:

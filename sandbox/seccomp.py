@@ -6,8 +6,13 @@ keeps root, whatever root's capabilities reach without a path. Where bubblewrap 
 this filter closes them for the worker and every process it starts (a filter survives fork and
 exec and cannot be lifted):
 
-- `socket(AF_UNIX, ...)`: a new UNIX socket could connect to the host's daemons (the Docker
-  socket among them). Socket pairs stay allowed: a warm worker talks to its spares through them;
+- `socket(AF_UNIX, ...)` of any type but SOCK_SEQPACKET: a new UNIX stream or datagram socket
+  could connect to the host's daemons (the Docker socket among them). Socket pairs stay allowed:
+  a warm worker talks to its spares through them. SOCK_SEQPACKET stays allowed because CUDA's
+  start-up binds one (an abstract `@cuda-uvmfd-...` socket, for sharing its UVM file descriptor;
+  refused, `cudaGetDeviceCount` fails with error 304, measured on an H100). A seqpacket socket
+  cannot connect to a stream or datagram listener (EPROTOTYPE), and Landlock's scope (ABI 6+)
+  keeps it from the abstract sockets outside the job;
 - io_uring, which could make the refused calls without a system call;
 - chmod and chown of any kind, device nodes (`mknod`), opening files by handle (which skips
   path checks), mounts, chroot, kernel modules, kexec, bpf, perf events, userfaultfd, the
@@ -35,7 +40,8 @@ X32_SYSCALL_BIT = 0x40000000
 RET_ALLOW, RET_ERRNO = 0x7FFF0000, 0x00050000
 # classic BPF opcodes: load a word at an absolute offset, jump if equal / greater or equal, return
 LD_ABS, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06
-NR_OFFSET, ARCH_OFFSET, ARG0_OFFSET = 0, 4, 16  # struct seccomp_data; args[0]'s low word (little-endian)
+ALU_AND = 0x54  # A &= k
+NR_OFFSET, ARCH_OFFSET, ARG0_OFFSET, ARG1_OFFSET = 0, 4, 16, 24  # struct seccomp_data; args' low words (little-endian)
 
 SOCKET = 41
 REFUSED = {  # x86_64 numbers
@@ -71,20 +77,25 @@ def unavailable_reason() -> str:
 
 def program() -> list[tuple[int, int, int, int]]:
     """The filter as (code, jt, jf, k) rows: another architecture or the x32 entry is refused;
-    each listed call is refused; socket() is refused for AF_UNIX; the rest is allowed."""
+    each listed call is refused; socket() is refused for AF_UNIX unless its type, less the
+    CLOEXEC and NONBLOCK flags, is SOCK_SEQPACKET; the rest is allowed."""
     deny = RET_ERRNO | errno.EPERM
     numbers = sorted(REFUSED.values())
     n = len(numbers)
     # rows (a jump's offset counts from the next row): 0 load arch, 1 x86_64 or deny, 2 load nr,
     # 3 x32: deny, 4..3+n a refused call: deny, 4+n socket, 5+n allow, 6+n load arg0,
-    # 7+n AF_UNIX: deny, 8+n allow, 9+n deny
-    deny_at = 9 + n
+    # 7+n AF_UNIX, 8+n allow, 9+n load arg1, 10+n drop its flags, 11+n SEQPACKET, 12+n allow,
+    # 13+n deny
+    deny_at = 13 + n
     rows = [(LD_ABS, 0, 0, ARCH_OFFSET), (JEQ, 0, deny_at - 2, AUDIT_ARCH_X86_64),
             (LD_ABS, 0, 0, NR_OFFSET), (JGE, deny_at - 4, 0, X32_SYSCALL_BIT)]
     for i, nr in enumerate(numbers):
         rows.append((JEQ, deny_at - (4 + i) - 1, 0, nr))
+    flags = socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
     rows += [(JEQ, 1, 0, SOCKET), (RET, 0, 0, RET_ALLOW),  # socket(): on to its first argument
              (LD_ABS, 0, 0, ARG0_OFFSET), (JEQ, 1, 0, socket.AF_UNIX), (RET, 0, 0, RET_ALLOW),
+             (LD_ABS, 0, 0, ARG1_OFFSET), (ALU_AND, 0, 0, ~flags & 0xFFFFFFFF),
+             (JEQ, 0, 1, socket.SOCK_SEQPACKET), (RET, 0, 0, RET_ALLOW),
              (RET, 0, 0, deny)]
     assert len(rows) == deny_at + 1 and deny_at < 256  # jump offsets are one byte
     return rows

@@ -79,7 +79,22 @@ def unix_connect():
     s.close()
 
 
+def seqpacket_connect():  # the one AF_UNIX type the seccomp filter lets a job make (CUDA binds one)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect(UNIX_PATH)
+    s.close()
+
+
+def seqpacket_bind():  # as CUDA's start-up does, an abstract name
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    s.bind("\\0deltanas-test-" + str(os.getpid()))
+    s.close()
+
+
 attempt("unix socket", unix_connect)
+attempt("unix seqpacket connect", seqpacket_connect)
+attempt("cuda-like seqpacket", seqpacket_bind)
 attempt("chmod", lambda: os.chmod(CHMOD_PATH, 0o777))
 print("REPORT " + json.dumps(seen), flush=True)
 ''' + NET
@@ -202,7 +217,8 @@ def run_hostile(sandbox: ProcessSandbox, world, **kw) -> tuple[dict, dict[str, s
 
 
 def assert_all_blocked(report: dict, writes: dict[str, str], allowed: tuple[str, ...] = ()) -> None:
-    attempts = {k: v for k, v in report.items() if k not in ("uid", "nproc", *allowed)}
+    assert report["cuda-like seqpacket"] == "ok", report  # CUDA's start-up needs it
+    attempts = {k: v for k, v in report.items() if k not in ("uid", "nproc", "cuda-like seqpacket", *allowed)}
     assert attempts and all(v.startswith("blocked") for v in attempts.values()), attempts
     assert not [p for p in writes.values() if Path(p).exists()]
 
