@@ -4,6 +4,7 @@
     deltanas run --llm mutate --cycles 5  the no-LLM baseline
     deltanas run --resume runs/run        continue a stopped or killed run
     deltanas run --review                 ask before training each candidate: yes, no or your edit
+    deltanas chat [RUN_DIR]               an interactive session: ask, review, revise, train
     deltanas status runs/run [--json]
     deltanas export runs/run [--format jsonl|hf] [--output PATH] [--successful-only] [--cycle K]
     deltanas report runs/run [--output DIR] [--against runs/control]
@@ -103,6 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plain", action="store_true", help="line-by-line output instead of the live view")
     r.add_argument("--review", action="store_true", default=None,
                    help="ask before training each novel candidate: yes, no (with a reason) or your own edit")
+
+    c = sub.add_parser("chat", help="an interactive session: say what to try, review the model's diffs, train them",
+                       description="An interactive search in the terminal, on the same graph, archive and sandbox "
+                                   "as `run`. RUN_DIR is a new run (made with the options given) or an existing "
+                                   "one (its config is kept); /help inside lists the commands.")
+    c.add_argument("dir", nargs="?", metavar="RUN_DIR", help="default: a new runs/<name>")
+    c.add_argument("--config", metavar="FILE", help="TOML config, as for run")
+    c.add_argument("--llm", metavar="SPEC", help="as for run (default: the offline SmolLM2)")
+    c.add_argument("--dataset")
+    c.add_argument("--data-dir", metavar="DIR")
+    c.add_argument("--limit-train", type=_positive_int, metavar="N")
+    c.add_argument("--limit-test", type=_positive_int, metavar="N")
+    c.add_argument("--baselines", metavar="A,B,..")
+    c.add_argument("--proposals", type=_positive_int, metavar="N", help="proposals per request (search.candidates)")
+    c.add_argument("--mode", choices=["delta", "full"])
+    c.add_argument("--constrain", choices=["grammar", "prefix", "none"])
+    c.add_argument("--sandbox", choices=["auto", "docker", "process"])
+    c.add_argument("--unsafe-no-isolation", action="store_true", default=None, help=UNSAFE_HELP)
+    c.add_argument("--timeout", type=_positive_float, metavar="SECONDS")
+    c.add_argument("--device")
+    c.add_argument("--workers", type=_positive_int, help="candidates trained at once")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--name")
+    c.add_argument("--preset", choices=["paper", "quick"])
 
     s = sub.add_parser("status", help="summarise a run, finished or not")
     s.add_argument("dir")
@@ -262,6 +287,43 @@ def cmd_run(a: argparse.Namespace) -> int:
     from deltanas.agent.run.terminal import run_session
 
     return run_session(cfg, run_dir, plain=a.plain or not sys.stdout.isatty(), dataset=dataset)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from deltanas.agent.config import load_config
+    from deltanas.agent.run import rundir
+
+    overrides = {
+        "name": a.name, "llm.spec": a.llm, "data.dataset": a.dataset, "data.data_dir": a.data_dir,
+        "data.limit_train": a.limit_train, "data.limit_test": a.limit_test, "search.candidates": a.proposals,
+        "search.mode": a.mode, "llm.constrain": a.constrain, "sandbox.type": a.sandbox, "sandbox.timeout_s": a.timeout,
+        "sandbox.device": a.device, "sandbox.workers": a.workers, "search.seed": a.seed,
+        "sandbox.unsafe_no_isolation": a.unsafe_no_isolation,
+        "baselines": [b.strip() for b in a.baselines.split(",") if b.strip()] if a.baselines else None,
+    }
+    existing = a.dir and (Path(a.dir) / rundir.CONFIG_FILE).exists()
+    if existing:
+        allowed = {"sandbox.workers": a.workers, "sandbox.unsafe_no_isolation": a.unsafe_no_isolation}
+        other = [k for k, v in overrides.items() if v is not None and k not in allowed]
+        other += ["--config"] * bool(a.config) + ["--preset"] * bool(a.preset)
+        if other:
+            raise CLIError(f"{a.dir} holds a run, whose config stays as it is; drop {', '.join(other)}")
+        cfg = rundir.open_run_dir(Path(a.dir), allowed)
+        run_dir = Path(a.dir)
+    else:
+        cfg = load_config(a.config, overrides, preset=a.preset)
+        run_dir = Path(a.dir) if a.dir else rundir.default_run_dir(cfg)
+        rundir.create_run_dir(run_dir, cfg, dry_run=True)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise CLIError("deltanas chat is interactive: run it in a terminal (`deltanas run` is the unattended search)")
+    from deltanas.agent.run.build import preflight
+
+    dataset = preflight(cfg)
+    if not existing:
+        rundir.create_run_dir(run_dir, cfg)
+    from deltanas.agent.run.chat_session import chat
+
+    return chat(cfg, run_dir, dataset=dataset)
 
 
 def cmd_status(a: argparse.Namespace) -> int:
@@ -543,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "chat":
+            return cmd_chat(args)
         if args.command == "status":
             return cmd_status(args)
         if args.command == "export":

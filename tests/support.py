@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import random
+import shutil
+import subprocess
 import sys
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from deltanas.tools.proxy import EvalOutcome
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Each test file writes its own architecture around these, so the diff, protected
 # and mutator tests all guard the same training contract. Hunk line numbers in
@@ -218,3 +225,44 @@ def loop_deps(tmp_path: Path, learner, answer=None, *, dataset=("mnist", (1, 28,
     return Deps(config=cfg, llm=CoalescingBackend(ScriptedBackend(answer), window_s=0.01), executor=InstantExecutor(),
                 store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(), dataset=DatasetInfo(*dataset),
                 run_dir=run_dir, learner=learner, learner_note="" if learner else "no learner in this test")
+
+
+def require_tmux() -> None:
+    """Skips the calling test module where tmux is missing, unless CI demands it."""
+    import pytest
+
+    if shutil.which("tmux") is None:
+        if os.environ.get("DELTANAS_REQUIRE_TMUX") == "1":
+            pytest.fail("DELTANAS_REQUIRE_TMUX=1 but tmux is not installed", pytrace=False)
+        pytest.skip("tmux is not installed (apt-get install tmux)", allow_module_level=True)
+
+
+class Pane:
+    def __init__(self, command: str, env: dict[str, str]):
+        self.name = f"dn-{uuid.uuid4().hex[:8]}"
+        exports = " ".join(f"{k}={v}" for k, v in env.items())
+        subprocess.run(["tmux", "new-session", "-d", "-x", "200", "-y", "50", "-s", self.name,
+                        f"cd {REPO_ROOT} && env {exports} {command}; echo EXITED=$?; sleep 600"], check=True)
+
+    def text(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-S", "-2000", "-t", self.name],
+                              capture_output=True, text=True).stdout
+
+    def wait_for(self, needle: str, timeout: float = 240, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.text()
+            if text.count(needle) >= count:
+                return text
+            time.sleep(0.5)
+        raise AssertionError(f"{needle!r} (x{count}) did not appear; the pane shows:\n{self.text()[-3000:]}")
+
+    def type(self, *keys: str) -> None:
+        for k in keys:
+            subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", k], check=True)
+            subprocess.run(["tmux", "send-keys", "-t", self.name, "Enter"], check=True)
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+
+

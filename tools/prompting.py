@@ -101,6 +101,12 @@ def propose_messages(*, parent_source: str, dataset: str, in_shape: tuple, num_c
     return [system_message(mode), {"role": "user", "content": user}]
 
 
+def revise_message(*, feedback: str, mode: str = "delta") -> Message:
+    """The user turn that passes a person's feedback on the model's last answer back to it."""
+    _check_mode(mode)
+    return {"role": "user", "content": render("revise.j2", feedback=feedback.strip(), mode=mode)}
+
+
 def repair_message(*, code: str, message: str, hint: str, attempt: int, max_attempts: int,
                    mode: str = "delta") -> Message:
     """The user turn that feeds an apply error back to the model."""

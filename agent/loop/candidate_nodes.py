@@ -5,6 +5,8 @@ is appended to the candidate's trajectory as a tool call with its result.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -64,26 +66,53 @@ def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
     """Feed the failure back to the model (an apply error, or a training run that failed) and take
     its new answer, held to the same parent and edit sites as the first."""
     deps.check_stop()
-    s = deps.config.search
     attempt = state.get("attempts", 0) + 1
     err = _failure(state)
+    s = deps.config.search
     turn = prompting.repair_message(code=err["code"], message=err["message"], hint=err["hint"],
                                     attempt=attempt, max_attempts=s.max_repairs, mode=s.mode)
+    return {**answer_again(state, deps, turn), "attempts": attempt}
+
+
+def chat_draw(state: CandidateState) -> int:
+    """The cycle number that keys a candidate's draws (edit sites, layer kinds, the sampling seed):
+    its cycle, or for a chat candidate a number of its own turn, past any cycle."""
+    turn = state.get("turn")
+    return state["cycle"] if turn is None else CHAT_DRAW_BASE + turn
+
+
+CHAT_DRAW_BASE = 1_000_000
+
+
+def answer_again(state: CandidateState, deps: Deps, turn: dict[str, str]) -> dict[str, Any]:
+    """The model's next answer to the trajectory plus `turn` (an error or a person's feedback), held
+    to the same parent and edit sites as its first. A chat candidate asks the run's model (never
+    the cold-start mutator), with a seed of its own for each new answer."""
     messages = [*state["messages"], turn]
-    llm = deps.proposer(state["cycle"])
+    chat = state.get("turn") is not None
+    llm = deps.llm if chat else deps.proposer(state["cycle"])
     parent = _parent_source(state, deps)
     fmt = None
     if state.get("constrain", "none") != "none":
-        families = families_for(deps.config, llm, parent, state["cycle"], state["idx"])
+        families = families_for(deps.config, llm, parent, chat_draw(state), state["idx"])
         fmt = format_for(deps.config, llm, parent, state.get("sites"), families)
-    prompt = Prompt(messages=chat_view(messages), base_source=parent, mode=s.mode,
+    prompt = Prompt(messages=chat_view(messages), base_source=parent, mode=deps.config.search.mode,
                     prefix=fmt.prefix if fmt else "", grammar=fmt.grammar if fmt else None,
                     hunks=fmt.hunks if fmt else 0)
-    comp = llm.generate([prompt], deps.sampling)[0]
-    return {"messages": proposal_step(messages, comp.text), "completion": comp.text, "attempts": attempt,
+    sampling = deps.sampling
+    if chat:  # each revision a new draw, the same after a resume
+        sampling = dataclasses.replace(sampling, seed=_seed(sampling.seed, state["candidate_id"],
+                                                             sum(1 for m in messages if m["role"] == "user")))
+    comp = llm.generate([prompt], sampling)[0]
+    return {"messages": proposal_step(messages, comp.text), "completion": comp.text,
             "outcome": None, "novelty": None, "source": None, "review": None,  # the failed version is not this one
             "prompt_tokens": state.get("prompt_tokens", 0) + comp.prompt_tokens,
             "completion_tokens": state.get("completion_tokens", 0) + comp.completion_tokens}
+
+
+def _seed(base: int | None, *parts: object) -> int:
+    digest = hashlib.sha256(repr((base, *parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def novelty(state: CandidateState, deps: Deps) -> dict[str, Any]:
@@ -137,10 +166,12 @@ def _final_status(state: CandidateState) -> tuple[str, str | None, str | None]:
     return "apply_failed", err["code"], err["message"]
 
 
-def record(state: CandidateState, deps: Deps) -> dict[str, Any]:
-    """Write the finished candidate: one archive row (an upsert by id) and its files."""
+def record(state: CandidateState, deps: Deps, queued: bool = False) -> dict[str, Any]:
+    """Write the finished candidate: one archive row (an upsert by id) and its files. `queued`: a
+    chat candidate a person accepted, archived as `queued` for the session's trainer
+    (agent/run/trainer.py), which trains it and records it again with its outcome."""
     cid = state["candidate_id"]
-    status, code, message = _final_status(state)
+    status, code, message = ("queued", None, None) if queued else _final_status(state)
     nov = state.get("novelty") or {}
     out = state.get("outcome") or {}
     prev = deps.store.get(cid)

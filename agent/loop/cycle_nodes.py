@@ -33,6 +33,18 @@ def candidate_id(cycle: int, idx: int) -> str:
     return f"c{cycle:03d}-{idx:03d}"
 
 
+CHAT_PREFIX = "h"
+
+
+def chat_id(turn: int, idx: int) -> str:
+    """A chat session's candidate (agent/loop/chat.py): its request's number and its own."""
+    return f"{CHAT_PREFIX}{turn:03d}-{idx:02d}"
+
+
+def is_chat(cand_id: str) -> bool:
+    return cand_id.startswith(CHAT_PREFIX)
+
+
 def evaluate_baselines(state: RunState, deps: Deps) -> dict[str, Any]:
     """Train every baseline once, so prompts carry real parent accuracies."""
     todo = []
@@ -77,7 +89,7 @@ def select_parents(state: RunState, deps: Deps) -> dict[str, Any]:
     cycle = state["cycle"]
     deps.check_stop()
     deps.store.start_cycle(cycle)
-    pool = [c for c in deps.store.candidates(status="ok") if c.cycle < cycle]
+    pool = [c for c in deps.store.candidates(status="ok") if c.cycle < cycle or is_chat(c.id)]
     s = deps.config.search
     parents = tournament(pool, s.candidates, tournament_size=s.tournament_size, explore=s.explore,
                          seed=f"{s.seed}-{cycle}")
@@ -85,7 +97,7 @@ def select_parents(state: RunState, deps: Deps) -> dict[str, Any]:
 
 
 def _stored_proposals(deps: Deps, cycle: int, n: int) -> list[Proposal] | None:
-    rows = deps.store.candidates(cycle=cycle)
+    rows = [r for r in deps.store.candidates(cycle=cycle) if not is_chat(r.id)]
     if len(rows) < n:
         return None
     out: list[Proposal] = []
@@ -170,11 +182,18 @@ def cycle_summary(rows: list[CandidateRow]) -> dict[str, Any]:
 
 
 def gather_trajectories(state: RunState, deps: Deps) -> dict[str, Any]:
-    """Close the cycle: summarise it and rewrite trajectories.jsonl from the archive
-    (atomically, so a crash never leaves half a file)."""
+    """Close the cycle: summarise it (its own candidates, not a chat session's) and rewrite
+    trajectories.jsonl from the archive."""
     cycle = state["cycle"]
-    rows = deps.store.candidates(cycle=cycle)
+    rows = [r for r in deps.store.candidates(cycle=cycle) if not is_chat(r.id)]
     deps.store.finish_cycle(cycle, cycle_summary(rows))
+    write_trajectories(deps)
+    return {"cycle": cycle + 1, "proposals": [], "parent_ids": []}
+
+
+def write_trajectories(deps: Deps) -> None:
+    """trajectories.jsonl from the archive: every finished candidate's, written atomically, so a
+    crash never leaves half a file."""
     path = deps.run_dir / "trajectories.jsonl"
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
@@ -192,7 +211,6 @@ def gather_trajectories(state: RunState, deps: Deps) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"cycle": cycle + 1, "proposals": [], "parent_ids": []}
 
 
 def lora_update(state: RunState, deps: Deps) -> dict[str, Any]:

@@ -14,7 +14,11 @@
     with search.review, a novel candidate asks a person first (agent/loop/review.py):
                 novelty ──► review ──yes──► proxy_train
                               ├──edit──► novelty (the person's version, not asked again)
+                              ├──revise─► revise (their feedback to the model) ──► apply
                               └──no────► record (rejected)
+
+    a chat session (agent/loop/chat.py) reuses the candidate subgraph with every novel candidate
+    reviewed, and `yes` archives it as queued for the session's background trainer.
 
 `build_graph(deps)` returns an uncompiled StateGraph; the CLI compiles it with a
 SQLite checkpointer, tests with an in-memory one.
@@ -42,15 +46,19 @@ def route_after_apply(state: CandidateState, max_repairs: int) -> Literal["novel
     return "repair" if state.get("attempts", 0) < max_repairs else "record"
 
 
-def route_after_novelty(state: CandidateState, train_duplicates: bool = False,
-                        review: bool = False) -> Literal["review", "proxy_train", "record"]:
+def route_after_novelty(state: CandidateState, train_duplicates: bool = False, review: bool = False,
+                        chat: bool = False) -> Literal["review", "proxy_train", "queue", "record"]:
     if not (state["novelty"]["novel"] or train_duplicates):
         return "record"
-    return "review" if review and not state.get("review") else "proxy_train"
+    if review and not state.get("review"):
+        return "review"
+    return "queue" if chat else "proxy_train"  # an edit comes back here reviewed
 
 
-def route_after_review(state: CandidateState) -> Literal["proxy_train", "novelty", "record"]:
-    return {"yes": "proxy_train", "edit": "novelty", "no": "record"}[state["review"]["verdict"]]
+def route_after_review(state: CandidateState, chat: bool = False) -> Literal["proxy_train", "queue", "novelty",
+                                                                          "revise", "record"]:
+    yes = "queue" if chat else "proxy_train"  # a chat session trains in the background
+    return {"yes": yes, "edit": "novelty", "revise": "revise", "no": "record"}[state["review"]["verdict"]]
 
 
 def route_after_train(state: CandidateState, max_repairs: int) -> Literal["repair", "record"]:
@@ -64,7 +72,7 @@ def fan_out(state: RunState) -> list[Send]:
         candidate_id=p["candidate_id"], cycle=p["cycle"], idx=p["idx"], parent_id=p["parent_id"],
         messages=p["messages"], completion=p["completion"], attempts=0, prompt_tokens=p["prompt_tokens"],
         completion_tokens=p["completion_tokens"], error=None, novelty=None, outcome=None,
-        constrain=p.get("constrain", "none"), sites=p.get("sites")))
+        constrain=p.get("constrain", "none"), sites=p.get("sites"), turn=p.get("turn"), revisions=0))
         for p in state["proposals"]]
 
 
@@ -73,23 +81,32 @@ def route_next_cycle(state: RunState, cycles: int) -> Literal["select_parents", 
     return "select_parents" if state["cycle"] < cycles else "__end__"
 
 
-def build_candidate_graph(deps: Deps) -> StateGraph:
+def build_candidate_graph(deps: Deps, chat: bool = False) -> StateGraph:
+    """The candidate subgraph. `chat`: every novel candidate is reviewed, and an accepted one is
+    archived as queued for the chat session's trainer instead of trained here."""
+    s = deps.config.search
+    review_on = s.review or chat
     g = StateGraph(CandidateState, output_schema=CandidateOutput)
     g.add_node("apply", partial(cn.apply, deps=deps))
     g.add_node("repair", partial(cn.repair, deps=deps))
     g.add_node("novelty", partial(cn.novelty, deps=deps))
-    g.add_node("proxy_train", partial(cn.proxy_train, deps=deps))
     g.add_node("record", partial(cn.record, deps=deps))
     g.add_edge(START, "apply")
-    g.add_conditional_edges("apply", partial(route_after_apply, max_repairs=deps.config.search.max_repairs))
+    g.add_conditional_edges("apply", partial(route_after_apply, max_repairs=s.max_repairs))
     g.add_edge("repair", "apply")
-    s = deps.config.search
-    g.add_conditional_edges("novelty", partial(route_after_novelty, train_duplicates=s.train_duplicates,
-                                               review=s.review))
-    if s.review:
+    g.add_conditional_edges("novelty", partial(route_after_novelty, train_duplicates=s.train_duplicates and not chat,
+                                               review=review_on, chat=chat))
+    if review_on:
         g.add_node("review", partial(review.review, deps=deps))
-        g.add_conditional_edges("review", route_after_review)
-    g.add_conditional_edges("proxy_train", partial(route_after_train, max_repairs=deps.config.search.max_repairs))
+        g.add_node("revise", partial(review.revise, deps=deps))
+        g.add_conditional_edges("review", partial(route_after_review, chat=chat))
+        g.add_edge("revise", "apply")
+    if chat:
+        g.add_node("queue", partial(cn.record, deps=deps, queued=True))
+        g.add_edge("queue", END)
+    else:
+        g.add_node("proxy_train", partial(cn.proxy_train, deps=deps))
+        g.add_conditional_edges("proxy_train", partial(route_after_train, max_repairs=s.max_repairs))
     g.add_edge("record", END)
     return g
 

@@ -11,7 +11,10 @@ An answer is a dict:
 - `{"verdict": "edit", "source": "<the whole new model.py>", "reason": "..."}`: train the
   person's version instead. It passes the checks a model's answer passes (it compiles, keeps
   the Net contract, leaves the training code alone unless `allow_train_changes`), then the
-  novelty check again.
+  novelty check again;
+- `{"verdict": "revise", "reason": "<feedback>"}`: the feedback goes back to the model as a
+  message (the `revise` node), and its new answer is applied, checked and asked about again;
+  at most MAX_REVISIONS times for one candidate.
 
 An answer that is not one of these is refused by `parse_answer` with a message that says
 why, and the question is asked again with that message. The verdict and the reason go into
@@ -25,14 +28,17 @@ from typing import Any
 
 from langgraph.types import interrupt
 
+from deltanas.agent.loop import candidate_nodes as cn
 from deltanas.agent.loop.deps import Deps
 from deltanas.agent.loop.state import CandidateState
+from deltanas.tools import prompting
 from deltanas.tools.diff_write import make_diff
 from deltanas.tools.full_extract import apply_full_output
 from deltanas.tools.trajectory import tool_step
 
-VERDICTS = ("yes", "no", "edit")
+VERDICTS = ("yes", "no", "edit", "revise")
 MAX_REASON_CHARS = 2000
+MAX_REVISIONS = 5
 MAX_SOURCE_BYTES = 200_000
 
 
@@ -57,6 +63,8 @@ def parse_answer(answer: Any) -> dict[str, str]:
     if not isinstance(reason, str):
         raise ValueError("the reason must be text")
     out = {"verdict": verdict, "reason": reason.strip()[:MAX_REASON_CHARS]}
+    if verdict == "revise" and not out["reason"]:
+        raise ValueError("a revision needs feedback for the model: say what to change")
     if verdict == "edit":
         source = answer.get("source")
         if not isinstance(source, str) or not source.strip():
@@ -85,7 +93,8 @@ def question(state: CandidateState, deps: Deps, error: str | None) -> dict[str, 
             "source": state["source"], "parent_source": parent.source if parent else "",
             "diff": state.get("diff") or "", "added": state.get("added"), "removed": state.get("removed"),
             "similarity": nov.get("max_similarity"), "nearest_id": nov.get("nearest_id"),
-            "attempts": state.get("attempts", 0), "error": error}
+            "attempts": state.get("attempts", 0), "revisions": state.get("revisions", 0),
+            "can_revise": state.get("revisions", 0) < MAX_REVISIONS, "error": error}
 
 
 def review(state: CandidateState, deps: Deps) -> dict[str, Any]:
@@ -96,6 +105,8 @@ def review(state: CandidateState, deps: Deps) -> dict[str, Any]:
     while True:  # each refused answer asks again, with the reason; resume values follow in order
         try:
             answer = parse_answer(interrupt(question(state, deps, error)))
+            if answer["verdict"] == "revise" and state.get("revisions", 0) >= MAX_REVISIONS:
+                raise ValueError(f"this candidate was revised {MAX_REVISIONS} times already: accept, edit or reject it")
             edit = (check_edit(parent, answer["source"], deps.config.search.allow_train_changes)
                     if answer["verdict"] == "edit" else None)
             break
@@ -110,3 +121,12 @@ def review(state: CandidateState, deps: Deps) -> dict[str, Any]:
     return {"messages": tool_step(state["messages"], "human_review", {}, verdict), "review": verdict,
             "source": edit.source, "diff": edit.diff, "added": edit.added, "removed": edit.removed,
             "novelty": None}
+
+
+def revise(state: CandidateState, deps: Deps) -> dict[str, Any]:
+    """The person's feedback to the model, as a user turn after its answer; its new answer goes
+    through apply (and repair), novelty and review again."""
+    deps.check_stop()
+    turn = prompting.revise_message(feedback=state["review"]["reason"], mode=deps.config.search.mode)
+    return {**cn.answer_again(state, deps, turn), "revisions": state.get("revisions", 0) + 1, "attempts": 0,
+            "error": None}

@@ -20,6 +20,7 @@ class Proposal(TypedDict):
     completion_tokens: int
     constrain: str  # how the answer was held to the format: grammar | prefix | none
     sites: list[int] | None  # the parent lines (0-based) the search placed the edits at, if it chose them
+    turn: int | None  # a chat session's request that asked for it (agent/loop/chat.py); None in a run
 
 
 class RunState(TypedDict, total=False):
@@ -39,7 +40,9 @@ class CandidateState(TypedDict, total=False):
     completion: str  # the latest raw model answer
     constrain: str
     sites: list[int] | None
+    turn: int | None  # the chat request it answers; None in an autonomous run
     attempts: int  # repairs made so far
+    revisions: int  # revisions a person asked for (agent/loop/review.py)
     prompt_tokens: int
     completion_tokens: int
     source: str  # the patched source, once a diff applied

@@ -22,10 +22,12 @@ from langgraph.types import Command
 
 from deltanas.agent.archive import StoreError
 from deltanas.agent.loop.deps import Deps, RunStopped
+from deltanas.agent.loop.chat import build_chat_graph
 from deltanas.agent.loop.graph import build_graph
 from deltanas.agent.run.rundir import CHECKPOINT_FILE
 
 THREAD = {"configurable": {"thread_id": "search"}}
+CHAT_THREAD = {"configurable": {"thread_id": "chat"}}
 KILL_GRACE_S = 5.0  # after a kill, how long the graph's threads get to unwind and checkpoint
 
 
@@ -70,6 +72,10 @@ def run_graph(deps: Deps, checkpointer: BaseCheckpointSaver,
         start = {"cycle": snapshot.values["cycle"]}
     else:
         start = {"cycle": 0, "finished": []}
+    return _invoke(graph, start, cfg, deps)
+
+
+def _invoke(graph, start: Any, cfg: dict[str, Any], deps: Deps) -> RunOutcome:
     try:
         graph.invoke(start, cfg)
     except RunStopped:
@@ -84,13 +90,28 @@ def run_graph(deps: Deps, checkpointer: BaseCheckpointSaver,
     return RunOutcome("stopped" if deps.stop.is_set() and snapshot.next else "finished")
 
 
+def run_chat(deps: Deps, checkpointer: BaseCheckpointSaver, answers: dict[str, Any] | None = None) -> RunOutcome:
+    """Start or continue a chat session (agent/loop/chat.py) in the run's checkpoint, on its own
+    thread id: it returns "waiting" with the session's open questions, a request's or candidates'.
+    `answers` (question id -> answer) may answer some of them."""
+    graph = build_chat_graph(deps).compile(checkpointer=checkpointer)
+    cfg: dict[str, Any] = {**CHAT_THREAD, "recursion_limit": 1_000_000,
+                           "max_concurrency": max(4, deps.config.search.candidates)}
+    if graph.get_state(cfg).next:
+        start: Any = Command(resume=answers) if answers else None
+    else:
+        start = {"turn": 0, "finished": []}
+    return _invoke(graph, start, cfg, deps)
+
+
 def run_with_signals(deps: Deps, checkpointer: BaseCheckpointSaver, *, tick: Callable[[], None] | None = None,
                      on_drain: Callable[[], None] | None = None, on_kill: Callable[[], None] | None = None,
-                     period_s: float = 0.5, answers: dict[str, Any] | None = None) -> RunOutcome:
-    """`run_graph` in a worker thread, with Ctrl-C draining (then killing) and `tick` called
-    periodically. Returns within `period_s` + KILL_GRACE_S of a second interrupt."""
+                     period_s: float = 0.5, answers: dict[str, Any] | None = None,
+                     run: Callable[..., RunOutcome] = run_graph) -> RunOutcome:
+    """`run` (the search, or `run_chat`) in a worker thread, with Ctrl-C draining (then killing)
+    and `tick` called periodically. Returns within `period_s` + KILL_GRACE_S of a second interrupt."""
     box: dict[str, RunOutcome] = {}
-    worker = threading.Thread(target=lambda: box.setdefault("out", run_graph(deps, checkpointer, answers)),
+    worker = threading.Thread(target=lambda: box.setdefault("out", run(deps, checkpointer, answers)),
                               name="deltanas-graph", daemon=True)
     interrupts = 0
     killed = threading.Event()

@@ -4,53 +4,18 @@ second only. The real CLI, process sandbox and SQLite checkpoint; the no-LLM mut
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
 from deltanas.agent.archive import Store
 
-ROOT = Path(__file__).resolve().parents[2]
+from support import Pane, require_tmux
+
 PROMPT = "[y]es train it"
 
-if shutil.which("tmux") is None:
-    if os.environ.get("DELTANAS_REQUIRE_TMUX") == "1":
-        pytest.fail("DELTANAS_REQUIRE_TMUX=1 but tmux is not installed", pytrace=False)
-    pytest.skip("tmux is not installed (apt-get install tmux)", allow_module_level=True)
-
-
-class Pane:
-    def __init__(self, command: str, env: dict[str, str]):
-        self.name = f"dn-{uuid.uuid4().hex[:8]}"
-        exports = " ".join(f"{k}={v}" for k, v in env.items())
-        subprocess.run(["tmux", "new-session", "-d", "-x", "200", "-y", "50", "-s", self.name,
-                        f"cd {ROOT} && env {exports} {command}; echo EXITED=$?; sleep 600"], check=True)
-
-    def text(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-S", "-2000", "-t", self.name],
-                              capture_output=True, text=True).stdout
-
-    def wait_for(self, needle: str, timeout: float = 240, count: int = 1) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.text()
-            if text.count(needle) >= count:
-                return text
-            time.sleep(0.5)
-        raise AssertionError(f"{needle!r} (x{count}) did not appear; the pane shows:\n{self.text()[-3000:]}")
-
-    def type(self, *keys: str) -> None:
-        for k in keys:
-            subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", k], check=True)
-            subprocess.run(["tmux", "send-keys", "-t", self.name, "Enter"], check=True)
-
-    def kill(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+require_tmux()
 
 
 @pytest.mark.slow
