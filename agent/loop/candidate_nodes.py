@@ -74,14 +74,14 @@ def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
     return {**answer_again(state, deps, turn), "attempts": attempt}
 
 
+CHAT_DRAW_BASE = 1_000_000  # a chat request's draws are keyed past any cycle's
+
+
 def chat_draw(state: CandidateState) -> int:
-    """The cycle number that keys a candidate's draws (edit sites, layer kinds, the sampling seed):
-    its cycle, or for a chat candidate a number of its own turn, past any cycle."""
+    """The cycle number that keys a candidate's draws (edit sites, layer kinds): its cycle, or for
+    a chat candidate one of its own request's."""
     turn = state.get("turn")
     return state["cycle"] if turn is None else CHAT_DRAW_BASE + turn
-
-
-CHAT_DRAW_BASE = 1_000_000
 
 
 def answer_again(state: CandidateState, deps: Deps, turn: dict[str, str]) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """`deltanas chat`: a person and the model search together, in the terminal.
 
 The person types what to try, in plain words ("make lenet half the parameters"). The model
-proposes `search.candidates` diffs against the parent the request names (`@ID`, a candidate id
-or a baseline's name in the text, or `/parent ID` for every request after), else the best so far.
+proposes `search.candidates` diffs against the parent the request names (`@ID` or a candidate's
+id in the text), else the one `/parent ID` set, else a baseline the text names, else the best so far.
 Each proposal is shown coloured, with its size, its novelty and its parent's accuracy, and the
 person answers: `y` trains it (in the background: the prompt stays free, and the result is
 printed when it is ready), `n` rejects it with an optional reason, `r` sends feedback to the
@@ -48,8 +48,8 @@ MAX_RUN_CYCLES = 100
 MIN_REQUEST_CHARS = 3  # "y" or "n" typed after the last question was answered is no request
 HELP = """\
 Type what to try, in plain words, e.g. "make lenet half the parameters" or "@h000-01 add dropout".
-The parent is the candidate named with @ID (or an id or baseline name in the text), else the one
-set with /parent, else the best so far. The model proposes; for each proposal answer
+The parent is the candidate named with @ID (or its id in the text), else the one set with /parent,
+else a baseline the text names, else the best so far. The model proposes; for each proposal answer
   y  train it (in the background; the result shows when ready)   n  reject it (a reason may follow)
   r  ask the model for a revision, with your feedback            e  edit it in $EDITOR, then train it
 Commands:
@@ -194,16 +194,19 @@ class ChatSession:
             return {"text": line, "parent_id": self.parent_for(line)}
 
     def parent_for(self, line: str) -> str | None:
-        """The parent a request names: @ID, or a candidate id or baseline name in its words."""
+        """The parent a request names: @ID or a trained candidate's id in its words, else the one
+        /parent set, else a baseline named in its words ("make lenet wider"); None: the best."""
         store = self.deps.store
         for word in re.findall(r"@([\w.-]+)", line):
             return word  # the graph refuses an unknown one, with the reason
-        for word in re.findall(r"[\w-]+", line):
-            for cid in (word, f"base-{word}"):
-                row = store.get(cid)
-                if row is not None and row.status == "ok":
-                    return cid
-        return self.parent
+        words = re.findall(r"[\w-]+", line)
+        trained = [w for w in words if (row := store.get(w)) is not None and row.status == "ok"]
+        if trained:
+            return trained[0]
+        if self.parent:
+            return self.parent
+        named = [f"base-{w}" for w in words if (row := store.get(f"base-{w}")) is not None and row.status == "ok"]
+        return named[0] if named else None
 
     def review(self, q: dict[str, Any], waiting: int) -> dict[str, Any]:
         show(self.console, q, 1, waiting)

@@ -2,7 +2,7 @@
 
 Each question (agent/loop/review.py) is shown as its diff, coloured, with its size, its
 novelty and its parent's accuracy. The answers: `y` trains it, `n` rejects it (a reason may
-follow), `e` opens the patched model.py in $EDITOR (or $VISUAL, else vi) and trains the
+follow), `r` sends feedback to the model, whose revised diff is asked about next, `e` opens the patched model.py in $EDITOR (or $VISUAL, else vi) and trains the
 saved version, `s` leaves it for later, `q` stops asking (the answers given so far still
 count). An edit is checked here as the graph will check it, so a refused one is said at once
 and asked again. End of input
@@ -29,7 +29,8 @@ from deltanas.agent.loop.review import check_edit
 
 Read = Callable[[str], str]
 Edit = Callable[[str], str | None]
-CHOICES = "[y]es train it, [n]o, [e]dit in $EDITOR, [s]kip for now, [q]uit (the questions wait) > "
+CHOICES = ("[y]es train it, [n]o, [r]evise with feedback, [e]dit in $EDITOR, [s]kip for now, "
+           "[q]uit (the questions wait) > ")
 
 
 def open_editor(source: str) -> str | None:
@@ -68,6 +69,15 @@ def ask_one(console: Console, q: dict[str, Any], read: Read, edit: Edit,
             return {"verdict": "yes"}
         if choice in ("n", "no"):
             return {"verdict": "no", "reason": read("why not? (optional) > ").strip()}
+        if choice in ("r", "revise"):
+            if not q.get("can_revise", True):
+                console.print("[yellow]this one was revised as often as it may be[/]")
+                continue
+            feedback = read("feedback for the model > ").strip()
+            if feedback:
+                return {"verdict": "revise", "reason": feedback}
+            console.print("[yellow]a revision needs feedback: say what to change[/]")
+            continue
         if choice in ("s", "skip"):
             return "skip"
         if choice in ("q", "quit"):
@@ -83,7 +93,7 @@ def ask_one(console: Console, q: dict[str, Any], read: Read, edit: Edit,
                 console.print(f"[red]{escape(str(e))}[/]")
                 continue
             return {"verdict": "edit", "source": new, "reason": read("what did you change? (optional) > ").strip()}
-        console.print("[yellow]answer y, n, e, s or q[/]" if choice else "[yellow]an answer is needed[/]")
+        console.print("[yellow]answer y, n, r, e, s or q[/]" if choice else "[yellow]an answer is needed[/]")
 
 
 class AnswerBook:

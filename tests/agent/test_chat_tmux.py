@@ -105,9 +105,18 @@ def test_a_chat_session_in_a_terminal(tmp_path):
     time.sleep(1)
 
     pane = Pane(f"{sys.executable} -m deltanas.agent.cli chat {run}", env)
-    try:
+    try:  # Ctrl-D at a question leaves; the question stays for the next session
         kind, text = _state(pane, 0)
         assert kind == "question" and f"candidate {waiting}" in text  # the same question
+        _key(pane, "C-d")
+        assert "EXITED=0" in pane.wait_for("EXITED=")
+    finally:
+        pane.kill()
+
+    pane = Pane(f"{sys.executable} -m deltanas.agent.cli chat {run}", env)
+    try:
+        kind, text = _state(pane, 0)
+        assert kind == "question" and f"candidate {waiting}" in text
         while kind == "question":
             mark = len(pane.text())
             pane.type("n", "")
@@ -128,3 +137,41 @@ def test_a_chat_session_in_a_terminal(tmp_path):
                                           for m in store.get_trajectory(cid) if m["role"] == "user")]
     assert len(revised) == 1
     assert human_verdict(store.get_trajectory(accepted))["verdict"] == "yes"
+
+
+@pytest.mark.slow
+def test_a_chat_session_with_the_embedded_model(tmp_path):
+    """The default model (SmolLM2-135M, offline) under the default grammar: a request is proposed,
+    every proposal accepted and trained, /best, and Ctrl-D; each proposal is recorded once."""
+    run = tmp_path / "run"
+    cli = (f"{sys.executable} -m deltanas.agent.cli chat {run} --proposals 2 --dataset digits --baselines lenet "
+           f"--sandbox process --timeout 120")
+    env = {"DELTANAS_CACHE": os.environ["DELTANAS_CACHE"], "HF_HUB_OFFLINE": "1", "TERM": "xterm"}
+    pane = Pane(cli, env)
+    try:
+        pane.wait_for(REQUEST, timeout=300)
+        mark = len(pane.text())
+        pane.type("make lenet wider")
+        kind, _ = _state(pane, mark)
+        accepted = 0
+        while kind == "question":
+            accepted += 1
+            mark = len(pane.text())
+            pane.type("y")
+            kind, _ = _state(pane, mark)
+        deadline = time.monotonic() + 240
+        while accepted and pane.text().count("trained h000") + pane.text().count("did not train") < accepted:
+            assert time.monotonic() < deadline, pane.text()[-3000:]
+            time.sleep(1)
+        pane.type("/best")
+        pane.wait_for("best")
+        _key(pane, "C-d")
+        assert "EXITED=0" in pane.wait_for("EXITED=", timeout=240)
+    finally:
+        pane.kill()
+    store = Store(run / "archive.sqlite", readonly=True)
+    rows = [r for r in store.candidates() if r.id.startswith("h")]
+    assert sorted(r.id for r in rows) == ["h000-00", "h000-01"]
+    assert all(r.final for r in rows), [(r.id, r.status) for r in rows]
+    assert all("Goal: make lenet wider" in store.get_trajectory(r.id)[1]["content"] for r in rows)
+    print("embedded model chat:", [(r.id, r.status, r.error_code, r.accuracy) for r in rows])

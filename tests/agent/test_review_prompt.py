@@ -40,15 +40,18 @@ def _console() -> tuple[Console, io.StringIO]:
 def test_each_key_gives_its_answer_and_the_candidate_is_shown():
     console, out = _console()
     edited = MINE.replace("nn.Identity()", "nn.Dropout(p=0.1)")
-    answers, go_on = ask_all(console, [_q(1), _q(2), _q(3), _q(4)], allow_train_changes=False,
-                             read=_typed("", "what", "y", "n", "too big", "s", "e", "dropout instead"),
+    answers, go_on = ask_all(console, [_q(1), _q(2), _q(3), _q(4), _q(5)], allow_train_changes=False,
+                             read=_typed("", "what", "y", "n", "too big", "s", "e", "dropout instead",
+                                         "r", " ", "r", "fewer channels"),
                              edit=lambda src: edited)
     text = out.getvalue()
     assert "c000-001" in text and "83.63%" in text and "+1 -0 lines" in text and "similarity 0.810" in text
     assert "+        self.extra = nn.Identity()" in text  # the diff itself
-    assert "an answer is needed" in text and "answer y, n, e, s or q" in text
+    assert "an answer is needed" in text and "answer y, n, r, e, s or q" in text
     assert answers == {"q1": {"verdict": "yes"}, "q2": {"verdict": "no", "reason": "too big"},
-                       "q4": {"verdict": "edit", "source": edited, "reason": "dropout instead"}}
+                       "q4": {"verdict": "edit", "source": edited, "reason": "dropout instead"},
+                       "q5": {"verdict": "revise", "reason": "fewer channels"}}
+    assert "a revision needs feedback" in text
     assert go_on
 
 

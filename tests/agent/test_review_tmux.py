@@ -29,7 +29,7 @@ def test_review_in_a_terminal_survives_a_kill_at_a_question(tmp_path):
         text = pane.wait_for(PROMPT)
         assert "1/2 candidate" in text and "parent base-lenet" in text and "+++ b/model.py" in text
         pane.type("maybe")  # not an answer: said so, and asked again
-        pane.wait_for("answer y, n, e, s or q")
+        pane.wait_for("answer y, n, r, e, s or q")
         pane.type("y")
         text = pane.wait_for(PROMPT, count=3)  # the second candidate's question
         assert "2/2 candidate" in text
