@@ -15,6 +15,8 @@ Definitions (every number comes from the candidates table and the adapters table
 - diff lines: lines added plus removed, over the candidates that applied;
 - tokens: prompt and completion tokens per candidate (the first proposal and every repair);
 - seconds: generation and proxy-training time summed over the cycle; the LoRA update's time;
+- best: the most accurate candidates, each with where it came from: the loop, or a person's
+  request in `deltanas chat` (its words, from the prompt's goal) and their verdict;
 - isolation: each session's sandbox and whether candidates had a filesystem view of their own
   (the archive's `sandbox:isolation`, agent/run/isolation.py); without one, an accuracy may come
   from a candidate that read the test labels.
@@ -26,7 +28,11 @@ from statistics import mean
 from typing import Any
 
 from deltanas.agent.archive import CandidateRow, Store
+from deltanas.agent.loop.cycle_nodes import is_chat
 from deltanas.agent.run import isolation
+from deltanas.tools.trajectory import human_verdict
+
+BEST_SHOWN = 10
 
 COLUMNS = [("cycle", "cycle"), ("proposer", "proposer"), ("constrain", "held by"), ("candidates", "n"), ("valid_rate", "valid"),
            ("applied_rate", "applied"), ("novel_valid_rate", "novel+valid"), ("improved_rate", "improved"),
@@ -83,9 +89,39 @@ def run_metrics(store: Store) -> dict[str, Any]:
     searched = [r for r in rows if r.cycle >= 0]
     cold = adapters.get(-1)  # the cold-start update, before cycle 0 (learn.cold_start_from)
     return {"baselines": {r.id: r.accuracy for r in rows if r.cycle < 0}, "cycles": per_cycle,
+            "best": [_best_entry(store, r, accuracy_of) for r in sorted(
+                (r for r in searched if r.status == "ok" and r.accuracy is not None), key=lambda r: -r.accuracy)
+                [:BEST_SHOWN]],
             "overall": cycle_metrics(searched, accuracy_of), "isolation": store.get_meta(isolation.ISOLATION_META),
             "cold_start": ({"status": cold["status"], "examples": cold["examples"], "loss": cold["loss"],
                             "seconds": cold["seconds"], "note": cold["note"]} if cold else None)}
+
+
+def _best_entry(store: Store, r: CandidateRow, accuracy_of: dict[str, float | None]) -> dict[str, Any]:
+    messages = store.get_trajectory(r.id) or []
+    human = human_verdict(messages)
+    request = None
+    if is_chat(r.id):
+        first = next((m["content"] for m in messages if m.get("role") == "user"), "")
+        request = next((line[len("Goal: "):].rstrip(".") for line in first.splitlines() if line.startswith("Goal: ")),
+                       None)
+    return {"id": r.id, "cycle": r.cycle, "parent_id": r.parent_id, "accuracy": r.accuracy,
+            "parent_accuracy": accuracy_of.get(r.parent_id), "param_count": r.param_count,
+            "origin": "chat" if is_chat(r.id) else "loop", "request": request,
+            "human": human["verdict"] if human else None}
+
+
+def _best_lines(best: list[dict[str, Any]]) -> list[str]:
+    if not best:
+        return []
+    lines = ["## Best candidates", "", "| id | cycle | parent | accuracy | parent's | params | from | human |",
+             "|" + " --- |" * 8]
+    for b in best:
+        origin = f"chat: {b['request']}" if b["origin"] == "chat" else "loop"
+        lines.append(f"| {b['id']} | {b['cycle']} | {b['parent_id'] or '—'} | {_cell('accuracy', b['accuracy'])} | "
+                     f"{_cell('accuracy', b['parent_accuracy'])} | {b['param_count'] or '—'} | "
+                     f"{origin.replace('|', '/')} | {b['human'] or '—'} |")
+    return [*lines, ""]
 
 
 def _cell(key: str, v: Any) -> str:
@@ -134,7 +170,8 @@ def markdown(metrics: dict[str, Any], run_dir: Path) -> str:
               f"{_cell('mean_accuracy', o['mean_accuracy'])}, best {_cell('best_accuracy', o['best_accuracy'])}, "
               f"mode(s): {', '.join(o['modes']) or '—'}.", "",
               "![valid rate](valid_rate.png) ![accuracy](accuracy.png)",
-              "![accuracy distribution](accuracy_hist.png) ![diff lines](diff_lines.png)", ""]
+              "![accuracy distribution](accuracy_hist.png) ![diff lines](diff_lines.png)", "",
+              *_best_lines(metrics.get("best") or [])]
     return "\n".join(lines)
 
 
@@ -257,5 +294,14 @@ def print_table(console, metrics: dict[str, Any]) -> None:
     for row in table_rows(metrics, TERMINAL):
         t.add_row(*row)
     console.print(t)
+    best = metrics.get("best") or []
+    if best:
+        b = Table(title="best candidates", title_justify="left")
+        for col in ("id", "parent", "accuracy", "from"):
+            b.add_column(col, overflow="fold")
+        for e in best[:5]:
+            b.add_row(e["id"], e["parent_id"] or "—", _cell("accuracy", e["accuracy"]),
+                      f"chat: {e['request']}" if e["origin"] == "chat" else "loop")
+        console.print(b)
     records = metrics.get("isolation")
     console.print(isolation.describe(records), style="bold red" if isolation.unsafe(records) else None, markup=False)

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from deltanas.agent.run.chat_session import ChatSession
 from deltanas.agent.run.driver import run_chat, sqlite_saver
+from deltanas.agent.run.report import write_report
 
 from support import loop_deps
 
@@ -50,6 +51,9 @@ def test_a_whole_session_of_typed_lines(tmp_path):
     store = talk.deps.store
     assert store.get("h000-00").status == "ok" and store.get("h000-01").status == "rejected"
     assert "trained h000-00" in text  # printed by the trainer when ready
+    _, out_dir = write_report(tmp_path / "run", store)  # the report names the request the candidate came from
+    assert "| h000-00 | 0 | base-lenet |" in (out_dir / "summary.md").read_text()
+    assert "chat: make lenet wider | yes |" in (out_dir / "summary.md").read_text()
     exported = [json.loads(x) for x in (tmp_path / "run" / "export" / "trajectories.jsonl").read_text().splitlines()]
     assert {r["meta"]["candidate_id"]: r["meta"]["human"]["verdict"] for r in exported} == {"h000-00": "yes",
                                                                                            "h000-01": "no"}
