@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="An interactive search in the terminal, on the same graph, archive and sandbox "
                                    "as `run`. RUN_DIR is a new run (made with the options given) or an existing "
                                    "one (its config is kept); /help inside lists the commands.")
-    c.add_argument("dir", nargs="?", metavar="RUN_DIR", help="default: a new runs/<name>")
+    c.add_argument("dir", nargs="?", metavar="RUN_DIR", help="default: a new runs/chat (runs/chat-2, ...)")
     c.add_argument("--config", metavar="FILE", help="TOML config, as for run")
     c.add_argument("--llm", metavar="SPEC", help="as for run (default: the offline SmolLM2)")
     c.add_argument("--dataset")
@@ -294,8 +294,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from deltanas.agent.run import rundir
 
     overrides = {
-        "name": a.name, "llm.spec": a.llm, "data.dataset": a.dataset, "data.data_dir": a.data_dir,
-        "data.limit_train": a.limit_train, "data.limit_test": a.limit_test, "search.candidates": a.proposals,
+        "name": a.name or (None if a.config else "chat"), "llm.spec": a.llm, "data.dataset": a.dataset,
+        "data.data_dir": a.data_dir, "data.limit_train": a.limit_train, "data.limit_test": a.limit_test,
+        "search.candidates": a.proposals,
         "search.mode": a.mode, "llm.constrain": a.constrain, "sandbox.type": a.sandbox, "sandbox.timeout_s": a.timeout,
         "sandbox.device": a.device, "sandbox.workers": a.workers, "search.seed": a.seed,
         "sandbox.unsafe_no_isolation": a.unsafe_no_isolation,
@@ -304,7 +305,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     existing = a.dir and (Path(a.dir) / rundir.CONFIG_FILE).exists()
     if existing:
         allowed = {"sandbox.workers": a.workers, "sandbox.unsafe_no_isolation": a.unsafe_no_isolation}
-        other = [k for k, v in overrides.items() if v is not None and k not in allowed]
+        other = [k for k, v in overrides.items() if v is not None and k not in allowed and not (k == "name" and not a.name)]
         other += ["--config"] * bool(a.config) + ["--preset"] * bool(a.preset)
         if other:
             raise CLIError(f"{a.dir} holds a run, whose config stays as it is; drop {', '.join(other)}")

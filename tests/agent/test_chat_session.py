@@ -98,3 +98,16 @@ def test_run_hands_cycles_to_the_loop_and_takes_control_back(tmp_path):
     assert "back to you: 1 cycle(s) ran" in out.getvalue()
     assert len([r for r in talk.deps.store.candidates() if r.id.startswith("c000-")]) == 2
     assert not talk.deps.stop.is_set()  # the session goes on
+
+
+def test_the_command_refuses_what_it_cannot_do(tmp_path, capsys):
+    from deltanas.agent.cli import main
+
+    # Not a terminal: said at once, and no run directory is made.
+    assert main(["chat", str(tmp_path / "new"), "--llm", "mutate"]) == 2
+    assert "interactive: run it in a terminal" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    # An existing run keeps its config: options that would change it are refused by name.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.toml").write_text('name = "old"\n')
+    assert main(["chat", str(tmp_path / "old"), "--llm", "mutate", "--proposals", "3"]) == 2
+    assert "drop llm.spec, search.candidates" in capsys.readouterr().err
