@@ -135,8 +135,9 @@ def preference_set(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> tu
     first try against a first answer that failed (did not apply, did not train, or was a near-copy)
     for the same parent in the same cycle. The prompt is the chat both were sent; where the cycle
     sent each candidate its own prompt (sampled edit sites), the chosen answer's. Each failed answer
-    is used once, so one bad parent cannot fill the set. Conversational: trl's DPOTrainer renders
-    them with the tokenizer's chat template."""
+    is used once, so one bad parent cannot fill the set. Before those, `revision_pairs` of every
+    successful candidate: a person's feedback as a preference. Conversational: trl's DPOTrainer
+    renders them with the tokenizer's chat template."""
     good = [r for r in successful(store, rule, top_k, up_to_cycle=up_to_cycle) if r.attempts == 0 and r.completion]
     bad: dict[tuple[int, str | None], list[CandidateRow]] = {}
     for r in store.candidates():
@@ -144,6 +145,10 @@ def preference_set(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> tu
                 and r.completion and r.completion.strip()):
             bad.setdefault((r.cycle, r.parent_id), []).append(r)
     ids, out = [], []
+    for g in successful(store, rule, top_k, up_to_cycle=up_to_cycle):  # a person's feedback, first
+        for n, pair in enumerate(revision_pairs(store.get_trajectory(g.id) or [])):
+            ids.append(f"{g.id}>revised-{n}")
+            out.append(pair)
     for g in good:
         pool = bad.get((g.cycle, g.parent_id))
         prompt = chat_view(store.get_trajectory(g.id) or [])[:2]
@@ -155,6 +160,29 @@ def preference_set(store: Store, rule: Rule, top_k: int, up_to_cycle: int) -> tu
         out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": g.completion}],
                     "rejected": [{"role": "assistant", "content": same.completion}]})
     return ids, out
+
+
+def revision_pairs(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where a person asked for a revision (agent/loop/review.py) and the candidate then trained: the
+    final answer (the person's edit where they made one) preferred over each answer they sent back,
+    for the first prompt."""
+    example = sft_example(messages)
+    prompt = chat_view(messages)[:2]
+    if example is None or len(prompt) < 2:
+        return []
+    names: dict[str, str] = {}
+    answers, sent_back = [], []
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            names[call["id"]] = call["function"]["name"]
+            if call["function"]["name"] == "propose_diff":
+                answers.append(call["function"]["arguments"]["diff"])
+        if m.get("role") == "tool" and names.get(m.get("tool_call_id")) == "human_review" and answers:
+            if json.loads(m["content"]).get("verdict") == "revise":
+                sent_back.append(answers[-1])
+    chosen = example["completion"]
+    return [{"prompt": prompt, "chosen": chosen, "rejected": [{"role": "assistant", "content": a}]}
+            for a in sent_back if a.strip() and a != chosen[0]["content"]]
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from deltanas.agent.learning.examples import export_records, sft_example
+from deltanas.agent.learning.examples import export_records, preference_set, sft_example
 from deltanas.agent.loop.chat import parse_request
 from deltanas.agent.run.driver import run_chat, sqlite_saver
 from deltanas.agent.run.trainer import Trainer
@@ -93,6 +93,12 @@ def test_a_request_is_proposed_reviewed_revised_and_trained(tmp_path):
     example = sft_example(deps.store.get_trajectory("h000-00"))
     assert "fewer channels please" in example["prompt"][-1]["content"]
     assert (tmp_path / "run" / "trajectories.jsonl").read_text().count("h000-0") == 1  # the finished one
+    # Where DPO is on, the feedback is a preference: the revised answer over the one sent back.
+    ids, prefs = preference_set(deps.store, "valid", 5, up_to_cycle=0)
+    pair = prefs[ids.index("h000-00>revised-0")]
+    assert pair["rejected"][0]["content"] == f"```diff\n{a['diff']}```"
+    assert pair["chosen"] == example["completion"] and pair["chosen"] != pair["rejected"]
+    assert pair["prompt"] == example["prompt"][:2]
 
     # The next request, on the best so far (h000-00 now), is served as turn 1.
     reviews = _only(run_chat(deps, saver, {q["id"]: {"text": "deeper", "parent_id": None}}), "review")
