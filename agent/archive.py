@@ -66,6 +66,19 @@ CREATE TABLE IF NOT EXISTS pairs (      -- cold-start training pairs from outsid
     example TEXT NOT NULL,             -- JSON: the prompt-completion example the LoRA updates train on
     meta TEXT                          -- JSON: dataset, names, accuracies, diff lines
 );
+CREATE TABLE IF NOT EXISTS verify (     -- longer retraining of chosen candidates (agent/run/verify.py)
+    candidate_id TEXT NOT NULL,
+    epochs INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    status TEXT NOT NULL,              -- as a candidate's: ok | timeout | oom | crashed | ...
+    accuracy REAL,
+    proxy_accuracy REAL,               -- the candidate's 1-epoch accuracy when it was chosen
+    chosen_as TEXT NOT NULL,           -- top | sample
+    seconds REAL,
+    error TEXT,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (candidate_id, epochs)
+);
 """
 
 FINAL_STATUSES = ("apply_failed", "duplicate", "rejected", "ok", "timeout", "oom", "crashed", "invalid", "diverged",
@@ -285,6 +298,28 @@ class Store:
                 return []
         return [{"id": r["id"], "origin": r["origin"], "example": json.loads(r["example"]),
                  "meta": json.loads(r["meta"]) if r["meta"] else None} for r in rows]
+
+    # --- verify -------------------------------------------------------------------------
+    def put_verify(self, row: dict) -> None:
+        """One retrained candidate (agent/run/verify.py); a candidate retrained again for the
+        same epochs replaces its row."""
+        keys = ("candidate_id", "epochs", "device", "status", "accuracy", "proxy_accuracy", "chosen_as", "seconds",
+                "error")
+        with self._tx() as c:
+            c.execute(f"INSERT OR REPLACE INTO verify ({', '.join(keys)}, finished_at) VALUES "
+                      f"({', '.join('?' * len(keys))}, ?)", (*(row.get(k) for k in keys), time.time()))
+
+    def verifications(self, epochs: int | None = None) -> list[dict]:
+        """The retrained candidates, oldest first (for `epochs` only, if given)."""
+        q, args = "SELECT * FROM verify", ()
+        if epochs is not None:
+            q, args = q + " WHERE epochs=?", (epochs,)
+        with self._lock:
+            try:
+                rows = self._conn.execute(q + " ORDER BY finished_at", args).fetchall()
+            except sqlite3.OperationalError:  # an archive from before verify, opened read-only
+                return []
+        return [dict(r) for r in rows]
 
     def cycles(self) -> list[dict]:
         with self._lock:

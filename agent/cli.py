@@ -6,6 +6,7 @@
     deltanas run --review                 ask before training each candidate: yes, no or your edit
     deltanas chat [RUN_DIR]               an interactive session: ask, review, revise, train
     deltanas status runs/run [--json]
+    deltanas verify runs/run [--top K] [--sample M] [--epochs N] [--device D]   proxy fidelity
     deltanas export runs/run [--format jsonl|hf] [--output PATH] [--successful-only] [--cycle K]
     deltanas report runs/run [--output DIR] [--against runs/control]
     deltanas serve smollm2 --run runs/run [--python .venv-vllm/bin/python] [--port 8000]
@@ -128,6 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int)
     c.add_argument("--name")
     c.add_argument("--preset", choices=["paper", "quick"])
+
+    v = sub.add_parser("verify", help="retrain the best candidates and a sample of the rest for N epochs: does the "
+                                      "one-epoch proxy rank them as longer training does?",
+                       description="Retrains the top-K candidates by proxy accuracy and a stratified sample of M of "
+                                   "the rest for N epochs, through the run's own sandbox and executor, and reports "
+                                   "Spearman's rho and Kendall's tau with 95%% bootstrap intervals and how many of the "
+                                   "proxy's top-K stay in the top-K. Results are stored in the archive as they come: "
+                                   "run it again to resume.")
+    v.add_argument("dir")
+    v.add_argument("--top", type=_positive_int, default=5, metavar="K")
+    v.add_argument("--sample", type=int, default=10, metavar="M", help="from the rest, one per accuracy band (0: none)")
+    v.add_argument("--epochs", type=_positive_int, default=5, metavar="N")
+    v.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")
+    v.add_argument("--workers", type=_positive_int, help="candidates retrained at once (default: the run's)")
+    v.add_argument("--executor", choices=["local", "ray"], help="default: the run's")
+    v.add_argument("--seed", type=int, default=0, help="draws the sample")
+    v.add_argument("--unsafe-no-isolation", action="store_true", default=None, help=UNSAFE_HELP)
+    v.add_argument("--json", action="store_true", help="the summary as JSON on stdout")
 
     s = sub.add_parser("status", help="summarise a run, finished or not")
     s.add_argument("dir")
@@ -325,6 +344,33 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from deltanas.agent.run.chat_session import chat
 
     return chat(cfg, run_dir, dataset=dataset)
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from deltanas.agent.run import rundir
+    from deltanas.agent.run.build import preflight
+    from deltanas.agent.run.verify import describe, verify
+
+    if a.sample < 0:
+        raise CLIError("--sample must be 0 or more")
+    run_dir = Path(a.dir)
+    if not (run_dir / rundir.ARCHIVE_FILE).exists():
+        raise CLIError(f"{run_dir}: no {rundir.ARCHIVE_FILE} here; is it a deltanas run directory?")
+    cfg = rundir.open_run_dir(run_dir, {"sandbox.device": a.device, "sandbox.workers": a.workers,
+                                        "sandbox.executor": a.executor,
+                                        "sandbox.unsafe_no_isolation": a.unsafe_no_isolation})
+    preflight(cfg)
+    say = (lambda line: print(line, file=sys.stderr)) if a.json else print
+    try:
+        summary = verify(cfg, run_dir, top=a.top, sample=a.sample, epochs=a.epochs, seed=a.seed, say=say)
+    except KeyboardInterrupt:
+        print("stopped; what finished is stored. Continue with the same command", file=sys.stderr)
+        return EXIT_STOPPED
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(describe(summary))
+    return EXIT_OK
 
 
 def cmd_status(a: argparse.Namespace) -> int:
@@ -610,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_chat(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "verify":
+            return cmd_verify(args)
         if args.command == "export":
             return cmd_export(args)
         if args.command == "report":

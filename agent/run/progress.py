@@ -14,7 +14,7 @@ from rich.table import Table
 
 from deltanas.agent.archive import CandidateRow, Store
 from deltanas.agent.config import Config
-from deltanas.agent.run import isolation
+from deltanas.agent.run import isolation, verify
 
 
 def summarise(store: Store) -> dict[str, Any]:
@@ -46,6 +46,7 @@ def summarise(store: Store) -> dict[str, Any]:
         "cycles_finished": sum(1 for c in store.cycles() if c["finished_at"]),
         # one entry per session: the sandbox, whether it isolated the filesystem, any opt-in
         "isolation": store.get_meta(isolation.ISOLATION_META),
+        "verify": verify.summaries(store),  # `deltanas verify`: the proxy's rank agreement with longer training
     }
 
 
@@ -123,5 +124,7 @@ def print_status(console: Console, store: Store, summary: dict[str, Any]) -> Non
         f"valid and novel {_pct(summary['valid_novel_rate'])}; cycles finished {summary['cycles_finished']}; "
         f"answers held by {', '.join(f'{m} {n}' for m, n in summary['constrain'].items()) or '—'}; "
         f"best {best['id'] + ' ' + _fmt_acc(best['accuracy']) if best else '—'}"))
+    for v in summary.get("verify") or []:
+        console.print(verify.describe(v), markup=False)
     line = isolation.describe(summary["isolation"])
     console.print(line, style="bold red" if isolation.unsafe(summary["isolation"]) else None, markup=False)

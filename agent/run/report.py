@@ -29,7 +29,7 @@ from typing import Any
 
 from deltanas.agent.archive import CandidateRow, Store
 from deltanas.agent.loop.cycle_nodes import is_chat
-from deltanas.agent.run import isolation
+from deltanas.agent.run import isolation, verify
 from deltanas.tools.trajectory import human_verdict
 
 BEST_SHOWN = 10
@@ -89,6 +89,8 @@ def run_metrics(store: Store) -> dict[str, Any]:
     searched = [r for r in rows if r.cycle >= 0]
     cold = adapters.get(-1)  # the cold-start update, before cycle 0 (learn.cold_start_from)
     return {"baselines": {r.id: r.accuracy for r in rows if r.cycle < 0}, "cycles": per_cycle,
+            "verify": verify.summaries(store),
+            "verify_points": store.verifications(),
             "best": [_best_entry(store, r, accuracy_of) for r in sorted(
                 (r for r in searched if r.status == "ok" and r.accuracy is not None), key=lambda r: -r.accuracy)
                 [:BEST_SHOWN]],
@@ -122,6 +124,19 @@ def _best_lines(best: list[dict[str, Any]]) -> list[str]:
                      f"{_cell('accuracy', b['parent_accuracy'])} | {b['param_count'] or '—'} | "
                      f"{origin.replace('|', '/')} | {b['human'] or '—'} |")
     return [*lines, ""]
+
+
+def _verify_lines(metrics: dict[str, Any]) -> list[str]:
+    """`deltanas verify`'s results: a line per number of epochs, the table, the scatter plot."""
+    points = metrics.get("verify_points") or []
+    if not points:
+        return []
+    lines = ["## Proxy fidelity (`deltanas verify`)", "", *[verify.describe(v) + "." for v in metrics["verify"]], "",
+             "| candidate | chosen as | proxy (1 epoch) | epochs | accuracy | status |", "|" + " --- |" * 6]
+    for p in sorted(points, key=lambda p: (p["epochs"], -(p["proxy_accuracy"] or 0))):
+        lines.append(f"| {p['candidate_id']} | {p['chosen_as']} | {_cell('accuracy', p['proxy_accuracy'])} | "
+                     f"{p['epochs']} | {_cell('accuracy', p['accuracy'])} | {p['status']} |")
+    return [*lines, "", "![proxy against longer training](verify.png)", ""]
 
 
 def _cell(key: str, v: Any) -> str:
@@ -171,7 +186,7 @@ def markdown(metrics: dict[str, Any], run_dir: Path) -> str:
               f"mode(s): {', '.join(o['modes']) or '—'}.", "",
               "![valid rate](valid_rate.png) ![accuracy](accuracy.png)",
               "![accuracy distribution](accuracy_hist.png) ![diff lines](diff_lines.png)", "",
-              *_best_lines(metrics.get("best") or [])]
+              *_best_lines(metrics.get("best") or []), *_verify_lines(metrics)]
     return "\n".join(lines)
 
 
@@ -222,6 +237,19 @@ def plots(metrics: dict[str, Any], out: Path) -> list[Path]:
     ax.hist(lines, bins=20)
     ax.set(xlabel="diff lines (added + removed)", ylabel="candidates", title="diff length")
     save(fig, "diff_lines.png")
+
+    points = [p for p in metrics.get("verify_points") or [] if p["accuracy"] is not None]
+    if points:  # deltanas verify: the proxy against longer training, one colour per number of epochs
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        for s in metrics["verify"]:
+            mine = [p for p in points if p["epochs"] == s["epochs"]]
+            rho = "—" if s["spearman"] is None else f"{s['spearman']:.3f}"
+            ax.scatter([100 * p["proxy_accuracy"] for p in mine], [100 * p["accuracy"] for p in mine],
+                       label=f"{s['epochs']} epochs (rho {rho}, n {s['n']})")
+        ax.set(xlabel="proxy: first-epoch accuracy (%)", ylabel="accuracy after longer training (%)",
+               title="proxy fidelity")
+        ax.legend()
+        save(fig, "verify.png")
     return files
 
 
