@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="summarise a run, finished or not")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--tree", type=int, nargs="?", const=5, metavar="N",
+                   help="also the lineage in text: the paths from the baselines to the N best (5)")
+    s.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="redraw the summary and the lineage every SECONDS (2) until Ctrl-C")
 
     x = sub.add_parser("export", help="write a run's trajectories for fine-tuning (TRL/OpenAI messages + tools)")
     x.add_argument("dir")
@@ -168,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--against", action="append", default=[], metavar="DIR",
                     help="another run to draw beside this one (a control without learning; repeatable): "
                          "compare.png and a table in summary.md")
+    rp.add_argument("--html", action="store_true",
+                    help="also report.html: one self-contained page (opens offline) with the lineage tree, each "
+                         "candidate's diff on a click, filters, the per-cycle curves and verify's results")
 
     sv = sub.add_parser("serve", help="a vLLM OpenAI-compatible server for a model and a run's LoRA adapters",
                         description="Start `vllm serve` with LoRA and runtime adapter loading on, for MODEL (an "
@@ -377,19 +384,36 @@ def cmd_status(a: argparse.Namespace) -> int:
     from rich.console import Console
 
     from deltanas.agent.archive import Store
-    from deltanas.agent.run.progress import print_status, summarise
+    from deltanas.agent.run.progress import lineage_tree, print_status, status_view, summarise
     from deltanas.agent.run.rundir import ARCHIVE_FILE
 
     path = Path(a.dir)
     if not (path / ARCHIVE_FILE).exists():
         raise CLIError(f"{path}: no {ARCHIVE_FILE} here; is it a deltanas run directory?")
     store = Store(path / ARCHIVE_FILE, readonly=True)
-    summary = summarise(store)
     if a.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_status(Console(), store, summary)
-    return EXIT_OK
+        print(json.dumps(summarise(store), indent=2))
+        return EXIT_OK
+    if a.watch is None:
+        print_status(Console(), store, summarise(store))
+        if a.tree:
+            Console().print(lineage_tree(store, a.tree))
+        return EXIT_OK
+    import time
+
+    from rich.console import Group
+    from rich.live import Live
+
+    def frame():
+        return Group(status_view(store, summarise(store)), lineage_tree(store, a.tree or 5))
+
+    try:
+        with Live(frame(), refresh_per_second=1, screen=False) as live:
+            while True:
+                time.sleep(max(0.2, a.watch))
+                live.update(frame())
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -434,13 +458,19 @@ def cmd_report(a: argparse.Namespace) -> int:
             raise CLIError(f"--against {other}: no {ARCHIVE_FILE} here; is it a deltanas run directory?")
         label = other.name if other.name not in against and other.name != path.name else str(other)
         against[label] = Store(other / ARCHIVE_FILE, readonly=True)
-    metrics, out = write_report(path, Store(path / ARCHIVE_FILE, readonly=True), a.output, against=against)
+    store = Store(path / ARCHIVE_FILE, readonly=True)
+    metrics, out = write_report(path, store, a.output, against=against)
+    page = None
+    if a.html:
+        from deltanas.agent.run.html_report import write_html
+
+        page = write_html(store, metrics, out / "report.html", title=path.name)
     if a.json:
         print(json.dumps(metrics, indent=2))
     else:
         print_table(Console(), metrics)
         extra = f", compare.png against {', '.join(against)}" if against else ""
-        print(f"report written to {out}/ (summary.md and 4 plots{extra})")
+        print(f"report written to {out}/ (summary.md and 4 plots{extra})" + (f"; open {page} in a browser" if page else ""))
     return EXIT_OK
 
 

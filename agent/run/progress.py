@@ -11,6 +11,8 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
 
 from deltanas.agent.archive import CandidateRow, Store
 from deltanas.agent.config import Config
@@ -107,7 +109,9 @@ class LiveView:
         return Group(*parts)
 
 
-def print_status(console: Console, store: Store, summary: dict[str, Any]) -> None:
+def status_view(store: Store, summary: dict[str, Any]) -> Group:
+    """`deltanas status` as one renderable: per-cycle counts, the top candidates, the totals,
+    verify's results and the isolation line."""
     t = Table(title="candidates per cycle", title_justify="left")
     statuses = sorted({s for c in summary["per_cycle"].values() for s in c})
     t.add_column("cycle")
@@ -115,16 +119,57 @@ def print_status(console: Console, store: Store, summary: dict[str, Any]) -> Non
         t.add_column(s, justify="right")
     for cyc, counts in summary["per_cycle"].items():
         t.add_row(cyc, *(str(counts.get(s, 0)) for s in statuses))
-    console.print(t)
     rows = sorted((r for r in store.candidates() if r.accuracy is not None), key=lambda r: -r.accuracy)[:10]
-    console.print(candidates_table(rows, title="top candidates"))
     best = summary["best"]
-    console.print(Panel(
+    parts: list[Any] = [t, candidates_table(rows, title="top candidates"), Panel(
         f"searched {summary['candidates']} candidates; applied {_pct(summary['applied_rate'])}; "
         f"valid and novel {_pct(summary['valid_novel_rate'])}; cycles finished {summary['cycles_finished']}; "
         f"answers held by {', '.join(f'{m} {n}' for m, n in summary['constrain'].items()) or '—'}; "
-        f"best {best['id'] + ' ' + _fmt_acc(best['accuracy']) if best else '—'}"))
-    for v in summary.get("verify") or []:
-        console.print(verify.describe(v), markup=False)
-    line = isolation.describe(summary["isolation"])
-    console.print(line, style="bold red" if isolation.unsafe(summary["isolation"]) else None, markup=False)
+        f"best {best['id'] + ' ' + _fmt_acc(best['accuracy']) if best else '—'}")]
+    parts += [Text(verify.describe(v)) for v in summary.get("verify") or []]
+    parts.append(Text(isolation.describe(summary["isolation"]),
+                      style="bold red" if isolation.unsafe(summary["isolation"]) else ""))
+    return Group(*parts)
+
+
+def print_status(console: Console, store: Store, summary: dict[str, Any]) -> None:
+    console.print(status_view(store, summary))
+
+
+def lineage_tree(store: Store, best: int = 5) -> Tree:
+    """The lineage in text: from each baseline, the paths down to the `best` most accurate
+    candidates, with each node's accuracy, diff size and status; the children off those paths
+    are counted, not drawn (the whole tree is in `deltanas report --html`)."""
+    rows = {r.id: r for r in store.candidates()}
+    children: dict[str | None, list[CandidateRow]] = {}
+    for r in rows.values():
+        children.setdefault(r.parent_id if r.parent_id in rows else None, []).append(r)
+    top = sorted((r for r in rows.values() if r.status == "ok" and r.accuracy is not None and r.cycle >= 0),
+                 key=lambda r: -r.accuracy)[:best]
+    on_path: set[str] = set()
+    for r in top:
+        cur: CandidateRow | None = r
+        while cur is not None and cur.id not in on_path:
+            on_path.add(cur.id)
+            cur = rows.get(cur.parent_id) if cur.parent_id else None
+    marks = {r.id: i + 1 for i, r in enumerate(top)}
+
+    def label(r: CandidateRow) -> str:
+        diff = f" +{r.added}/-{r.removed}" if r.added is not None else ""
+        style = "green" if r.status == "ok" else "yellow"
+        rank = f" [b]#{marks[r.id]}[/]" if r.id in marks else ""
+        return f"[b]{r.id}[/] {_fmt_acc(r.accuracy)}{diff} [{style}]{r.status}[/]{rank}"
+
+    tree = Tree(f"lineage of the {len(top)} best (the whole tree: deltanas report --html)")
+    stack = [(tree, r) for r in sorted(children.get(None, []), key=lambda r: r.id, reverse=True)
+             if r.id in on_path or r.kind == "baseline"]
+    while stack:
+        node, r = stack.pop()
+        branch = node.add(label(r))
+        kids = sorted(children.get(r.id, []), key=lambda k: k.id)
+        shown = [k for k in kids if k.id in on_path]
+        if len(kids) > len(shown):
+            ok = sum(1 for k in kids if k.id not in on_path and k.status == "ok")
+            branch.add(f"[dim]{len(kids) - len(shown)} other child(ren), {ok} trained[/]")
+        stack.extend((branch, k) for k in reversed(shown))
+    return tree
