@@ -130,6 +130,19 @@ class CandidateRow:
 _COLUMNS = tuple(CandidateRow.__dataclass_fields__)
 
 
+def best_per_dataset(rows: list[CandidateRow]) -> dict[str, CandidateRow]:
+    """The most accurate trained row of each dataset, in the rows' dataset order: accuracies are
+    compared within a dataset, never across (a pool run, agent/config.py `DataConfig.datasets`)."""
+    best: dict[str, CandidateRow] = {}
+    for r in rows:
+        if r.status != "ok" or r.accuracy is None:
+            continue
+        b = best.get(r.dataset)
+        if b is None or r.accuracy > b.accuracy:
+            best[r.dataset] = r
+    return best
+
+
 def _row_to_candidate(row: sqlite3.Row) -> CandidateRow:
     d = dict(row)
     old_site = d.pop("site", None)  # an archive from before edits had several sites held one line

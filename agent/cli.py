@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
     r.add_argument("--config", metavar="FILE", help="TOML config (see `deltanas run --print-config`)")
     r.add_argument("--llm", metavar="SPEC", help="hf:smollm2 | hf:PATH | openai:MODEL@URL | vllm:MODEL | mutate")
-    r.add_argument("--dataset", help="mnist, cifar10, cifar100, svhn, imagenette, celeba-gender, synthetic, digits")
+    r.add_argument("--dataset", help="mnist, cifar10, cifar100, svhn, imagenette, celeba-gender, synthetic, digits; several (a,b) search them as one pool")
     r.add_argument("--data-dir", metavar="DIR", help="where torchvision-format dataset files are")
     r.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a fixed subset of N images")
     r.add_argument("--limit-test", type=_positive_int, metavar="N", help="score on a fixed subset of N images")
@@ -303,9 +303,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if cfg.search.review and not sys.stdin.isatty():
         raise CLIError("this run asks before training each candidate (search.review), and standard input is not a "
                        "terminal to answer from; run it in a terminal")
-    from deltanas.agent.run.build import preflight
-
-    dataset = preflight(cfg)
+    cfg, dataset = _preflight(cfg, new=not a.resume)
     if not a.resume:
         rundir.create_run_dir(run_dir, cfg)
     elif a.cycles:
@@ -313,6 +311,21 @@ def cmd_run(a: argparse.Namespace) -> int:
     from deltanas.agent.run.terminal import run_session
 
     return run_session(cfg, run_dir, plain=a.plain or not sys.stdout.isatty(), dataset=dataset)
+
+
+def _preflight(cfg, *, new: bool):
+    """(the config, the datasets by name) once the machine's checks pass (agent/run/build.py). A new
+    pool run goes on with the datasets found here, saying how to provide the missing ones."""
+    from deltanas.agent.run.build import preflight
+
+    if not new:
+        return cfg, preflight(cfg)
+    cfg, datasets, missing = preflight(cfg, new_pool=True)
+    for line in missing:
+        print(f"deltanas: missing from the pool: {line}", file=sys.stderr)
+    if missing:
+        print(f"deltanas: the pool runs on {cfg.data.dataset}", file=sys.stderr)
+    return cfg, datasets
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
@@ -343,9 +356,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
         rundir.create_run_dir(run_dir, cfg, dry_run=True)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise CLIError("deltanas chat is interactive: run it in a terminal (`deltanas run` is the unattended search)")
-    from deltanas.agent.run.build import preflight
-
-    dataset = preflight(cfg)
+    cfg, dataset = _preflight(cfg, new=not existing)
     if not existing:
         rundir.create_run_dir(run_dir, cfg)
     from deltanas.agent.run.chat_session import chat
@@ -369,14 +380,14 @@ def cmd_verify(a: argparse.Namespace) -> int:
     preflight(cfg)
     say = (lambda line: print(line, file=sys.stderr)) if a.json else print
     try:
-        summary = verify(cfg, run_dir, top=a.top, sample=a.sample, epochs=a.epochs, seed=a.seed, say=say)
+        found = verify(cfg, run_dir, top=a.top, sample=a.sample, epochs=a.epochs, seed=a.seed, say=say)
     except KeyboardInterrupt:
         print("stopped; what finished is stored. Continue with the same command", file=sys.stderr)
         return EXIT_STOPPED
-    if a.json:
-        print(json.dumps(summary, indent=2))
+    if a.json:  # one summary for a run on one dataset, a list of them (one per dataset) for a pool
+        print(json.dumps(found[0] if len(found) == 1 else found, indent=2))
     else:
-        print(describe(summary))
+        print("\n".join(describe(s) for s in found))
     return EXIT_OK
 
 
@@ -540,9 +551,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     import tempfile
 
     from deltanas.agent.run import isolation
-    from deltanas.agent.run.build import job_spec, load_run_dataset, make_sandbox
+    from deltanas.agent.run.build import load_run_datasets, make_sandbox, run_targets
     from deltanas.sandbox.sizing import check_device
-    from deltanas.tools.datasets import default_cache_dir, prepare_handle
     from deltanas.tools.proxy import evaluate_source
 
     source = _read_text(a.model, "model file")
@@ -557,23 +567,24 @@ def cmd_eval(a: argparse.Namespace) -> int:
             if missing is not None:
                 print(f"deltanas: warning: {a.model} runs without filesystem isolation ({missing}), as "
                       f"{isolation.OPT_IN_FLAG} asks", file=sys.stderr)
-            ds = load_run_dataset(cfg)
-            handle = prepare_handle(ds, default_cache_dir() / "handles")
-            out = evaluate_source(source, sandbox=sandbox, dataset=ds, spec=job_spec(cfg, handle),
-                                  candidate_id=Path(a.model).stem)
+            outs = {name: evaluate_source(source, sandbox=sandbox, dataset=t.data, spec=t.spec,
+                                          candidate_id=Path(a.model).stem)
+                    for name, t in run_targets(cfg, load_run_datasets(cfg)).items()}  # each of a pool's datasets
         finally:
             sandbox.close()
     if a.json:
-        print(json.dumps(out.to_json(), indent=2))
+        found = [{"dataset": name, **out.to_json()} for name, out in outs.items()]
+        print(json.dumps(found[0] if len(found) == 1 else found, indent=2))
     else:
-        acc = "" if out.accuracy is None else f"  accuracy {100 * out.accuracy:.2f}%"
-        params = "" if out.param_count is None else f"  params {out.param_count:,}"
-        print(f"{a.model}: {out.status}{acc}{params}  ({out.total_seconds:.1f}s on {ds.name})")
-        if out.status != "ok":
-            print(f"  {out.error}")
-            if out.log_tail:
-                print("  log tail:\n    " + "\n    ".join(out.log_tail.strip().splitlines()[-8:]))
-    return EXIT_OK if out.status == "ok" else EXIT_FAIL
+        for name, out in outs.items():
+            acc = "" if out.accuracy is None else f"  accuracy {100 * out.accuracy:.2f}%"
+            params = "" if out.param_count is None else f"  params {out.param_count:,}"
+            print(f"{a.model}: {out.status}{acc}{params}  ({out.total_seconds:.1f}s on {name})")
+            if out.status != "ok":
+                print(f"  {out.error}")
+                if out.log_tail:
+                    print("  log tail:\n    " + "\n    ".join(out.log_tail.strip().splitlines()[-8:]))
+    return EXIT_OK if all(out.status == "ok" for out in outs.values()) else EXIT_FAIL
 
 
 def cmd_sandbox(a: argparse.Namespace) -> int:
@@ -645,6 +656,9 @@ def cmd_bootstrap(a: argparse.Namespace) -> int:
             "learn.epochs": a.epochs, "learn.lr": a.lr, "learn.batch_size": a.batch_size,
             "learn.grad_accum": a.grad_accum}
     cfg = load_config(a.config, over)  # an unknown dataset is refused here; bootstrap.SHAPES has every known one
+    if len(cfg.data.datasets) > 1:
+        raise CLIError(f"bootstrap writes one dataset's prompts, not a pool's ({cfg.data.dataset}): run it once "
+                       "per dataset, with --dataset NAME")
     learner, device = None, ""
     if not a.no_adapter:
         from deltanas.agent.run.build import device_words, make_learner

@@ -135,6 +135,7 @@ class SearchConfig(_Section):
 
 class DataConfig(_Section):
     dataset: str = "mnist"
+    """One dataset, or a pool of several, comma-separated (`mnist,digits`); see `datasets`."""
     data_dir: str | None = None
     """Where torchvision-format files are, for datasets that are not shipped offline."""
     download: bool = False
@@ -149,9 +150,23 @@ class DataConfig(_Section):
     def _known(cls, v: str) -> str:
         from deltanas.tools.datasets import DATASET_NAMES
 
-        if v not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASET_NAMES)}")
-        return v
+        names = [n.strip() for n in v.split(",") if n.strip()]
+        if not names:
+            raise ValueError(f"no dataset named; choose one or more (a,b) of: {', '.join(DATASET_NAMES)}")
+        for n in names:
+            if n not in DATASET_NAMES:
+                raise ValueError(f"unknown dataset {n!r}; choose one or more (a,b) of: {', '.join(DATASET_NAMES)}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} named twice")
+        return ",".join(names)
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        """The run's datasets in order: one, or a pool (`dataset = "mnist,digits"`), where every
+        baseline trains on each, candidates are spread evenly over them, and accuracies are compared
+        within a dataset only."""
+        return tuple(self.dataset.split(","))
 
 
 class TrainConfig(_Section):
@@ -328,11 +343,14 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# The paper's six datasets, searched as one pool; offline, the pool runs on those whose files exist.
+PAPER_DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "imagenette", "celeba-gender")
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's protocol (DESIGN.md): 22 cycles of 50, its decoding, 2 repairs, the whole training
     # set, and LoRA after each cycle with its settings.
     "paper": {"search.cycles": 22, "search.candidates": 50, "search.max_repairs": 2, "llm.temperature": 0.35,
-              "llm.constrain": "none", "data.limit_train": None,
+              "llm.constrain": "none", "data.limit_train": None, "data.dataset": ",".join(PAPER_DATASETS),
               "llm.top_k": 50, "llm.top_p": 0.9, "llm.max_new_tokens": 1024, "learn.enabled": True,
               "learn.after_last_cycle": True, "learn.epochs": 3.0, "learn.grad_accum": 8, "learn.lr": 1e-5},
     # A CPU-sized loop: one cycle of mutator cold-start pairs, then the model with short LoRA updates.

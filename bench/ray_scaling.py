@@ -86,7 +86,7 @@ def run_once(workers: int, sources: list[str], ds, handle: Path, device: str, ki
     """One row: the candidates through `workers` Ray actors, or (`local`) through the driver's own
     warm process sandbox on one GPU, without Ray: the same jobs with nothing of Ray's in between."""
     from deltanas.agent.config import SandboxConfig
-    from deltanas.agent.run.executor import LocalExecutor
+    from deltanas.agent.run.executor import LocalExecutor, targets
     from deltanas.agent.run.executor_ray import RayExecutor
     from deltanas.sandbox.base import DEFAULT_HYPERPARAMETERS, JobSpec, Limits
     from deltanas.sandbox.process import ProcessSandbox
@@ -99,9 +99,9 @@ def run_once(workers: int, sources: list[str], ds, handle: Path, device: str, ki
     if local:  # its warm worker started ahead, as an actor's is
         sandbox = ProcessSandbox(root / "work", warm=True)
         sandbox.prewarm(make_job(spec, "", "prewarm"))
-        ex = LocalExecutor(sandbox, ds, spec, workers=workers)
+        ex = LocalExecutor(sandbox, targets((ds, spec)), workers=workers)
     else:
-        ex = RayExecutor(SandboxConfig(type="process", device=device, workers=workers), ds, spec, root / "work",
+        ex = RayExecutor(SandboxConfig(type="process", device=device, workers=workers), targets((ds, spec)), root / "work",
                          workers=workers)
     ready = time.perf_counter() - started
     killed: list[int] = []

@@ -142,7 +142,7 @@ class InstantExecutor:
         self.on_eval = on_eval
         self.lock = threading.Lock()
 
-    def evaluate(self, source, candidate_id, out_dir):
+    def evaluate(self, source, candidate_id, out_dir, dataset=None):
         with self.lock:
             self.calls.append(candidate_id)
         if self.on_eval:
@@ -223,7 +223,7 @@ def loop_deps(tmp_path: Path, learner, answer=None, *, dataset=("mnist", (1, 28,
     run_dir = tmp_path / "run"
     (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
     return Deps(config=cfg, llm=CoalescingBackend(ScriptedBackend(answer), window_s=0.01), executor=InstantExecutor(),
-                store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(), dataset=DatasetInfo(*dataset),
+                store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(), datasets={dataset[0]: DatasetInfo(*dataset)},
                 run_dir=run_dir, learner=learner, learner_note="" if learner else "no learner in this test")
 
 

@@ -144,12 +144,13 @@ def _earlier_outcome(out_dir: Path, source: str) -> dict[str, Any] | None:
 def proxy_train(state: CandidateState, deps: Deps) -> dict[str, Any]:
     cid = state["candidate_id"]
     out_dir = deps.candidate_dir(cid)
+    dataset = deps.dataset_of(state["parent_id"])  # a child trains, and is compared, on its parent's dataset
     outcome = _earlier_outcome(out_dir, state["source"])
     if outcome is None:
         deps.check_stop()
-        outcome = deps.executor.evaluate(state["source"], cid, out_dir).to_json()
+        outcome = deps.executor.evaluate(state["source"], cid, out_dir, dataset=dataset).to_json()
     result = {k: v for k, v in outcome.items() if k != "log_tail"}
-    args = {"dataset": deps.dataset.name, "epochs": deps.config.train.epochs}
+    args = {"dataset": dataset, "epochs": deps.config.train.epochs}
     return {"messages": tool_step(state["messages"], "proxy_train", args, result), "outcome": outcome}
 
 
@@ -178,7 +179,7 @@ def record(state: CandidateState, deps: Deps, queued: bool = False) -> dict[str,
     deps.store.put_trajectory(cid, state["messages"])
     deps.store.upsert(CandidateRow(
         id=cid, cycle=state["cycle"], idx=state["idx"], kind=deps.config.search.mode,
-        parent_id=state["parent_id"], dataset=deps.dataset.name, status=status, error_code=code,
+        parent_id=state["parent_id"], dataset=deps.dataset_of(state["parent_id"]), status=status, error_code=code,
         error_message=message, source=state.get("source"), diff=state.get("diff"),
         completion=prev.completion if prev else state["completion"], added=state.get("added"),
         removed=state.get("removed"), attempts=state.get("attempts", 0), novel=nov.get("novel"),

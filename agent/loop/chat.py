@@ -58,8 +58,11 @@ def loop_cycle(deps: Deps) -> int:
     return max(done) + 1 if done else 0
 
 
-def best(deps: Deps) -> CandidateRow | None:
-    trained = [r for r in deps.store.candidates(status="ok") if r.accuracy is not None]
+def best(deps: Deps, dataset: str | None = None) -> CandidateRow | None:
+    """The most accurate trained candidate on `dataset` (None: the run's first; accuracies are
+    compared within a dataset only)."""
+    dataset = dataset or next(iter(deps.datasets))
+    trained = [r for r in deps.store.candidates(status="ok") if r.accuracy is not None and r.dataset == dataset]
     return max(trained, key=lambda r: (r.accuracy, -r.created_at), default=None)
 
 
@@ -129,8 +132,8 @@ def propose_request(state: ChatState, deps: Deps) -> dict[str, Any]:
         sites = answer_format.sites_for(deps.config, deps.llm, parent.source, draw, idx)
         families = answer_format.families_for(deps.config, deps.llm, parent.source, draw, idx)
         chat = prompting.propose_messages(
-            parent_source=parent.source, dataset=deps.dataset.name, in_shape=deps.dataset.in_shape,
-            num_classes=deps.dataset.num_classes, parent_accuracy=parent.accuracy, goal=req["text"], mode=s.mode,
+            parent_source=parent.source, dataset=parent.dataset, in_shape=deps.info(parent.dataset).in_shape,
+            num_classes=deps.info(parent.dataset).num_classes, parent_accuracy=parent.accuracy, goal=req["text"], mode=s.mode,
             allow_train_changes=s.allow_train_changes, sites=sites, families=families)
         fmt = answer_format.format_for(deps.config, deps.llm, parent.source, sites, families)
         chats.append(chat)
@@ -148,7 +151,7 @@ def propose_request(state: ChatState, deps: Deps) -> dict[str, Any]:
         mode = "prefix" if fmt.constrain == "grammar" and comp.meta.get("constrained") is False else fmt.constrain
         deps.store.put_trajectory(cid, messages)
         deps.store.upsert(CandidateRow(
-            id=cid, cycle=cycle, idx=idx, kind=s.mode, parent_id=parent.id, dataset=deps.dataset.name,
+            id=cid, cycle=cycle, idx=idx, kind=s.mode, parent_id=parent.id, dataset=parent.dataset,
             status="proposed", completion=comp.text, prompt_tokens=comp.prompt_tokens,
             completion_tokens=comp.completion_tokens, gen_seconds=per_candidate, constrain=mode, sites=sites))
         proposals.append(Proposal(candidate_id=cid, cycle=cycle, idx=idx, parent_id=parent.id, messages=messages,

@@ -45,28 +45,42 @@ def is_chat(cand_id: str) -> bool:
     return cand_id.startswith(CHAT_PREFIX)
 
 
-def evaluate_baselines(state: RunState, deps: Deps) -> dict[str, Any]:
-    """Train every baseline once, so prompts carry real parent accuracies."""
-    todo = []
-    for i, spec in enumerate(deps.config.baselines):
-        cid = f"base-{get_baseline(spec).name}"
-        row = deps.store.get(cid)
-        if row is None or not row.final:
-            todo.append((i, spec, cid))
+def baseline_id(name: str, dataset: str, pool: bool) -> str:
+    """A baseline's id: `base-NAME`, and in a pool run, where each trains on every dataset, `base-NAME.DATASET`."""
+    return f"base-{name}.{dataset}" if pool else f"base-{name}"
 
-    def run(item: tuple[int, str, str]) -> None:
-        i, spec, cid = item
+
+def baseline_ids(deps: Deps) -> dict[str, list[str]]:
+    """Every baseline's id, by dataset."""
+    pool = len(deps.datasets) > 1
+    names = [get_baseline(spec).name for spec in deps.config.baselines]
+    return {d: [baseline_id(n, d, pool) for n in names] for d in deps.datasets}
+
+
+def evaluate_baselines(state: RunState, deps: Deps) -> dict[str, Any]:
+    """Train every baseline once on each of the run's datasets (the pool's baselines are balanced
+    across them), so prompts carry real parent accuracies."""
+    todo = []
+    for dataset, ids in baseline_ids(deps).items():
+        for i, (spec, cid) in enumerate(zip(deps.config.baselines, ids)):
+            row = deps.store.get(cid)
+            if row is None or not row.final:
+                todo.append((i, spec, cid, dataset))
+
+    def run(item: tuple[int, str, str, str]) -> None:
+        i, spec, cid, dataset = item
         deps.check_stop()
         source = get_baseline(spec).source
         started = time.time()
-        outcome = deps.executor.evaluate(source, cid, deps.candidate_dir(cid))
+        outcome = deps.executor.evaluate(source, cid, deps.candidate_dir(cid), dataset=dataset)
         if outcome.status != "ok" and is_path(spec):
             # The user's own file: say so now, before a search starts from it. Nothing is recorded,
             # so a resume after the fix trains it again.
-            raise RuntimeError(f"baseline {spec} did not train in the sandbox ({outcome.status}): {outcome.error}; "
+            raise RuntimeError(f"baseline {spec} did not train in the sandbox on {dataset} ({outcome.status}): "
+                               f"{outcome.error}; "
                                f"see {deps.candidate_dir(cid) / 'log.txt'}")
         deps.store.upsert(CandidateRow(
-            id=cid, cycle=-1, idx=i, kind="baseline", dataset=deps.dataset.name, status=outcome.status,
+            id=cid, cycle=-1, idx=i, kind="baseline", dataset=dataset, status=outcome.status,
             error_message=outcome.error or None, source=source, accuracy=outcome.accuracy,
             param_count=outcome.param_count, train_seconds=outcome.train_seconds,
             eval_seconds=outcome.total_seconds, novel=True, created_at=started, finished_at=time.time(),
@@ -75,25 +89,38 @@ def evaluate_baselines(state: RunState, deps: Deps) -> dict[str, Any]:
     if todo:
         with ThreadPoolExecutor(max_workers=len(todo)) as pool:
             list(pool.map(run, todo))
-    names = [get_baseline(spec).name for spec in deps.config.baselines]
-    for name in names:
-        row = deps.store.get(f"base-{name}")
-        deps.novelty.add(row.id, deps.novelty.from_hashvalues(row.minhash))
-    if not any(deps.store.get(f"base-{n}").status == "ok" for n in names):
-        logs = ", ".join(str(deps.candidate_dir(f"base-{n}") / "log.txt") for n in names)
-        raise RuntimeError(f"no baseline trained on {deps.dataset.name}; see {logs}")
+    for dataset, ids in baseline_ids(deps).items():
+        for cid in ids:
+            row = deps.store.get(cid)
+            deps.novelty.add(row.id, deps.novelty.from_hashvalues(row.minhash))
+        if not any(deps.store.get(cid).status == "ok" for cid in ids):
+            logs = ", ".join(str(deps.candidate_dir(cid) / "log.txt") for cid in ids)
+            raise RuntimeError(f"no baseline trained on {dataset}; see {logs}")
     return {"baselines_ready": True, "cycle": state.get("cycle", 0)}
 
 
+def slot_datasets(datasets: list[str], n: int) -> list[str]:
+    """The dataset of each of a cycle's `n` candidates: in turn, so that a pool's are spread evenly."""
+    return [datasets[i % len(datasets)] for i in range(n)]
+
+
 def select_parents(state: RunState, deps: Deps) -> dict[str, Any]:
+    """A tournament among the trained networks; in a pool run, among each dataset's own for its
+    share of the slots, so that a child trains on its parent's dataset and is compared with it."""
     cycle = state["cycle"]
     deps.check_stop()
     deps.store.start_cycle(cycle)
-    pool = [c for c in deps.store.candidates(status="ok") if c.cycle < cycle or is_chat(c.id)]
+    trained = [c for c in deps.store.candidates(status="ok") if c.cycle < cycle or is_chat(c.id)]
     s = deps.config.search
-    parents = tournament(pool, s.candidates, tournament_size=s.tournament_size, explore=s.explore,
-                         seed=f"{s.seed}-{cycle}")
-    return {"parent_ids": parents}
+    names = list(deps.datasets)
+    if len(names) == 1:
+        return {"parent_ids": tournament(trained, s.candidates, tournament_size=s.tournament_size,
+                                         explore=s.explore, seed=f"{s.seed}-{cycle}")}
+    slots = slot_datasets(names, s.candidates)
+    picked = {d: iter(tournament([c for c in trained if c.dataset == d], slots.count(d),
+                                 tournament_size=s.tournament_size, explore=s.explore, seed=f"{s.seed}-{cycle}-{d}"))
+              for d in names if d in slots}
+    return {"parent_ids": [next(picked[d]) for d in slots]}
 
 
 def _stored_proposals(deps: Deps, cycle: int, n: int) -> list[Proposal] | None:
@@ -124,9 +151,10 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
         parent = deps.store.get(pid)
         sites = answer_format.sites_for(deps.config, llm, parent.source, cycle, idx)
         families = answer_format.families_for(deps.config, llm, parent.source, cycle, idx)
+        info = deps.info(parent.dataset)
         chat = prompting.propose_messages(
-            parent_source=parent.source, dataset=deps.dataset.name, in_shape=deps.dataset.in_shape,
-            num_classes=deps.dataset.num_classes, parent_accuracy=parent.accuracy, goal=s.goal, mode=s.mode,
+            parent_source=parent.source, dataset=info.name, in_shape=info.in_shape,
+            num_classes=info.num_classes, parent_accuracy=parent.accuracy, goal=s.goal, mode=s.mode,
             allow_train_changes=s.allow_train_changes, sites=sites, families=families)
         fmt = answer_format.format_for(deps.config, llm, parent.source, sites, families)
         chats.append(chat)
@@ -149,7 +177,7 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
         mode = "prefix" if fmt.constrain == "grammar" and comp.meta.get("constrained") is False else fmt.constrain
         deps.store.put_trajectory(cid, messages)
         deps.store.upsert(CandidateRow(
-            id=cid, cycle=cycle, idx=idx, kind=s.mode, parent_id=pid, dataset=deps.dataset.name,
+            id=cid, cycle=cycle, idx=idx, kind=s.mode, parent_id=pid, dataset=deps.dataset_of(pid),
             status="proposed", completion=comp.text, prompt_tokens=comp.prompt_tokens,
             completion_tokens=comp.completion_tokens, gen_seconds=per_candidate, constrain=mode, sites=sites))
         proposals.append(Proposal(candidate_id=cid, cycle=cycle, idx=idx, parent_id=pid, messages=messages,
@@ -159,6 +187,8 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
 
 
 def cycle_summary(rows: list[CandidateRow]) -> dict[str, Any]:
+    """A cycle's figures. In a pool run the accuracies are each dataset's (`per_dataset`), never
+    averaged across datasets; the rates count every candidate."""
     n = len(rows)
     by_status: dict[str, int] = {}
     for r in rows:
@@ -167,7 +197,7 @@ def cycle_summary(rows: list[CandidateRow]) -> dict[str, Any]:
     ok = [r for r in rows if r.status == "ok"]
     accs = [r.accuracy for r in ok if r.accuracy is not None]
     repaired = [r for r in applied if r.attempts > 0]
-    return {
+    out = {
         "candidates": n,
         "by_status": by_status,
         "applied_rate": len(applied) / n if n else 0.0,
@@ -179,6 +209,11 @@ def cycle_summary(rows: list[CandidateRow]) -> dict[str, Any]:
         "mean_diff_lines": (sum((r.added or 0) + (r.removed or 0) for r in applied) / len(applied)) if applied else None,
         "mean_completion_tokens": sum(r.completion_tokens for r in rows) / n if n else None,
     }
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    if len(datasets) > 1:
+        out.update(mean_accuracy=None, best_accuracy=None,
+                   per_dataset={d: cycle_summary([r for r in rows if r.dataset == d]) for d in datasets})
+    return out
 
 
 def gather_trajectories(state: RunState, deps: Deps) -> dict[str, Any]:
@@ -350,17 +385,21 @@ def _store_cold_start_pairs(deps: Deps) -> None:
     run would build (its prompt, mode and rules), and what each path gave."""
     learn, s, n = deps.config.learn, deps.config.search, deps.config.novelty
     distinct = cold_start_pairs.novel_against_base(n.threshold, n.num_perm, n.shingle)
-    found, reports = cold_start_pairs.gather(
-        [str(Path(p).expanduser()) for p in learn.cold_start_from], dataset=deps.dataset.name,
-        task=learn.lemur_task, epoch=learn.lemur_epoch, max_diff_lines=learn.cold_start_max_diff_lines,
-        limit=learn.cold_start_max_pairs, allow_train_changes=s.allow_train_changes, distinct=distinct)
-    for r in reports:
-        if r["error"]:
-            log.warning("cold start: %s: %s", r["path"], r["error"])
-    deps.store.put_pairs([{"id": p.id, "origin": p.origin, "meta": p.meta(), "example": cold_start_pairs.pair_example(
-        p, in_shape=deps.dataset.in_shape, num_classes=deps.dataset.num_classes, mode=s.mode, goal=s.goal,
-        allow_train_changes=s.allow_train_changes)} for p in found])
-    deps.store.set_meta(COLD_START_SOURCES, reports)  # last: the marker that the pairs are all stored
+    all_reports = []
+    for info in deps.datasets.values():  # a pool's pairs come from each of its datasets
+        found, reports = cold_start_pairs.gather(
+            [str(Path(p).expanduser()) for p in learn.cold_start_from], dataset=info.name,
+            task=learn.lemur_task, epoch=learn.lemur_epoch, max_diff_lines=learn.cold_start_max_diff_lines,
+            limit=learn.cold_start_max_pairs, allow_train_changes=s.allow_train_changes, distinct=distinct)
+        for r in reports:
+            if r["error"]:
+                log.warning("cold start: %s (%s): %s", r["path"], info.name, r["error"])
+        deps.store.put_pairs([{"id": p.id, "origin": p.origin, "meta": p.meta(),
+                               "example": cold_start_pairs.pair_example(
+                                   p, in_shape=info.in_shape, num_classes=info.num_classes, mode=s.mode, goal=s.goal,
+                                   allow_train_changes=s.allow_train_changes)} for p in found])
+        all_reports += [{**r, "dataset": info.name} for r in reports] if len(deps.datasets) > 1 else reports
+    deps.store.set_meta(COLD_START_SOURCES, all_reports)  # last: the marker that the pairs are all stored
 
 
 def _train(deps: Deps, cycle: int, rel: str, ids: list[str], examples: list[dict[str, Any]], *, what: str,

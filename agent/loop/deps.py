@@ -28,7 +28,8 @@ class Deps:
     executor: Executor
     store: Store
     novelty: NoveltyIndex
-    dataset: DatasetInfo
+    datasets: dict[str, DatasetInfo]
+    """The run's datasets in order: one, or a pool (agent/config.py `DataConfig.datasets`)."""
     run_dir: Path
     stop: threading.Event = field(default_factory=threading.Event)
     learner: Callable[..., dict[str, Any]] | None = None
@@ -38,6 +39,20 @@ class Deps:
     cold_llm: LLMBackend | None = None
     """Proposes the first `learn.cold_start_cycles` cycles (the mutate backend): their successful
     candidates are the cold-start pairs the first LoRA update trains on."""
+
+    def info(self, name: str | None) -> DatasetInfo:
+        """One of the run's datasets by name (a row's `dataset`)."""
+        try:
+            return self.datasets[name]  # type: ignore[index]
+        except KeyError:
+            raise ValueError(f"dataset {name!r} is not one of this run's ({', '.join(self.datasets)})") from None
+
+    def dataset_of(self, cand_id: str) -> str:
+        """The dataset an archived candidate trained (or trains) on: a child's is its parent's."""
+        row = self.store.get(cand_id)
+        if row is None or row.dataset is None:
+            raise ValueError(f"{cand_id} is not in the archive, or names no dataset")
+        return row.dataset
 
     def proposer(self, cycle: int) -> LLMBackend:
         if self.cold_llm is not None and cycle < self.config.learn.cold_start_cycles:

@@ -18,7 +18,7 @@ from deltanas.agent.llm.base import LLMBackend
 from deltanas.agent.llm.coalesce import CoalescingBackend
 from deltanas.agent.loop.deps import DatasetInfo, Deps
 from deltanas.agent.run import isolation
-from deltanas.agent.run.executor import Executor, LocalExecutor
+from deltanas.agent.run.executor import Executor, LocalExecutor, Target
 from deltanas.agent.run.rundir import ARCHIVE_FILE
 from deltanas.sandbox.base import JobSpec, Limits, Sandbox
 from deltanas.sandbox.choose import sandbox_for
@@ -32,8 +32,8 @@ def make_sandbox(cfg: Config, work_root: Path) -> Sandbox:
     from deltanas.sandbox.docker import DockerUnavailable
 
     s = cfg.sandbox
-    try:
-        return sandbox_for(s.type, work_root, image=s.image, warm=s.warm, max_idle=s.workers)
+    try:  # a warm worker per slot and dataset: each holds one dataset's tensors
+        return sandbox_for(s.type, work_root, image=s.image, warm=s.warm, max_idle=s.workers * len(cfg.data.datasets))
     except DockerUnavailable as e:
         raise ConfigError(str(e)) from None
 
@@ -88,17 +88,44 @@ def job_spec(cfg: Config, handle_dir: Path) -> JobSpec:
                    cuda_graphs=s.cuda_graphs)
 
 
-def load_run_dataset(cfg: Config):
+def load_run_dataset(cfg: Config, name: str | None = None):
+    """One of the run's datasets (the first when `name` is None), loaded as `[data]` says."""
     try:
-        return load_dataset(cfg.data.dataset, data_dir=cfg.data.data_dir, download=cfg.data.download,
+        return load_dataset(name or cfg.data.datasets[0], data_dir=cfg.data.data_dir, download=cfg.data.download,
                             limit_train=cfg.data.limit_train, limit_test=cfg.data.limit_test, seed=cfg.search.seed)
     except DatasetUnavailable as e:
         raise ConfigError(str(e)) from None
 
 
-def preflight(cfg: Config):
+def load_run_datasets(cfg: Config) -> dict:
+    """Every dataset of the run, by name, in its order; a missing one is a ConfigError."""
+    return {name: load_run_dataset(cfg, name) for name in cfg.data.datasets}
+
+
+def available_datasets(cfg: Config) -> tuple[Config, dict, list[str]]:
+    """A new pool run's datasets that load here: (the config with `data.dataset` narrowed to them,
+    their arrays by name, a line for each missing one saying how to provide it). A single dataset,
+    or a pool of which none loads, is a ConfigError."""
+    names = cfg.data.datasets
+    if len(names) == 1:
+        return cfg, load_run_datasets(cfg), []
+    found, missing = {}, []
+    for name in names:
+        try:
+            found[name] = load_run_dataset(cfg, name)
+        except ConfigError as e:
+            missing.append(f"{name}: {e}")
+    if not found:
+        raise ConfigError("none of the pool's datasets is here:\n  " + "\n  ".join(missing))
+    data = cfg.data.model_copy(update={"dataset": ",".join(found)})
+    return cfg.model_copy(update={"data": data}), found, missing
+
+
+def preflight(cfg: Config, *, new_pool: bool = False):
     """Every check that needs the machine, done before a run directory is created, so a run
-    that cannot start leaves nothing behind. Returns the loaded dataset."""
+    that cannot start leaves nothing behind. Returns the loaded datasets by name; with `new_pool`
+    (a new run), (the config narrowed to the pool's datasets found here, those, the missing ones'
+    lines) as `available_datasets` does."""
     check_device(cfg.sandbox.device, here=cfg.sandbox.executor == "local")
     _gpu_share(cfg)
     if cfg.sandbox.executor == "ray":
@@ -122,7 +149,7 @@ def preflight(cfg: Config):
         except DockerUnavailable as e:
             raise ConfigError(str(e)) from None
     check_isolation(cfg)
-    return load_run_dataset(cfg)
+    return available_datasets(cfg) if new_pool else load_run_datasets(cfg)
 
 
 def make_llm(cfg: Config) -> LLMBackend:
@@ -214,7 +241,13 @@ def restore_adapter(deps: Deps) -> str | None:
     return None
 
 
-def make_executor(cfg: Config, ds, spec: JobSpec, work_root: Path, stop: threading.Event,
+def run_targets(cfg: Config, datasets: dict) -> dict[str, Target]:
+    """Each dataset's Target (agent/run/executor.py): its arrays and the run's job settings on its handle."""
+    handles = default_cache_dir() / "handles"
+    return {name: Target(ds, job_spec(cfg, prepare_handle(ds, handles))) for name, ds in datasets.items()}
+
+
+def make_executor(cfg: Config, targets: dict[str, Target], work_root: Path, stop: threading.Event,
                   sandbox: Sandbox | None = None) -> Executor:
     s = cfg.sandbox
     if s.executor == "ray":
@@ -222,9 +255,9 @@ def make_executor(cfg: Config, ds, spec: JobSpec, work_root: Path, stop: threadi
             raise ValueError("an injected sandbox runs here; the ray executor builds one in each actor")
         from deltanas.agent.run.executor_ray import RayExecutor
 
-        return RayExecutor(s, ds, spec, work_root / "ray", workers=s.workers, address=s.ray_address, stop=stop)
+        return RayExecutor(s, targets, work_root / "ray", workers=s.workers, address=s.ray_address, stop=stop)
     sb = sandbox if sandbox is not None else make_sandbox(cfg, work_root)
-    return LocalExecutor(sb, ds, spec, workers=s.workers, stop=stop)
+    return LocalExecutor(sb, targets, workers=s.workers, stop=stop)
 
 
 def _isolation_record(cfg: Config, executor: Executor) -> dict:
@@ -238,15 +271,20 @@ def _isolation_record(cfg: Config, executor: Executor) -> dict:
 
 def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, sandbox: Sandbox | None = None,
                dataset=None, learner=None) -> Deps:
-    """Everything a run needs. `llm`, `sandbox`, `dataset` and `learner` can be injected (tests)."""
+    """Everything a run needs. `llm`, `sandbox`, `dataset` (arrays, or {name: arrays} for a pool) and
+    `learner` can be injected (tests)."""
     check_device(cfg.sandbox.device, here=cfg.sandbox.executor == "local")
-    ds = dataset if dataset is not None else load_run_dataset(cfg)
-    handle = prepare_handle(ds, default_cache_dir() / "handles")
+    if dataset is None:
+        datasets = load_run_datasets(cfg)
+    else:
+        datasets = dict(dataset) if isinstance(dataset, dict) else {dataset.name: dataset}
+    if tuple(datasets) != cfg.data.datasets:
+        raise ValueError(f"the datasets given ({', '.join(datasets)}) are not the run's ({cfg.data.dataset})")
     work_root = run_dir / ".work"
     shutil.rmtree(work_root, ignore_errors=True)  # leftovers of a killed driver
     work_root.mkdir(parents=True)
     stop = threading.Event()
-    executor = make_executor(cfg, ds, job_spec(cfg, handle), work_root, stop, sandbox)
+    executor = make_executor(cfg, run_targets(cfg, datasets), work_root, stop, sandbox)
     try:
         entry = _isolation_record(cfg, executor)
         if llm is None:  # the CLI's preflight refuses first; this holds for callers that skip it
@@ -268,7 +306,8 @@ def build_deps(cfg: Config, run_dir: Path, *, llm: LLMBackend | None = None, san
 
         cold = CoalescingBackend(make_backend("mutate", seed=cfg.search.seed))
     deps = Deps(config=cfg, llm=llm if llm is not None else make_llm(cfg), executor=executor, store=store,
-                novelty=index, dataset=DatasetInfo(ds.name, tuple(ds.in_shape), ds.num_classes), run_dir=run_dir,
+                novelty=index, datasets={n: DatasetInfo(n, tuple(d.in_shape), d.num_classes) for n, d in datasets.items()},
+                run_dir=run_dir,
                 stop=stop, learner=learn, learner_note=note, cold_llm=cold)
     if learn is not None:
         restore_adapter(deps)

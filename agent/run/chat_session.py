@@ -32,7 +32,7 @@ from rich.syntax import Syntax
 from deltanas.agent.archive import CandidateRow
 from deltanas.agent.config import Config
 from deltanas.agent.loop.chat import MAX_REQUEST_CHARS, best, loop_cycle
-from deltanas.agent.loop.cycle_nodes import is_chat
+from deltanas.agent.loop.cycle_nodes import baseline_id, is_chat
 from deltanas.agent.loop.deps import Deps
 from deltanas.agent.loop.review import MAX_REASON_CHARS, check_edit
 from deltanas.agent.run.driver import RunOutcome, run_chat, run_with_signals
@@ -195,18 +195,24 @@ class ChatSession:
 
     def parent_for(self, line: str) -> str | None:
         """The parent a request names: @ID or a trained candidate's id in its words, else the one
-        /parent set, else a baseline named in its words ("make lenet wider"); None: the best."""
-        store = self.deps.store
+        /parent set, else a baseline named in its words ("make lenet wider"), else in a pool run the
+        best on a dataset named in its words; None: the best (on the pool's first dataset)."""
+        store, datasets = self.deps.store, list(self.deps.datasets)
         for word in re.findall(r"@([\w.-]+)", line):
             return word  # the graph refuses an unknown one, with the reason
-        words = re.findall(r"[\w-]+", line)
+        words = re.findall(r"[\w.-]+", line)
         trained = [w for w in words if (row := store.get(w)) is not None and row.status == "ok"]
         if trained:
             return trained[0]
         if self.parent:
             return self.parent
-        named = [f"base-{w}" for w in words if (row := store.get(f"base-{w}")) is not None and row.status == "ok"]
-        return named[0] if named else None
+        on = next((w for w in words if w in datasets), datasets[0])
+        ids = [baseline_id(w, on, len(datasets) > 1) for w in words]
+        named = [i for i in ids if (row := store.get(i)) is not None and row.status == "ok"]
+        if named:
+            return named[0]
+        top = best(self.deps, on) if len(datasets) > 1 else None
+        return top.id if top else None
 
     def review(self, q: dict[str, Any], waiting: int) -> dict[str, Any]:
         show(self.console, q, 1, waiting)
@@ -304,13 +310,17 @@ class ChatSession:
                  + (f" ({top.id} {100 * top.accuracy:.2f}%)" if top and not self.parent else ""))
 
     def cmd_best(self, args: list[str]) -> None:
+        """The N best, of each dataset in a pool run (accuracies are compared within a dataset)."""
         n = _count(args, default=5, most=100, what="/best N")
-        rows = sorted((r for r in self.deps.store.candidates(status="ok") if r.accuracy is not None),
-                      key=lambda r: -r.accuracy)[:n]
-        if not rows:
+        trained = [r for r in self.deps.store.candidates(status="ok") if r.accuracy is not None]
+        if not trained:
             self.say("nothing has trained yet")
             return
-        self.console.print(candidates_table(rows, title=f"the {len(rows)} best"))
+        pool = len(self.deps.datasets) > 1
+        for d in self.deps.datasets:
+            rows = sorted((r for r in trained if r.dataset == d), key=lambda r: -r.accuracy)[:n]
+            if rows:
+                self.console.print(candidates_table(rows, title=f"the {len(rows)} best" + (f" on {d}" if pool else "")))
 
     def _row(self, cid: str) -> CandidateRow:
         row = self.deps.store.get(cid.lstrip("@"))

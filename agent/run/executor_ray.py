@@ -36,11 +36,13 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deltanas.agent.config import ConfigError, SandboxConfig
+from deltanas.agent.run.executor import Target, pick
 from deltanas.agent.stopping import RunStopped
 from deltanas.sandbox.base import Candidate, Job, JobSpec, Limits, Result
 from deltanas.tools.proxy import EvalOutcome, make_job, score_result
@@ -79,38 +81,43 @@ class SandboxActor:
     """The body of one Ray actor (wrapped by `ray.remote` in the driver, so that this module
     imports without Ray). Threaded (max_concurrency 2): `close` runs beside `run`."""
 
-    def __init__(self, backend: dict, spec: JobSpec, fingerprint: str, n_test: int):
-        self.backend, self.spec, self.fingerprint, self.n_test = backend, spec, fingerprint, n_test
-        self.device = spec.device
+    def __init__(self, backend: dict, specs: list[JobSpec], fingerprints: list[str], n_test: int):
+        """`specs`: one per dataset of the run, each with its handle's `fingerprints` entry; `n_test`:
+        the largest test split, which caps a reply's predictions."""
+        self.backend, self.specs, self.fingerprints, self.n_test = backend, specs, fingerprints, n_test
+        self.device = specs[0].device
         self.sandbox = None
         self.work_root: Path | None = None
         self.closed = False
 
     def setup(self) -> dict[str, Any]:
-        """Checks the dataset handle and builds the sandbox; errors reach the driver as they are."""
+        """Checks the dataset handles and builds the sandbox; errors reach the driver as they are."""
         import ray
 
         from deltanas.sandbox.choose import sandbox_for
         from deltanas.sandbox.docker import DockerUnavailable
 
-        handle = Path(self.spec.dataset_dir)
         node = ray.get_runtime_context().get_node_id()
-        if not (handle / "meta.json").is_file():
-            raise HandleUnavailable(f"the dataset handle {handle} is not on Ray node {node}; on a cluster it must "
-                                    f"be at the same path on every node (DELTANAS_CACHE on a shared filesystem)")
-        if handle_fingerprint(handle) != self.fingerprint:
-            raise HandleUnavailable(f"the dataset handle {handle} on Ray node {node} differs from the driver's")
+        for spec, fingerprint in zip(self.specs, self.fingerprints):
+            handle = Path(spec.dataset_dir)
+            if not (handle / "meta.json").is_file():
+                raise HandleUnavailable(f"the dataset handle {handle} is not on Ray node {node}; on a cluster it "
+                                        f"must be at the same path on every node (DELTANAS_CACHE on a shared "
+                                        f"filesystem)")
+            if handle_fingerprint(handle) != fingerprint:
+                raise HandleUnavailable(f"the dataset handle {handle} on Ray node {node} differs from the driver's")
         self.device = _actor_device(self.device)
         _sweep_dead_actor_dirs()
         self.work_root = Path(tempfile.mkdtemp(prefix=f"deltanas-ray-{os.getpid()}-"))
         try:
             self.sandbox = sandbox_for(self.backend["type"], self.work_root, image=self.backend["image"],
-                                       warm=self.backend["warm"], max_idle=1)
+                                       warm=self.backend["warm"], max_idle=len(self.specs))
         except DockerUnavailable as e:
             raise ConfigError(str(e)) from None
-        # Its warm worker starts now, not on the first job: an actor is ready when it can train.
-        spec = dataclasses.replace(self.spec, device=self.device)
-        self.sandbox.prewarm(Job.of(spec, Candidate(candidate_id="prewarm", source="")))
+        # Its warm workers (one per dataset) start now, not on the first job: an actor is ready when it can train.
+        for spec in self.specs:
+            spec = dataclasses.replace(spec, device=self.device)
+            self.sandbox.prewarm(Job.of(spec, Candidate(candidate_id="prewarm", source="")))
         return {"pid": os.getpid(), "node": node, "device": self.device, "isolation": self.sandbox.isolation()}
 
     def run(self, job: dict) -> tuple[dict, bytes | None, bool]:
@@ -180,12 +187,13 @@ class _Actor:
 class RayExecutor:
     """`workers` sandbox actors behind the `Executor` protocol; see the module docstring."""
 
-    def __init__(self, sandbox_cfg: SandboxConfig, dataset, spec: JobSpec, work_root: Path, *, workers: int,
+    def __init__(self, sandbox_cfg: SandboxConfig, targets: Mapping[str, Target], work_root: Path, *, workers: int,
                  stop: threading.Event | None = None, address: str | None = None):
         ray = import_ray()
-        self.dataset = dataset
-        # Actors read the handle at the driver's path, so it is named in full.
-        self.spec = dataclasses.replace(spec, dataset_dir=str(Path(spec.dataset_dir).resolve()))
+        # Actors read the handles at the driver's path, so they are named in full.
+        self.targets = {name: Target(t.data, dataclasses.replace(t.spec, dataset_dir=str(
+            Path(t.spec.dataset_dir).resolve()))) for name, t in targets.items()}
+        spec = next(iter(self.targets.values())).spec
         self.work_root = Path(work_root)  # the driver's side: predictions on their way to scoring
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.stop = stop if stop is not None else threading.Event()
@@ -204,7 +212,9 @@ class RayExecutor:
         self._check_resources(ray, workers)
         self._remote = ray.remote(SandboxActor).options(max_concurrency=2, max_restarts=0, **self.resources)
         backend = {"type": sandbox_cfg.type, "image": sandbox_cfg.image, "warm": sandbox_cfg.warm}
-        self._actor_args = (backend, self.spec, handle_fingerprint(self.spec.dataset_dir), len(dataset.y_test))
+        specs = [t.spec for t in self.targets.values()]
+        self._actor_args = (backend, specs, [handle_fingerprint(s.dataset_dir) for s in specs],
+                            max(len(t.data.y_test) for t in self.targets.values()))
         self._lock = threading.Lock()
         self._idle: queue.Queue[_Actor] = queue.Queue()
         self._actors: dict[int, _Actor] = {}
@@ -227,11 +237,12 @@ class RayExecutor:
 
     # -- the Executor protocol ---------------------------------------------------------------------------------
 
-    def evaluate(self, source: str, candidate_id: str, out_dir: Path) -> EvalOutcome:
+    def evaluate(self, source: str, candidate_id: str, out_dir: Path, dataset: str | None = None) -> EvalOutcome:
         import ray
         from ray.exceptions import RayActorError
 
-        job = make_job(self.spec, source, candidate_id)
+        target = pick(self.targets, dataset)
+        job = make_job(target.spec, source, candidate_id)
         lost: list[str] = []
         started = None
         with self._lock:
@@ -257,11 +268,11 @@ class RayExecutor:
                 self._idle.put(actor)
                 if closed:
                     raise RunStopped(f"the run stopped while {candidate_id} trained")
-                return score_result(self._received(reply, data), source, dataset=self.dataset, out_dir=out_dir,
+                return score_result(self._received(reply, data), source, dataset=target.data, out_dir=out_dir,
                                     started=started)
             lost_result = Result(status="crashed", error=f"lost its Ray actor {MAX_ATTEMPTS} times: "
                                  + "; ".join(lost))
-            return score_result(lost_result, source, dataset=self.dataset, out_dir=out_dir, started=started)
+            return score_result(lost_result, source, dataset=target.data, out_dir=out_dir, started=started)
         finally:
             with self._lock:
                 self._inflight -= 1

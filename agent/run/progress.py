@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from deltanas.agent.archive import CandidateRow, Store
+from deltanas.agent.archive import CandidateRow, Store, best_per_dataset
 from deltanas.agent.config import Config
 from deltanas.agent.run import isolation, verify
 
@@ -33,7 +33,8 @@ def summarise(store: Store) -> dict[str, Any]:
     searched = [r for r in rows if r.cycle >= 0 and r.final]
     ok = [r for r in searched if r.status == "ok"]
     applied = [r for r in searched if r.status != "apply_failed"]
-    best = max((r for r in rows if r.accuracy is not None), key=lambda r: r.accuracy, default=None)
+    by_dataset = best_per_dataset(rows)  # accuracies are compared within a dataset, never across
+    best = next(iter(by_dataset.values())) if len(by_dataset) == 1 else None
     return {
         "candidates": len(searched),
         "baselines": {r.id: r.accuracy for r in rows if r.cycle < 0},
@@ -45,6 +46,8 @@ def summarise(store: Store) -> dict[str, Any]:
         "constrain": {m: sum((r.constrain or "none") == m for r in searched)
                       for m in sorted({r.constrain or "none" for r in searched})},
         "best": {"id": best.id, "accuracy": best.accuracy, "parent_id": best.parent_id} if best else None,
+        "best_by_dataset": {d: {"id": b.id, "accuracy": b.accuracy, "parent_id": b.parent_id}
+                            for d, b in by_dataset.items()},
         "cycles_finished": sum(1 for c in store.cycles() if c["finished_at"]),
         # one entry per session: the sandbox, whether it isolated the filesystem, any opt-in
         "isolation": store.get_meta(isolation.ISOLATION_META),
@@ -62,7 +65,8 @@ def _fmt_acc(a: float | None) -> str:
 
 def candidates_table(rows: list[CandidateRow], title: str = "latest candidates") -> Table:
     t = Table(title=title, expand=True, title_justify="left")
-    for col in ("id", "parent", "held", "diff ±", "status", "novelty", "accuracy", "secs"):
+    pool = len({r.dataset for r in rows}) > 1  # a pool run's rows say their dataset
+    for col in ("dataset",) * pool + ("id", "parent", "held", "diff ±", "status", "novelty", "accuracy", "secs"):
         t.add_column(col, no_wrap=True)
     for r in rows:
         status = r.status if r.status in ("ok", "proposed") else f"{r.status}" + (
@@ -72,7 +76,8 @@ def candidates_table(rows: list[CandidateRow], title: str = "latest candidates")
         nov = "—" if r.similarity is None else f"{r.similarity:.3f}"
         secs = "—" if r.eval_seconds is None else f"{r.eval_seconds:.1f}"
         held = "—" if r.constrain is None else r.constrain  # its edit sites are in the archive (`sites`)
-        t.add_row(r.id, r.parent_id or "", held, diff, f"[{style}]{status}[/]", nov, _fmt_acc(r.accuracy), secs)
+        t.add_row(*(r.dataset,) * pool, r.id, r.parent_id or "", held, diff, f"[{style}]{status}[/]", nov,
+                  _fmt_acc(r.accuracy), secs)
     return t
 
 
@@ -95,14 +100,16 @@ class LiveView:
         self.progress.update(self._cycles, completed=sum(1 for c in self.store.cycles() if c["finished_at"]))
         self.progress.update(self._cands, completed=done)
         recent = sorted((r for r in rows), key=lambda r: (r.finished_at or r.created_at))[-10:]
-        best = max((r for r in rows if r.accuracy is not None), key=lambda r: r.accuracy, default=None)
         ok = sum(1 for r in searched if r.status == "ok")
         head = (f"[b]{self.cfg.name}[/]  llm={self.cfg.llm.spec}  dataset={self.cfg.data.dataset}  "
                 f"mode={self.cfg.search.mode}   valid+novel {ok}/{done}")
         if isolation.unsafe(self.store.get_meta(isolation.ISOLATION_META)):
             head += f"   [b red]NO filesystem isolation ({isolation.OPT_IN_FLAG})[/]"
-        best_line = (f"best so far: [b green]{best.id}[/] {_fmt_acc(best.accuracy)} (parent {best.parent_id or '—'})"
-                     if best else "best so far: —")
+        by_dataset = best_per_dataset(rows)
+        pool = len(self.cfg.data.datasets) > 1
+        best_line = ("best so far: " + "; ".join(
+            (f"{d} " if pool else "") + f"[b green]{b.id}[/] {_fmt_acc(b.accuracy)} (parent {b.parent_id or '—'})"
+            for d, b in by_dataset.items())) if by_dataset else "best so far: —"
         parts = [head, self.progress, candidates_table(recent), best_line]
         if self.message:
             parts.append(f"[yellow]{self.message}[/]")
@@ -119,13 +126,19 @@ def status_view(store: Store, summary: dict[str, Any]) -> Group:
         t.add_column(s, justify="right")
     for cyc, counts in summary["per_cycle"].items():
         t.add_row(cyc, *(str(counts.get(s, 0)) for s in statuses))
-    rows = sorted((r for r in store.candidates() if r.accuracy is not None), key=lambda r: -r.accuracy)[:10]
-    best = summary["best"]
-    parts: list[Any] = [t, candidates_table(rows, title="top candidates"), Panel(
+    trained = [r for r in store.candidates() if r.accuracy is not None]
+    datasets = list(dict.fromkeys(r.dataset for r in trained))
+    each = 10 if len(datasets) <= 1 else max(3, 10 // len(datasets))  # a pool's top of each dataset
+    rows = [r for d in datasets for r in sorted((r for r in trained if r.dataset == d), key=lambda r: -r.accuracy)[:each]]
+    by_dataset = summary.get("best_by_dataset") or {}
+    best = "; ".join((f"on {d} " if len(by_dataset) > 1 else "") + f"{b['id']} {_fmt_acc(b['accuracy'])}"
+                     for d, b in by_dataset.items()) or "—"
+    parts: list[Any] = [t, candidates_table(rows, title="top candidates" + (" of each dataset" if len(datasets) > 1
+                                                                           else "")), Panel(
         f"searched {summary['candidates']} candidates; applied {_pct(summary['applied_rate'])}; "
         f"valid and novel {_pct(summary['valid_novel_rate'])}; cycles finished {summary['cycles_finished']}; "
         f"answers held by {', '.join(f'{m} {n}' for m, n in summary['constrain'].items()) or '—'}; "
-        f"best {best['id'] + ' ' + _fmt_acc(best['accuracy']) if best else '—'}")]
+        f"best {best}")]
     parts += [Text(verify.describe(v)) for v in summary.get("verify") or []]
     parts.append(Text(isolation.describe(summary["isolation"]),
                       style="bold red" if isolation.unsafe(summary["isolation"]) else ""))
@@ -144,15 +157,19 @@ def lineage_tree(store: Store, best: int = 5) -> Tree:
     children: dict[str | None, list[CandidateRow]] = {}
     for r in rows.values():
         children.setdefault(r.parent_id if r.parent_id in rows else None, []).append(r)
-    top = sorted((r for r in rows.values() if r.status == "ok" and r.accuracy is not None and r.cycle >= 0),
-                 key=lambda r: -r.accuracy)[:best]
+    trained = [r for r in rows.values() if r.status == "ok" and r.accuracy is not None and r.cycle >= 0]
+    # a pool run's best of each dataset, ranked within it (accuracies are never compared across datasets)
+    top = [r for d in dict.fromkeys(r.dataset for r in rows.values())
+           for r in sorted((r for r in trained if r.dataset == d), key=lambda r: -r.accuracy)[:best]]
     on_path: set[str] = set()
     for r in top:
         cur: CandidateRow | None = r
         while cur is not None and cur.id not in on_path:
             on_path.add(cur.id)
             cur = rows.get(cur.parent_id) if cur.parent_id else None
-    marks = {r.id: i + 1 for i, r in enumerate(top)}
+    marks: dict[str, int] = {}
+    for r in top:
+        marks[r.id] = sum(1 for m in top if m.id in marks and m.dataset == r.dataset) + 1
 
     def label(r: CandidateRow) -> str:
         diff = f" +{r.added}/-{r.removed}" if r.added is not None else ""

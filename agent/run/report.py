@@ -73,28 +73,40 @@ def cycle_metrics(rows: list[CandidateRow], accuracy_of: dict[str, float | None]
     }
 
 
+def pooled_metrics(rows: list[CandidateRow], accuracy_of: dict[str, float | None],
+                   datasets: list[str]) -> dict[str, Any]:
+    """`cycle_metrics` of rows from one dataset or a pool's: in a pool the accuracies are each
+    dataset's (`per_dataset`), never averaged across datasets; the rates count every row."""
+    m = cycle_metrics(rows, accuracy_of)
+    if len(datasets) > 1:
+        m.update(mean_accuracy=None, best_accuracy=None, per_dataset={
+            d: cycle_metrics([r for r in rows if r.dataset == d], accuracy_of) for d in datasets})
+    return m
+
+
 def run_metrics(store: Store) -> dict[str, Any]:
     rows = store.candidates()
+    datasets = list(dict.fromkeys(r.dataset for r in rows))  # baselines first: the run's order
     cycles = sorted({r.cycle for r in rows if r.cycle >= 0})
     adapters = {a["cycle"]: a for a in store.adapters()}
     accuracy_of = {r.id: r.accuracy for r in rows}
     per_cycle = []
     for c in cycles:
         m = {"cycle": c, "proposer": store.get_meta(f"proposer:{c}"),
-             **cycle_metrics([r for r in rows if r.cycle == c], accuracy_of)}
+             **pooled_metrics([r for r in rows if r.cycle == c], accuracy_of, datasets)}
         a = adapters.get(c)
         m["lora"] = ({"status": a["status"], "examples": a["examples"], "loss": a["loss"], "seconds": a["seconds"],
                       "note": a["note"]} if a else None)
         per_cycle.append(m)
     searched = [r for r in rows if r.cycle >= 0]
     cold = adapters.get(-1)  # the cold-start update, before cycle 0 (learn.cold_start_from)
-    return {"baselines": {r.id: r.accuracy for r in rows if r.cycle < 0}, "cycles": per_cycle,
+    trained = [r for r in searched if r.status == "ok" and r.accuracy is not None]
+    return {"datasets": datasets, "baselines": {r.id: r.accuracy for r in rows if r.cycle < 0}, "cycles": per_cycle,
             "verify": verify.summaries(store),
             "verify_points": store.verifications(),
-            "best": [_best_entry(store, r, accuracy_of) for r in sorted(
-                (r for r in searched if r.status == "ok" and r.accuracy is not None), key=lambda r: -r.accuracy)
-                [:BEST_SHOWN]],
-            "overall": cycle_metrics(searched, accuracy_of), "isolation": store.get_meta(isolation.ISOLATION_META),
+            "best": [_best_entry(store, r, accuracy_of) for d in datasets for r in sorted(
+                (r for r in trained if r.dataset == d), key=lambda r: -r.accuracy)[:BEST_SHOWN]],
+            "overall": pooled_metrics(searched, accuracy_of, datasets), "isolation": store.get_meta(isolation.ISOLATION_META),
             "cold_start": ({"status": cold["status"], "examples": cold["examples"], "loss": cold["loss"],
                             "seconds": cold["seconds"], "note": cold["note"]} if cold else None)}
 
@@ -107,20 +119,23 @@ def _best_entry(store: Store, r: CandidateRow, accuracy_of: dict[str, float | No
         first = next((m["content"] for m in messages if m.get("role") == "user"), "")
         request = next((line[len("Goal: "):].rstrip(".") for line in first.splitlines() if line.startswith("Goal: ")),
                        None)
-    return {"id": r.id, "cycle": r.cycle, "parent_id": r.parent_id, "accuracy": r.accuracy,
+    return {"id": r.id, "dataset": r.dataset, "cycle": r.cycle, "parent_id": r.parent_id, "accuracy": r.accuracy,
             "parent_accuracy": accuracy_of.get(r.parent_id), "param_count": r.param_count,
             "origin": "chat" if is_chat(r.id) else "loop", "request": request,
             "human": human["verdict"] if human else None}
 
 
 def _best_lines(best: list[dict[str, Any]]) -> list[str]:
+    """The best candidates' table; in a pool run, each dataset's best, with the dataset first."""
     if not best:
         return []
-    lines = ["## Best candidates", "", "| id | cycle | parent | accuracy | parent's | params | from | human |",
-             "|" + " --- |" * 8]
+    pool = len({b.get("dataset") for b in best}) > 1
+    lines = ["## Best candidates", "", "| " + "dataset | " * pool + "id | cycle | parent | accuracy | parent's | "
+             "params | from | human |", "|" + " --- |" * (8 + pool)]
     for b in best:
         origin = f"chat: {b['request']}" if b["origin"] == "chat" else "loop"
-        lines.append(f"| {b['id']} | {b['cycle']} | {b['parent_id'] or '—'} | {_cell('accuracy', b['accuracy'])} | "
+        lines.append("| " + f"{b['dataset']} | " * pool + f"{b['id']} | {b['cycle']} | {b['parent_id'] or '—'} | "
+                     f"{_cell('accuracy', b['accuracy'])} | "
                      f"{_cell('accuracy', b['parent_accuracy'])} | {b['param_count'] or '—'} | "
                      f"{origin.replace('|', '/')} | {b['human'] or '—'} |")
     return [*lines, ""]
@@ -184,6 +199,10 @@ def markdown(metrics: dict[str, Any], run_dir: Path) -> str:
               f"applied {_cell('applied_rate', o['applied_rate'])}, mean accuracy "
               f"{_cell('mean_accuracy', o['mean_accuracy'])}, best {_cell('best_accuracy', o['best_accuracy'])}, "
               f"mode(s): {', '.join(o['modes']) or '—'}.", "",
+              *[f"On {d}: {m['candidates']} candidates, valid {_cell('valid_rate', m['valid_rate'])}, improved "
+                f"{_cell('improved_rate', m['improved_rate'])}, mean accuracy {_cell('mean_accuracy', m['mean_accuracy'])}"
+                f", best {_cell('best_accuracy', m['best_accuracy'])}." for d, m in (o.get("per_dataset") or {}).items()],
+              *([""] if o.get("per_dataset") else []),
               "![valid rate](valid_rate.png) ![accuracy](accuracy.png)",
               "![accuracy distribution](accuracy_hist.png) ![diff lines](diff_lines.png)", "",
               *_best_lines(metrics.get("best") or []), *_verify_lines(metrics)]
@@ -214,21 +233,34 @@ def plots(metrics: dict[str, Any], out: Path) -> list[Path]:
     save(fig, "valid_rate.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    pts = [(m["cycle"], m["mean_accuracy"], m["best_accuracy"]) for m in metrics["cycles"] if m["mean_accuracy"]]
-    if pts:
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label="mean")
-        ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], marker="^", label="best")
+    pool = len(metrics.get("datasets") or []) > 1
+    drawn = False
+    for d in metrics["datasets"] if pool else [None]:  # a pool's datasets each get their own lines
+        per = [(m["cycle"], (m["per_dataset"].get(d) or {}) if d else m) for m in metrics["cycles"]]
+        pts = [(c, x["mean_accuracy"], x["best_accuracy"]) for c, x in per if x.get("mean_accuracy")]
+        if pts:
+            drawn = True
+            mean_line = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o",
+                                label=f"{d}: mean" if d else "mean")
+            ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], marker="^", label=f"{d}: best" if d else "best",
+                    color=mean_line[0].get_color(), linestyle="--" if d else "-")
     for name, acc in metrics["baselines"].items():
         if acc is not None:
             ax.axhline(100 * acc, linestyle=":", linewidth=1, color="grey")
     ax.set(xlabel="cycle", ylabel="first-epoch accuracy (%)", title="accuracy per cycle (dotted: baselines)")
-    if pts:
-        ax.legend()
+    if drawn:
+        ax.legend(fontsize="small")
     save(fig, "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     accs = [100 * a for m in metrics["cycles"] for a in m["accuracies"]]
-    ax.hist(accs, bins=20)
+    if pool:
+        groups = [[100 * a for m in metrics["cycles"] for a in (m["per_dataset"].get(d) or {}).get("accuracies", [])]
+                  for d in metrics["datasets"]]
+        ax.hist(groups, bins=20, label=metrics["datasets"])
+        ax.legend(fontsize="small")
+    else:
+        ax.hist(accs, bins=20)
     ax.set(xlabel="first-epoch accuracy (%)", ylabel="candidates", title=f"accuracy distribution ({len(accs)} valid)")
     save(fig, "accuracy_hist.png")
 

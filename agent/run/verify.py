@@ -13,6 +13,9 @@ Reported, over the candidates that trained both ways (scipy.stats):
 - top-K kept: of the proxy's K best among those retrained, how many are among the K best after
   N epochs.
 The paper reports rho = 0.926 between its one-epoch proxy and longer training.
+
+In a pool run (several datasets) all of this is done per dataset: the top-K and the sample are
+each dataset's, and the statistics compare accuracies within a dataset, never across.
 """
 from __future__ import annotations
 
@@ -32,8 +35,12 @@ VERIFY_DIR = "verify"
 
 
 def choose(rows: list[CandidateRow], top: int, sample: int, seed: int = 0) -> list[tuple[CandidateRow, str]]:
-    """(row, "top" | "sample"): the `top` best trained candidates by proxy accuracy, then one
-    candidate from each of `sample` accuracy bands of the rest (all of the rest if fewer)."""
+    """(row, "top" | "sample"), for each dataset of the rows in turn: the `top` best trained candidates
+    by proxy accuracy, then one candidate from each of `sample` accuracy bands of the rest (all of
+    the rest if fewer)."""
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    if len(datasets) > 1:
+        return [c for d in datasets for c in choose([r for r in rows if r.dataset == d], top, sample, seed)]
     ranked = sorted((r for r in rows if r.status == "ok" and r.accuracy is not None and r.source),
                     key=lambda r: (-r.accuracy, r.id))
     best, rest = ranked[:top], ranked[top:]
@@ -84,14 +91,15 @@ def _num(v: float) -> float | None:
 
 
 def summaries(store: Store, top: int | None = None) -> list[dict[str, Any]]:
-    """One summary per number of epochs verified: the counts and `fidelity` of what is stored."""
+    """One summary per number of epochs verified and dataset: the counts and `fidelity` of what is stored."""
     rows = store.verifications()
+    dataset = {r["candidate_id"]: (c.dataset if (c := store.get(r["candidate_id"])) else "?") for r in rows}
     out = []
-    for epochs in sorted({r["epochs"] for r in rows}):
-        mine = [r for r in rows if r["epochs"] == epochs]
+    for epochs, name in sorted({(r["epochs"], dataset[r["candidate_id"]]) for r in rows}):
+        mine = [r for r in rows if r["epochs"] == epochs and dataset[r["candidate_id"]] == name]
         ok = [r for r in mine if r["status"] == "ok" and r["accuracy"] is not None and r["proxy_accuracy"] is not None]
         k = top if top is not None else max(1, sum(r["chosen_as"] == "top" for r in mine))
-        out.append({"epochs": epochs, "retrained": len(mine), "failed": len(mine) - len(ok),
+        out.append({"epochs": epochs, "dataset": name, "retrained": len(mine), "failed": len(mine) - len(ok),
                     "seconds": sum(r["seconds"] or 0.0 for r in mine),
                     **fidelity([r["proxy_accuracy"] for r in ok], [r["accuracy"] for r in ok], k)})
     return out
@@ -106,18 +114,18 @@ def describe(s: dict[str, Any]) -> str:
         return f"{name} {v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
     kept = f"; top-{s['top_k']} kept {s['top_kept']}/{s['top_k']}" if s["top_kept"] is not None else ""
-    return (f"verify, {s['epochs']} epochs: {s['n']} of {s['retrained']} retrained candidates compared; "
+    on = f" on {s['dataset']}" if s.get("dataset") else ""
+    return (f"verify{on}, {s['epochs']} epochs: {s['n']} of {s['retrained']} retrained candidates compared; "
             f"{stat('spearman')}, {stat('kendall')} (95% bootstrap intervals){kept}")
 
 
 def verify(cfg: Config, run_dir: Path, *, top: int, sample: int, epochs: int, seed: int = 0,
-           say: Callable[[str], None] = print, stop: threading.Event | None = None) -> dict[str, Any]:
+           say: Callable[[str], None] = print, stop: threading.Event | None = None) -> list[dict[str, Any]]:
     """Retrains the chosen candidates that this many epochs has not trained yet, then returns the
-    summary for `epochs`. `cfg` is the run's, with the device and workers to use."""
+    summaries for `epochs`, one per dataset. `cfg` is the run's, with the device and workers to use."""
     from deltanas.agent.run import isolation
-    from deltanas.agent.run.build import job_spec, load_run_dataset, make_executor
+    from deltanas.agent.run.build import load_run_datasets, make_executor, run_targets
     from deltanas.agent.run.rundir import ARCHIVE_FILE
-    from deltanas.tools.datasets import default_cache_dir, prepare_handle
 
     store = Store(Path(run_dir) / ARCHIVE_FILE)
     chosen = choose(store.candidates(status="ok"), top, sample, seed)
@@ -129,10 +137,9 @@ def verify(cfg: Config, run_dir: Path, *, top: int, sample: int, epochs: int, se
         s = cfg.sandbox
         long = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs}),
                                       "sandbox": s.model_copy(update={"timeout_s": s.timeout_s * epochs})})
-        ds = load_run_dataset(long)
-        handle = prepare_handle(ds, default_cache_dir() / "handles")
         stop = stop or threading.Event()
-        executor = make_executor(long, ds, job_spec(long, handle), Path(run_dir) / ".verify-work", stop)
+        executor = make_executor(long, run_targets(long, load_run_datasets(long)), Path(run_dir) / ".verify-work",
+                                 stop)
         try:
             sandbox = getattr(executor, "sandbox", None)
             if sandbox is not None:  # model-written code: isolated, unless the run opted out
@@ -145,7 +152,7 @@ def verify(cfg: Config, run_dir: Path, *, top: int, sample: int, epochs: int, se
                     return
                 started = time.perf_counter()
                 out = executor.evaluate(row.source, f"verify-{row.id}",
-                                        Path(run_dir) / VERIFY_DIR / f"{epochs}ep" / row.id)
+                                        Path(run_dir) / VERIFY_DIR / f"{epochs}ep" / row.id, dataset=row.dataset)
                 if stop.is_set() and out.status != "ok":
                     return  # cut short by the stop: retrained on the next verify
                 store.put_verify({"candidate_id": row.id, "epochs": epochs, "device": s.device, "status": out.status,
@@ -166,5 +173,5 @@ def verify(cfg: Config, run_dir: Path, *, top: int, sample: int, epochs: int, se
         finally:
             executor.close()
     found = [x for x in summaries(store, top=top) if x["epochs"] == epochs]
-    return found[0] if found else {"epochs": epochs, "retrained": 0, "failed": 0, "seconds": 0.0,
-                                   **fidelity([], [], top)}
+    return found or [{"epochs": epochs, "dataset": cfg.data.dataset, "retrained": 0, "failed": 0, "seconds": 0.0,
+                      **fidelity([], [], top)}]

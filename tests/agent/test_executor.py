@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from deltanas.agent.run.executor import LocalExecutor
+from deltanas.agent.run.executor import LocalExecutor, Target
 from deltanas.agent.stopping import RunStopped
 from deltanas.sandbox.base import JobSpec, Result
 from deltanas.tools.zoo import get_baseline
@@ -36,7 +36,7 @@ class HangingSandbox:
 
 def test_close_during_jobs_raises_run_stopped_and_writes_nothing(tmp_path):
     sandbox = HangingSandbox()
-    ex = LocalExecutor(sandbox, None, JobSpec(str(tmp_path / "handle"), batch_size=8), workers=2)
+    ex = LocalExecutor(sandbox, {"mnist": Target(None, JobSpec(str(tmp_path / "handle"), batch_size=8))}, workers=2)
     source = get_baseline("lenet").source
     errors: dict[str, BaseException] = {}
 

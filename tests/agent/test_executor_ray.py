@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from deltanas.agent.config import SandboxConfig  # noqa: E402
-from deltanas.agent.run.executor import LocalExecutor  # noqa: E402
+from deltanas.agent.run.executor import LocalExecutor, targets  # noqa: E402
 from deltanas.agent.run.executor_ray import RayExecutor  # noqa: E402
 from deltanas.agent.stopping import RunStopped  # noqa: E402
 from deltanas.sandbox.base import JobSpec, Limits  # noqa: E402
@@ -78,7 +78,7 @@ def data(tmp_path_factory) -> tuple[Arrays, Path]:
 
 def ray_executor(data, tmp_path, workers: int = 1) -> RayExecutor:
     ds, handle = data
-    return RayExecutor(SandboxConfig(type="process"), ds, job_spec(handle), tmp_path / "driver", workers=workers)
+    return RayExecutor(SandboxConfig(type="process"), targets((ds, job_spec(handle))), tmp_path / "driver", workers=workers)
 
 
 def processes_under(actor_pid: int) -> list[int]:
@@ -149,7 +149,7 @@ def job_running(ex: RayExecutor, cid: str) -> int:
 def test_results_equal_the_local_executor(local_ray, data, tmp_path):
     ds, handle = data
     source = cnn()
-    local = LocalExecutor(ProcessSandbox(tmp_path / "local-work"), ds, job_spec(handle), workers=1)
+    local = LocalExecutor(ProcessSandbox(tmp_path / "local-work"), targets((ds, job_spec(handle))), workers=1)
     try:
         want = local.evaluate(source, "c000-000", tmp_path / "local")
     finally:
@@ -316,7 +316,7 @@ def test_too_few_resources_is_a_config_error(local_ray, data, tmp_path):
 
     ds, handle = data
     with pytest.raises(ConfigError, match=r"3 Ray actors need 3 CPU\(s\).*has 2"):
-        RayExecutor(SandboxConfig(type="process"), ds, job_spec(handle), tmp_path / "d", workers=3)
+        RayExecutor(SandboxConfig(type="process"), targets((ds, job_spec(handle))), tmp_path / "d", workers=3)
 
 
 def test_an_actor_without_the_drivers_handle_refuses_to_start(local_ray, data, tmp_path):
@@ -329,7 +329,7 @@ def test_an_actor_without_the_drivers_handle_refuses_to_start(local_ray, data, t
     try:  # the driver's digest is of `other`: as if a node held different data at the same path
         executor_ray.handle_fingerprint = lambda p: real(other)
         with pytest.raises(ConfigError, match="differs from the driver's"):
-            RayExecutor(SandboxConfig(type="process"), ds, job_spec(handle), tmp_path / "d", workers=1)
+            RayExecutor(SandboxConfig(type="process"), targets((ds, job_spec(handle))), tmp_path / "d", workers=1)
     finally:
         executor_ray.handle_fingerprint = real
 
@@ -372,4 +372,4 @@ def test_cuda_under_ray_is_checked_against_the_cluster_not_the_driver(local_ray,
         check_device("cuda")
     ds, handle = data
     with pytest.raises(ConfigError, match=r"1 Ray actors need 1 GPU\(s\).*has 0"):
-        RayExecutor(SandboxConfig(type="process"), ds, job_spec(handle, device="cuda"), tmp_path / "d", workers=1)
+        RayExecutor(SandboxConfig(type="process"), targets((ds, job_spec(handle, device="cuda"))), tmp_path / "d", workers=1)

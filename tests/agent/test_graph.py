@@ -32,7 +32,7 @@ def make_deps(tmp_path, llm, executor, **over) -> Deps:
     (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
     return Deps(config=cfg, llm=CoalescingBackend(llm, window_s=0.01), executor=executor,
                 store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(),
-                dataset=DatasetInfo("synthetic", (1, 28, 28), 10), run_dir=run_dir)
+                datasets={"synthetic": DatasetInfo("synthetic", (1, 28, 28), 10)}, run_dir=run_dir)
 
 
 _tags = iter(range(1_000_000))
@@ -263,9 +263,9 @@ class FailingOnceExecutor(InstantExecutor):
         super().__init__()
         self.seen: set[str] = set()
 
-    def evaluate(self, source, candidate_id, out_dir):
+    def evaluate(self, source, candidate_id, out_dir, dataset=None):
         if candidate_id.startswith("base-") or candidate_id in self.seen:
-            return super().evaluate(source, candidate_id, out_dir)
+            return super().evaluate(source, candidate_id, out_dir, dataset)
         self.seen.add(candidate_id)
         with self.lock:
             self.calls.append(candidate_id)
@@ -351,7 +351,7 @@ def test_a_baseline_of_your_own_starts_the_search_and_one_that_fails_stops_it_cl
     assert {r.parent_id for r in deps.store.candidates(cycle=0)} == {"base-mynet"}
 
     class Broken(InstantExecutor):
-        def evaluate(self, source, candidate_id, out_dir):
+        def evaluate(self, source, candidate_id, out_dir, dataset=None):
             from deltanas.tools.proxy import EvalOutcome
 
             return EvalOutcome(status="crashed", accuracy=None, param_count=None, train_seconds=None,

@@ -38,7 +38,7 @@ def make_deps(tmp_path, learner=None, **over) -> Deps:
     (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
     return Deps(config=cfg, llm=CoalescingBackend(llm, window_s=0.01), executor=InstantExecutor(),
                 store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(),
-                dataset=DatasetInfo("synthetic", (1, 28, 28), 10), run_dir=run_dir, learner=learner,
+                datasets={"synthetic": DatasetInfo("synthetic", (1, 28, 28), 10)}, run_dir=run_dir, learner=learner,
                 learner_note="" if learner else "no learner in this test")
 
 

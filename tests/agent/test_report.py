@@ -32,7 +32,7 @@ def test_report_recomputes_from_the_archive_and_writes_plots(tmp_path):
     (run_dir / "candidates").mkdir(parents=True)
     deps = Deps(config=cfg, llm=CoalescingBackend(ScriptedBackend(answers), window_s=0.01),
                 executor=InstantExecutor(), store=Store(run_dir / "archive.sqlite"), novelty=NoveltyIndex(),
-                dataset=DatasetInfo("synthetic", (1, 28, 28), 10), run_dir=run_dir, learner_note="none")
+                datasets={"synthetic": DatasetInfo("synthetic", (1, 28, 28), 10)}, run_dir=run_dir, learner_note="none")
     assert run_graph(deps, InMemorySaver()).status == "finished"
     deps.store.close()
 
