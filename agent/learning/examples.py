@@ -21,7 +21,8 @@ Two forms leave the archive:
 
 The success rule says which candidates count (`learn.rule`): `improved` (valid,
 novel, and at least as accurate as the parent), `valid` (valid and novel), or
-`top_k` (the `learn.top_k` most accurate valid, novel candidates of each cycle).
+`top_k` (the `learn.top_k` most accurate valid, novel candidates of each cycle, and in a pool
+run of each dataset: accuracies are compared within a dataset only).
 """
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ def successful(store: Store, rule: Rule = "improved", top_k: int = 5, cycle: int
             if parent is None or parent.accuracy is None or r.accuracy >= parent.accuracy:
                 out.append(r)
         return out
-    by_cycle: dict[int, list[CandidateRow]] = {}
+    by_cycle: dict[tuple[int, str], list[CandidateRow]] = {}  # a pool's top-k are each dataset's
     for r in rows:
-        by_cycle.setdefault(r.cycle, []).append(r)
+        by_cycle.setdefault((r.cycle, r.dataset), []).append(r)
     return [r for c in sorted(by_cycle) for r in sorted(by_cycle[c], key=lambda r: -(r.accuracy or 0))[:top_k]]
 
 
