@@ -163,8 +163,9 @@ def test_a_chat_session_with_the_embedded_model(tmp_path):
         while accepted and pane.text().count("trained h000") + pane.text().count("did not train") < accepted:
             assert time.monotonic() < deadline, pane.text()[-3000:]
             time.sleep(1)
+        mark = len(pane.text())
         pane.type("/best")
-        pane.wait_for("best")
+        assert _state(pane, mark)[0] == "request" and re.search(r"the \d+ best", pane.text()[mark:])
         _key(pane, "C-d")
         assert "EXITED=0" in pane.wait_for("EXITED=", timeout=240)
     finally:
