@@ -94,6 +94,7 @@ def question(state: CandidateState, deps: Deps, error: str | None) -> dict[str, 
             "diff": state.get("diff") or "", "added": state.get("added"), "removed": state.get("removed"),
             "similarity": nov.get("max_similarity"), "nearest_id": nov.get("nearest_id"),
             "attempts": state.get("attempts", 0), "revisions": state.get("revisions", 0),
+            "unchanged": state.get("revised_from") is not None and state.get("revised_from") == state.get("diff"),
             "can_revise": state.get("revisions", 0) < MAX_REVISIONS, "error": error}
 
 
@@ -129,4 +130,4 @@ def revise(state: CandidateState, deps: Deps) -> dict[str, Any]:
     deps.check_stop()
     turn = prompting.revise_message(feedback=state["review"]["reason"], mode=deps.config.search.mode)
     return {**cn.answer_again(state, deps, turn), "revisions": state.get("revisions", 0) + 1, "attempts": 0,
-            "error": None}
+            "error": None, "revised_from": state.get("diff") or ""}

@@ -43,6 +43,7 @@ class CandidateState(TypedDict, total=False):
     turn: int | None  # the chat request it answers; None in an autonomous run
     attempts: int  # repairs made so far
     revisions: int  # revisions a person asked for (agent/loop/review.py)
+    revised_from: str | None  # the diff the last revision was asked of, to tell the person when it came back the same
     prompt_tokens: int
     completion_tokens: int
     source: str  # the patched source, once a diff applied

@@ -32,7 +32,7 @@ from rich.syntax import Syntax
 from deltanas.agent.archive import CandidateRow
 from deltanas.agent.config import Config
 from deltanas.agent.loop.chat import MAX_REQUEST_CHARS, best, loop_cycle
-from deltanas.agent.loop.cycle_nodes import baseline_id, is_chat
+from deltanas.agent.loop.cycle_nodes import baseline_id, baseline_ids, is_chat
 from deltanas.agent.loop.deps import Deps
 from deltanas.agent.loop.review import MAX_REASON_CHARS, check_edit
 from deltanas.agent.run.driver import RunOutcome, run_chat, run_with_signals
@@ -82,6 +82,10 @@ class ChatSession:
 
     def run(self) -> int:
         self.say("[b]deltanas chat[/]: type what to try, or /help. The session is saved as you go.")
+        todo = [cid for ids in baseline_ids(self.deps).values() for cid in ids
+                if (row := self.deps.store.get(cid)) is None or not row.final]
+        if todo:  # a new session trains its starting points first: say so, it takes a while on a CPU
+            self.say(f"[dim]training the baselines first ({escape(', '.join(todo))}) …[/]")
         outcome = self._step(None)
         while True:
             if outcome.status == "failed":
@@ -216,6 +220,9 @@ class ChatSession:
 
     def review(self, q: dict[str, Any], waiting: int) -> dict[str, Any]:
         show(self.console, q, 1, waiting)
+        if q.get("unchanged"):  # a small model may not follow the feedback: say so rather than look stuck
+            self.say("[yellow]the model's revision is the same diff as before; r again with other words, e to "
+                     "edit it yourself, or y/n[/]")
         parent = self.deps.store.get(q["parent_id"])
         self.say(f"[dim]proposal for: {escape(self._request_of(q))}; parent {escape(q['parent_id'])}"
                  + (f" {100 * parent.accuracy:.2f}%" if parent and parent.accuracy is not None else "") + "[/]")

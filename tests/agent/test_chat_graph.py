@@ -152,3 +152,14 @@ def test_a_revision_needs_feedback_and_is_bounded(tmp_path):
     assert not r["can_revise"]
     (r,) = _only(run_chat(deps, saver, {r["id"]: {"verdict": "revise", "reason": "more"}}), "review")
     assert "revised 5 times" in r["error"]
+
+
+def test_a_revision_that_comes_back_the_same_is_marked_so(tmp_path):
+    """A small model may ignore the feedback and answer the same diff: the question says so."""
+    deps = _deps(tmp_path, lambda p: f"```diff\n{block_diff(p.base_source, 'same')}```", **{"search.candidates": 1})
+    saver = sqlite_saver(deps)
+    (q,) = _only(run_chat(deps, saver), "request")
+    (r,) = _only(run_chat(deps, saver, {q["id"]: {"text": "go"}}), "review")
+    assert r["unchanged"] is False
+    (again,) = _only(run_chat(deps, saver, {r["id"]: {"verdict": "revise", "reason": "something else"}}), "review")
+    assert again["diff"] == r["diff"] and again["unchanged"] is True and again["revisions"] == 1

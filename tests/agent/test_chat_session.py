@@ -44,7 +44,7 @@ def test_a_whole_session_of_typed_lines(tmp_path):
                          "y", "n", "too wide", "/show h000-00", "/diff h000-00", "/export", "/quit")
     assert talk.run() == 0
     text = out.getvalue()
-    for said in ("type what to try", "unknown command /nope", "no proposal is waiting", "the line was dropped",
+    for said in ("type what to try", "training the baselines first (base-lenet)", "unknown command /nope", "no proposal is waiting", "the line was dropped",
                  "asking the model", "answer y, n, r or e", "the question waits", "the 1 best",
                  "h000-01 rejected: too wide", "trajectories (2 human-labelled)", "saved. Continue with"):
         assert said in text, (said, text[-3000:])
