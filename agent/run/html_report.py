@@ -1,11 +1,11 @@
 """`deltanas report RUN --html`: the run as one self-contained page that opens offline.
 
 - The lineage tree: every candidate a node, placed by its generation (how many edits from its
-  baseline) and its branch, an edge to its parent. Trained candidates are coloured by accuracy;
-  the others are grey crosses. Clicking a node shows its id, status, parent (itself a link), the
+  baseline) and its branch, an edge to its parent. Trained candidates are coloured by accuracy
+  (in a pool run of several datasets, by its rank within its own dataset); the others are grey crosses. Clicking a node shows its id, status, parent (itself a link), the
   error or the accuracy, its diff coloured, and the model's answer.
 - Filters for status and dataset.
-- The per-cycle curves (valid, novel-and-valid, mean and best accuracy).
+- The per-cycle curves (valid, novel-and-valid, mean and best accuracy; a pool's, per dataset).
 - `deltanas verify`'s table and scatter plot, when the run has them.
 
 Drawn with plotly.js (WebGL scatter, so 10,000 candidates stay responsive), which the page
@@ -59,17 +59,33 @@ def _trim(text: str | None) -> str:
 def page_data(store: Store, metrics: dict[str, Any]) -> dict[str, Any]:
     rows = store.candidates()
     pos = layout(rows)
+    pool = len({r.dataset for r in rows}) > 1
+    shade = _ranks_within_datasets(rows) if pool else {}
     nodes = []
     for r in rows:
         x, y = pos[r.id]
         nodes.append({"id": r.id, "parent": r.parent_id, "status": r.status, "acc": r.accuracy, "cycle": r.cycle,
+                      "shade": shade.get(r.id, r.accuracy),
                       "dataset": r.dataset, "x": x, "y": y, "params": r.param_count,
                       "error": _trim(r.error_message), "diff": _trim(r.diff or (r.source if r.kind == "baseline" else "")),
                       "answer": _trim(r.completion), "kind": r.kind})
-    cycles = [{k: m.get(k) for k in ("cycle", "valid_rate", "novel_valid_rate", "mean_accuracy", "best_accuracy")}
+    cycles = [{**{k: m.get(k) for k in ("cycle", "valid_rate", "novel_valid_rate", "mean_accuracy", "best_accuracy")},
+               "per_dataset": {d: {"mean_accuracy": x["mean_accuracy"], "best_accuracy": x["best_accuracy"]}
+                               for d, x in (m.get("per_dataset") or {}).items()}}
               for m in metrics["cycles"]]
-    return {"nodes": nodes, "cycles": cycles, "verify": metrics.get("verify") or [],
+    return {"nodes": nodes, "cycles": cycles, "pool": pool, "verify": metrics.get("verify") or [],
             "verify_points": metrics.get("verify_points") or []}
+
+
+def _ranks_within_datasets(rows: list) -> dict[str, float]:
+    """A pool run's colour for each trained candidate: its accuracy's percentile rank among its own
+    dataset's (0..1), since accuracies are compared within a dataset, never across."""
+    out: dict[str, float] = {}
+    for d in {r.dataset for r in rows}:
+        mine = sorted((r for r in rows if r.dataset == d and r.accuracy is not None), key=lambda r: r.accuracy)
+        for i, r in enumerate(mine):
+            out[r.id] = i / (len(mine) - 1) if len(mine) > 1 else 1.0
+    return out
 
 
 def write_html(store: Store, metrics: dict[str, Any], path: Path, title: str) -> Path:
@@ -152,7 +168,8 @@ function drawTree() {
     {type: "scattergl", mode: "lines", x: ex, y: ey, hoverinfo: "skip", line: {color: "#bbb", width: 1}, name: "lineage"},
     {type: "scattergl", mode: "markers", meta: "nodes", name: "trained", x: ok.map(n => n.x), y: ok.map(n => n.y),
      customdata: ok.map(n => n.id), text: ok.map(hover), hoverinfo: "text",
-     marker: {size: 9, color: ok.map(n => 100 * n.acc), colorscale: "Viridis", showscale: true, colorbar: {title: {text: "acc %"}}}},
+     marker: {size: 9, color: ok.map(n => 100 * n.shade), colorscale: "Viridis", showscale: true,
+              colorbar: {title: {text: DATA.pool ? "rank in its dataset %" : "acc %"}}}},
     {type: "scattergl", mode: "markers", meta: "nodes", name: "failed or not trained", x: other.map(n => n.x), y: other.map(n => n.y),
      customdata: other.map(n => n.id), text: other.map(hover), hoverinfo: "text",
      marker: {size: 8, symbol: "x", color: "#999"}},
@@ -194,8 +211,12 @@ function show(id) {
 function drawCurves() {
   const c = DATA.cycles; const x = c.map(m => m.cycle);
   const line = (key, name, axis) => ({x: x, y: c.map(m => m[key] === null ? null : 100 * m[key]), name: name, mode: "lines+markers", yaxis: axis});
-  Plotly.react("curves", [line("valid_rate", "valid %", "y"), line("novel_valid_rate", "novel and valid %", "y"),
-    line("mean_accuracy", "mean accuracy %", "y2"), line("best_accuracy", "best accuracy %", "y2")],
+  const per = (d, key, name) => ({x: x, y: c.map(m => (m.per_dataset[d] || {})[key] == null ? null : 100 * m.per_dataset[d][key]),
+    name: d + ": " + name, mode: "lines+markers", yaxis: "y2"});
+  const names = [...new Set(c.flatMap(m => Object.keys(m.per_dataset)))];
+  const acc = DATA.pool ? names.flatMap(d => [per(d, "mean_accuracy", "mean accuracy %"), per(d, "best_accuracy", "best accuracy %")])
+    : [line("mean_accuracy", "mean accuracy %", "y2"), line("best_accuracy", "best accuracy %", "y2")];
+  Plotly.react("curves", [line("valid_rate", "valid %", "y"), line("novel_valid_rate", "novel and valid %", "y"), ...acc],
     {margin: {l: 50, r: 50, t: 10, b: 40}, xaxis: {title: {text: "cycle"}, dtick: 1}, yaxis: {title: {text: "% of candidates"}},
      yaxis2: {title: {text: "accuracy %"}, overlaying: "y", side: "right"}});
 }

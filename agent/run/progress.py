@@ -177,7 +177,9 @@ def lineage_tree(store: Store, best: int = 5) -> Tree:
         rank = f" [b]#{marks[r.id]}[/]" if r.id in marks else ""
         return f"[b]{r.id}[/] {_fmt_acc(r.accuracy)}{diff} [{style}]{r.status}[/]{rank}"
 
-    tree = Tree(f"lineage of the {len(top)} best (the whole tree: deltanas report --html)")
+    pool = len({r.dataset for r in rows.values()}) > 1
+    tree = Tree(f"lineage of the {best if pool else len(top)} best" + (" of each dataset" if pool else "")
+                + " (the whole tree: deltanas report --html)")
     stack = [(tree, r) for r in sorted(children.get(None, []), key=lambda r: r.id, reverse=True)
              if r.id in on_path or r.kind == "baseline"]
     while stack:

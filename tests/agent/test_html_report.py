@@ -81,6 +81,31 @@ def _wait(driver, script: str, timeout: float = 30):
 
 
 @pytest.mark.slow
+def test_a_pool_runs_nodes_are_shaded_by_their_rank_within_their_dataset(tmp_path):
+    """Accuracies are compared within a dataset: on two datasets of very different scales, each
+    one's best is the top of the colour scale, and the curves are per dataset."""
+    from deltanas.agent.run.html_report import page_data
+    from deltanas.agent.run.report import run_metrics
+
+    store = Store(tmp_path / "archive.sqlite")
+    for cid, parent, cycle, acc, d in [("base-a.easy", None, -1, 0.95, "easy"), ("base-a.hard", None, -1, 0.20, "hard"),
+                                       ("c000-000", "base-a.easy", 0, 0.97, "easy"),
+                                       ("c000-001", "base-a.hard", 0, 0.30, "hard"),
+                                       ("c001-000", "c000-000", 1, 0.90, "easy")]:
+        store.upsert(_row(cid, parent, cycle, acc=acc, dataset=d))
+    data = page_data(store, run_metrics(store))
+    shade = {n["id"]: n["shade"] for n in data["nodes"]}
+    assert data["pool"] is True
+    assert shade["c000-000"] == shade["c000-001"] == 1.0  # each dataset's best, whatever its accuracy
+    assert shade["c001-000"] == 0.0 and shade["base-a.easy"] == 0.5 and shade["base-a.hard"] == 0.0
+    assert data["cycles"][0]["mean_accuracy"] is None
+    assert data["cycles"][0]["per_dataset"] == {"easy": {"mean_accuracy": 0.97, "best_accuracy": 0.97},
+                                                "hard": {"mean_accuracy": 0.30, "best_accuracy": 0.30}}
+    one = Store(tmp_path / "one.sqlite")
+    one.upsert(_row("base-a", None, -1, acc=0.4))
+    assert page_data(one, run_metrics(one))["nodes"][0]["shade"] == 0.4 and not page_data(one, run_metrics(one))["pool"]
+
+
 def test_the_page_in_a_headless_browser(tmp_path, capsys):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -135,8 +160,9 @@ def test_status_draws_the_lineage_of_the_best_in_text(tmp_path, capsys):
     _archive(tmp_path)
     assert main(["status", str(tmp_path), "--tree", "2"]) == 0
     text = capsys.readouterr().out
-    tree = text[text.index("lineage of the 2 best"):]
-    # the best (c001-002, 95%) under c000-005 under base-lenet; the second (c000-011, 91%) under base-lenet
+    # the archive holds two datasets: the best of each, ranked within it
+    tree = text[text.index("lineage of the 2 best of each dataset"):]
+    # digits' best (c001-002, 95%) under c000-005 under base-lenet; mnist's (c000-011, 91%, then c000-010)
     assert tree.index("base-lenet") < tree.index("c000-005") < tree.index("c001-002 95.00%")
-    assert "c001-002 95.00% ok #1" in tree and "c000-011 91.00% ok #2" in tree
+    assert "c001-002 95.00% ok #1" in tree and "c000-011 91.00% ok #1" in tree and "c000-010 90.00% ok #2" in tree
     assert "other child(ren)" in tree and "base-resnet" in tree
