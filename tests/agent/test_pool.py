@@ -141,3 +141,15 @@ def test_a_pool_run_over_two_offline_datasets(offline_cache, tmp_path, capsys):
     again = Store(run / "archive.sqlite", readonly=True).candidates()
     assert sum(1 for r in again if r.kind == "baseline") == 4
     assert sorted(r.dataset for r in again if r.cycle == 2) == ["digits", "digits", "synthetic", "synthetic"]
+
+
+@pytest.mark.slow
+def test_eval_trains_a_file_on_each_dataset_of_a_pool(offline_cache, tmp_path, capsys):
+    model = tmp_path / "lenet.py"
+    model.write_text(get_baseline("lenet").source)
+    assert main(["eval", str(model), "--dataset", "digits,synthetic", "--limit-train", "300", "--sandbox", "process",
+                 "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [f["dataset"] for f in found] == ["digits", "synthetic"]
+    assert all(f["status"] == "ok" and 0.0 <= f["accuracy"] <= 1.0 for f in found), found
+    assert found[0]["param_count"] != found[1]["param_count"]  # each built on its dataset's input shape
