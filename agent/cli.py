@@ -527,6 +527,9 @@ def cmd_diff_apply(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({**res.to_json(), "output": a.output if res.ok else None}, indent=2))
     elif res.ok:
+        if getattr(res, "fuzzy", 0):
+            print(f"deltanas: {res.fuzzy} hunk(s) placed with wrong context lines tolerated; the diff as applied:\n"
+                  f"{res.corrected}", file=sys.stderr, end="")
         if not a.output:
             sys.stdout.write(res.source)
         else:

@@ -55,22 +55,25 @@ def measure(llm, prompts: list[Prompt], sampling: Sampling, index: NoveltyIndex)
     started = time.perf_counter()
     out = llm.generate(prompts, sampling)
     seconds = time.perf_counter() - started
-    applied = novel = 0
+    applied = novel = fuzzy = exact = 0
     errors: dict[str, int] = {}
     answers = []
     for prompt, comp in zip(prompts, out):
         res = apply_model_output(prompt.base_source, comp.text)
         answers.append({"code": None if res.ok else res.error.code.value, "message": res.message[:400],
-                        "text": comp.text})
+                        "fuzzy": res.fuzzy, "text": comp.text})
         if not res.ok:
             errors[res.error.code.value] = errors.get(res.error.code.value, 0) + 1
             continue
         applied += 1
+        fuzzy += res.fuzzy > 0  # placed only with wrong context lines tolerated (tools/diff_apply.py)
+        exact += apply_model_output(prompt.base_source, comp.text, fuzz=False).ok
         novel += index.check(res.source, prompt.base_source).novel
     n = len(prompts)
     low, high = wilson(applied, n)
     return {"answers": n, "applied": applied, "applied_rate": applied / n, "applied_ci95": [low, high],
             "novel": novel, "novel_rate": novel / n, "errors": errors,
+            "applied_fuzzy": fuzzy, "applied_without_fuzz": exact, "applied_without_fuzz_rate": exact / n,
             "tokens_per_answer": sum(c.completion_tokens for c in out) / n, "seconds_per_answer": seconds / n,
             "sample": out[0].text[:600] if out else "", "outcomes": answers}
 
@@ -115,6 +118,8 @@ def main() -> int:
         lo, hi = r["applied_ci95"]
         print(f"{name[:44]:<44} {r['applied_rate']:>8.1%} {f'{lo:.0%}-{hi:.0%}':>15} {r['novel_rate']:>7.1%} "
               f"{r['tokens_per_answer']:>8.0f} {r['seconds_per_answer']:>7.1f}")
+        print(f"    without the applier's fuzzy tier: {r['applied_without_fuzz_rate']:.1%} applied "
+              f"({r['applied_fuzzy']} answer(s) placed only with wrong context lines tolerated)")
         print(f"    errors: {r['errors'] or 'none'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"llm": args.llm, "constrain": args.constrain, "rows": rows}, indent=2))

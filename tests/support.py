@@ -266,3 +266,9 @@ class Pane:
         subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
 
 
+def changed_lines(before: str, after: str) -> list[str]:
+    """The '+' and '-' lines between two sources, without context (what a diff changed)."""
+    import difflib
+
+    body = list(difflib.unified_diff(before.split("\n"), after.split("\n"), lineterm="", n=0))[2:]
+    return [line for line in body if line[:1] in "+-"]

@@ -3,6 +3,16 @@
 `@@` line numbers and counts are hints only; models get them wrong. Each hunk's
 old side (its context and '-' lines) is looked up in the original source:
 exactly first, then ignoring trailing whitespace, then ignoring indentation.
+Where none of those finds it, a last, fuzzy tier tolerates wrong *context*
+lines, never wrong '-' lines (a small model often invents a context line):
+- up to `_FUZZ_TRIM` context lines may be dropped from either end of the hunk,
+  as GNU patch's fuzz factor does;
+- else the hunk fits a window of the source where every '-' line is there,
+  at least half of the context lines are there, and each other context line
+  resembles the source line it stands for (`_FUZZ_RATIO`).
+A fuzzy placement must be the only one (or the one the @@ line picks); the
+result counts its fuzzy hunks, and carries the diff as applied (`corrected`,
+context from the source), which is what the model should learn from.
 A hunk that matches nowhere, or in several places that the line hint cannot
 tell apart, is an error with a hint for the model, never a silent skip.
 Hunks are placed in the original source and may not overlap, except that two
@@ -10,6 +20,7 @@ hunks may share unchanged context lines.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -30,9 +41,16 @@ from deltanas.tools.diff_extract import (
     placeholder_error,
     tokenize_diff,
 )
+from deltanas.tools.diff_write import make_diff
 from deltanas.tools.protected import check_source
 
 _TIERS = ("exact", "rstrip", "indent")
+_FUZZ_TRIM = 2  # context lines the fuzzy tier may drop from each end of a hunk
+# Ends to trim, fewest lines first: (leading, trailing) context lines dropped.
+_TRIMS = sorted(((a, b) for a in range(_FUZZ_TRIM + 1) for b in range(_FUZZ_TRIM + 1) if a or b),
+                key=lambda ab: (ab[0] + ab[1], ab[1]))
+_FUZZ_RATIO = 0.5  # a differing context line must resemble its source line this much (difflib ratio)
+_ELISIONS = ("...", "…")
 _HINT_SLACK = 15  # farthest a plausible @@ line hint may be from the match it picks
 _QUOTE_LINES = 12
 MAX_HUNKS = 200  # far above any real proposal; bounds the pairwise overlap checks
@@ -47,8 +65,11 @@ class ApplyResult:
     added: int  # '+' lines in the diff
     removed: int  # '-' lines
     hunks: int
+    fuzzy: int = 0  # hunks placed by the fuzzy tier (wrong context lines tolerated)
+    corrected: str = ""  # when fuzzy: the diff as applied, its context from the source
 
     def to_json(self) -> dict:
+        extra = {"corrected": self.corrected} if self.fuzzy else {}
         return {
             "ok": self.ok,
             "code": None if self.error is None else self.error.code.value,
@@ -58,6 +79,8 @@ class ApplyResult:
             "removed": self.removed,
             "hunks": self.hunks,
             "diff_lines": len(self.diff.splitlines()),
+            "fuzzy": self.fuzzy,
+            **extra,
         }
 
     @property
@@ -94,6 +117,7 @@ class _Placement:
     end: int
     removed: frozenset[int]
     inserts: dict[int, list[str]]  # source index -> lines inserted before it
+    fuzzy: bool = False  # placed by the fuzzy tier
 
 
 # ---------------------------------------------------------------- parsing
@@ -432,7 +456,7 @@ def _choose(hunk: _Hunk, spots: list[int]) -> int | None:
 
 
 def _locate(
-    hunk: _Hunk, number: int, total: int, src: _Source, placed: list[_Placement], target: str
+    hunk: _Hunk, number: int, total: int, src: _Source, placed: list[_Placement], target: str, fuzz: bool = True
 ) -> _Placement | DiffError:
     old = hunk.old
     if not hunk.lines:
@@ -477,7 +501,69 @@ def _locate(
                 "such as a def line or a distinctive layer) and give the right @@ line numbers."
             ),
         )
-    return _mismatch(hunk, number, total, src, target)
+    fuzzy = _fuzzy(hunk, src, placed) if fuzz else None
+    return fuzzy if fuzzy is not None else _mismatch(hunk, number, total, src, target)
+
+
+def _trimmed(hunk: _Hunk, lead: int, trail: int) -> _Hunk | None:
+    """The hunk without `lead` leading and `trail` trailing context lines, or None where its ends
+    have fewer context lines than that."""
+    lines = hunk.lines
+    if lead + trail >= len(lines):
+        return None
+    if any(t.kind != Kind.CONTEXT for t in lines[:lead]) or any(t.kind != Kind.CONTEXT for t in lines[len(lines) - trail:]):
+        return None
+    hint = None if hunk.hint_start is None else hunk.hint_start + lead
+    return _Hunk(hunk.header, hunk.lineno, hint, lines[lead:len(lines) - trail], hunk.old_no_eol and not trail,
+                 hunk.new_no_eol and not trail)
+
+
+def _one(hunk: _Hunk, options: list[_Placement], placed: list[_Placement]) -> _Placement | None:
+    """The only placement that leaves the earlier hunks alone, or the one the @@ hint picks."""
+    free = [pl for pl in options if not any(_conflicts(pl, q) for q in placed)]
+    if len(free) == 1:
+        return free[0]
+    pick = _choose(hunk, [pl.start for pl in free]) if free else None
+    return next((pl for pl in free if pl.start == pick), None)
+
+
+def _fuzzy(hunk: _Hunk, src: _Source, placed: list[_Placement]) -> _Placement | None:
+    """The fuzzy tier (see the module's text): a unique placement that tolerates wrong context lines."""
+    old = hunk.old
+    if any(x.strip() in _ELISIONS for x in old):
+        return None  # an abbreviated source is asked for again, with its own hint
+    for lead, trail in _TRIMS:
+        part = _trimmed(hunk, lead, trail)
+        if part is None or not any(x.strip() for x in part.old):
+            continue
+        for tier in _TIERS:
+            spots = src.find(part.old, tier)
+            if spots:
+                pl = _one(part, [_place(part, p, tier, src) for p in spots], placed)
+                if pl is not None:
+                    return dataclasses.replace(pl, fuzzy=True)
+                break  # found, but not in one place: another trim may tell
+    kinds = [t.kind for t in hunk.lines if t.kind != Kind.ADD]
+    context = sum(k == Kind.CONTEXT for k in kinds)
+    spots = []
+    for p in _nearby_windows(old, src):
+        window = src.views["indent"][p : p + len(old)]
+        if len(window) < len(old):
+            continue
+        exact, fits = 0, True
+        for kind, line, got in zip(kinds, old, window):
+            want = line.strip()
+            if want == got:
+                exact += kind == Kind.CONTEXT and bool(want)
+            elif kind == Kind.REMOVE or difflib.SequenceMatcher(None, want, got, autojunk=False).ratio() < _FUZZ_RATIO:
+                fits = False
+                break
+        if fits and exact and 2 * exact >= context:
+            spots.append(p)
+    if not spots:
+        return None
+    pl = _one(hunk, [_place(hunk, p, "indent", src) for p in sorted(set(spots))], placed)
+    return None if pl is None else dataclasses.replace(pl, fuzzy=True)
 
 
 def _malformed(what: str, target: str) -> DiffError:
@@ -506,7 +592,8 @@ def _too_large(what: str, size: int, max_bytes: int) -> DiffError:
 
 
 def _result(
-    error: DiffError | None, diff: str, tokens: list[DiffLine], hunks: int, source: str | None = None
+    error: DiffError | None, diff: str, tokens: list[DiffLine], hunks: int, source: str | None = None,
+    fuzzy: int = 0, corrected: str = ""
 ) -> ApplyResult:
     return ApplyResult(
         ok=error is None,
@@ -516,6 +603,8 @@ def _result(
         added=sum(t.kind == Kind.ADD for t in tokens),
         removed=sum(t.kind == Kind.REMOVE for t in tokens),
         hunks=hunks,
+        fuzzy=fuzzy if error is None else 0,
+        corrected=corrected if error is None else "",
     )
 
 
@@ -535,8 +624,10 @@ def apply_diff(
     target: str = "model.py",
     allow_train_changes: bool = False,
     max_bytes: int = 200_000,
+    fuzz: bool = True,
 ) -> ApplyResult:
-    """Apply a unified diff to `base_source` by content, then check the result."""
+    """Apply a unified diff to `base_source` by content, then check the result. `fuzz=False` leaves
+    out the fuzzy tier (bench/fuzzy_context.py measures what it recovers)."""
     size = len(diff_text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         return _result(_too_large("diff", size, max_bytes), "", [], 0)
@@ -566,7 +657,7 @@ def apply_diff(
     src = _Source(lines)
     placed: list[_Placement] = []
     for number, hunk in enumerate(hunks, 1):
-        spot = _locate(hunk, number, len(hunks), src, placed, target)
+        spot = _locate(hunk, number, len(hunks), src, placed, target, fuzz)
         if isinstance(spot, DiffError):
             return _result(spot, diff, tokens, len(hunks))
         placed.append(spot)
@@ -588,7 +679,9 @@ def apply_diff(
     if size > max_bytes:
         return _result(_too_large("patched file", size, max_bytes), diff, tokens, len(hunks))
     err = check_source(base, source, allow_train_changes=allow_train_changes)
-    return _result(err, diff, tokens, len(hunks), source)
+    fuzzy = sum(p.fuzzy for p in placed)
+    corrected = make_diff(base, source) if fuzzy and err is None else ""
+    return _result(err, diff, tokens, len(hunks), source, fuzzy, corrected)
 
 
 def apply_model_output(
@@ -598,6 +691,7 @@ def apply_model_output(
     target: str = "model.py",
     allow_train_changes: bool = False,
     max_bytes: int = 200_000,
+    fuzz: bool = True,
 ) -> ApplyResult:
     """Raw model text -> extracted diff -> patched, checked source."""
     size = len(model_text.encode("utf-8", "surrogatepass"))
@@ -607,5 +701,5 @@ def apply_model_output(
     if isinstance(diff, DiffError):
         return _result(diff, "", [], 0)
     return apply_diff(
-        base_source, diff, target=target, allow_train_changes=allow_train_changes, max_bytes=max_bytes
+        base_source, diff, target=target, allow_train_changes=allow_train_changes, max_bytes=max_bytes, fuzz=fuzz
     )

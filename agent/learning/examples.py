@@ -97,7 +97,22 @@ def sft_example(messages: list[dict[str, Any]]) -> dict[str, list[dict[str, str]
     human = human_verdict(messages)
     if human and human.get("answer"):
         return {"prompt": chat[:last], "completion": [{"role": "assistant", "content": human["answer"]}]}
+    corrected = _corrected(messages)
+    if corrected:  # applied with wrong context lines tolerated: learn the diff as it applied
+        return {"prompt": chat[:last], "completion": [{"role": "assistant", "content": f"```diff\n{corrected}```"}]}
     return {"prompt": chat[:last], "completion": [chat[last]]}
+
+
+def _corrected(messages: list[dict[str, Any]]) -> str:
+    """The diff as applied, where the last answer's hunks were placed by the applier's fuzzy tier
+    (tools/diff_apply.py: its context lines copied from the parent), else ""."""
+    for m in reversed(messages):
+        if m.get("role") == "tool" and m.get("name") == "apply_diff":
+            try:
+                return str(json.loads(m["content"]).get("corrected") or "")
+            except (ValueError, AttributeError):
+                return ""
+    return ""
 
 
 def export_records(store: Store, *, successful_only: bool = False, rule: Rule = "improved", top_k: int = 5,

@@ -36,8 +36,9 @@ def apply(state: CandidateState, deps: Deps) -> dict[str, Any]:
     applier = apply_full_output if s.mode == "full" else apply_model_output
     res = applier(_parent_source(state, deps), state["completion"], allow_train_changes=s.allow_train_changes)
     messages = tool_step(state["messages"], "apply_diff", {"target": "model.py"}, res.to_json())
-    if res.ok:
-        return {"messages": messages, "source": res.source, "diff": res.diff, "added": res.added,
+    if res.ok:  # a fuzzily placed answer is kept as applied: its context from the parent
+        return {"messages": messages, "source": res.source, "diff": getattr(res, "corrected", "") or res.diff,
+                "added": res.added,
                 "removed": res.removed, "error": None}
     return {"messages": messages, "diff": res.diff, "added": res.added, "removed": res.removed,
             "error": {"code": res.error.code.value, "message": res.error.message, "hint": res.error.hint}}

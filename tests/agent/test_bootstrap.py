@@ -229,7 +229,9 @@ def test_a_real_bootstrap_adapter_is_adopted_and_later_updates_start_from_it(tmp
     for r in rows.values():
         assert r["answers"] == 2 and r["applied"] + sum(r["errors"].values()) == 2
         assert r["applied_rate"] == r["applied"] / 2 and r["applied_ci95"][0] <= r["applied_rate"] <= r["applied_ci95"][1]
-    assert "base model (baseline)" in proc.stdout
+        assert r["applied_without_fuzz"] + r["applied_fuzzy"] == r["applied"]  # each applied answer is one or other
+        assert [a["fuzzy"] > 0 for a in r["outcomes"]].count(True) == r["applied_fuzzy"]
+    assert "base model (baseline)" in proc.stdout and "without the applier's fuzzy tier" in proc.stdout
 
     calls = []
 

@@ -68,7 +68,7 @@ def unconfined(monkeypatch):
     """Every sandbox the run builds is Unconfined; the run itself stops before loading anything."""
     monkeypatch.setattr(build, "sandbox_for", lambda *a, **k: Unconfined())
     monkeypatch.setattr(build, "make_sandbox", lambda *a, **k: Unconfined())
-    monkeypatch.setattr(build, "load_run_dataset", lambda cfg: "dataset")
+    monkeypatch.setattr(build, "load_run_dataset", lambda cfg, name=None: "dataset")
     started = []
 
     def run_session(cfg, run_dir, *, plain, dataset):

@@ -90,6 +90,29 @@ def test_sft_example_trains_the_answer_that_worked():
     assert sft_example(msgs[:2]) is None
 
 
+def test_an_answer_placed_with_wrong_context_is_learned_as_it_applied(tmp_path):
+    """The model's hunk names a context line the parent does not have: the applier's fuzzy tier
+    places it, the archive keeps the diff as applied, and the SFT target is that diff, so the
+    update teaches the parent's real lines rather than the invented one."""
+    from support import RELU_TO_GELU, loop_deps
+
+    invented = RELU_TO_GELU.replace("             nn.MaxPool2d(2),", "             nn.MaxPool2d(kernel_size=2),")
+    assert invented != RELU_TO_GELU
+    answer = "```diff\n--- a/model.py\n+++ b/model.py\n" + invented
+    deps = loop_deps(tmp_path, None, lambda p: answer, **{"search.candidates": 1, "llm.constrain": "none"})
+    deps.novelty = NoveltyIndex(threshold=0.99)  # one small edit: novel enough here
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    row = deps.store.get("c000-000")
+    assert row.status == "ok", (row.status, row.error_message)
+    applied = [json.loads(m["content"]) for m in deps.store.get_trajectory(row.id)
+               if m.get("role") == "tool" and m.get("name") == "apply_diff"]
+    assert applied[-1]["fuzzy"] == 1 and "kernel_size=2)" not in applied[-1]["corrected"]
+    assert row.diff == applied[-1]["corrected"] and "nn.GELU()" in row.diff
+    ex = sft_example(deps.store.get_trajectory(row.id))
+    assert ex["completion"][0]["content"] == f"```diff\n{row.diff}```"
+    assert "kernel_size=2)" not in ex["completion"][0]["content"] and "nn.MaxPool2d(2)," in ex["completion"][0]["content"]
+
+
 # -- export -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from deltanas.tools.diff_apply import ApplyResult, apply_diff, apply_model_outpu
 from deltanas.tools.diff_errors import DiffCode
 from deltanas.tools.full_extract import apply_full_output
 
-from support import TRAIN_SETUP
+from support import TRAIN_SETUP, changed_lines
 
 # Hunk line numbers below count TRAIN_SETUP's four lines.
 BASE = '''\
@@ -284,12 +284,64 @@ def test_empty_base_accepts_pure_insertion():
 
 def test_result_json_is_stable():
     ok = apply_diff(BASE, GOOD).to_json()
-    assert set(ok) == {"ok", "code", "message", "hint", "added", "removed", "hunks", "diff_lines"}
-    assert ok["ok"] is True and ok["code"] is None and ok["hint"] == ""
+    assert set(ok) == {"ok", "code", "message", "hint", "added", "removed", "hunks", "diff_lines", "fuzzy"}
+    assert ok["ok"] is True and ok["code"] is None and ok["hint"] == "" and ok["fuzzy"] == 0
     assert (ok["added"], ok["removed"], ok["hunks"], ok["diff_lines"]) == (2, 1, 2, 12)
-    bad = apply_diff(BASE, GOOD.replace("self.relu = nn.ReLU()", "self.act = nn.GELU()")).to_json()
-    assert bad["ok"] is False and bad["code"] == "context_mismatch" and bad["hint"]
+    bad = apply_diff(BASE, GOOD.replace("-        x = self.pool(self.relu(self.conv1(x)))",
+                                        "-        x = self.pool(self.act(self.conv1(x)))")).to_json()
+    assert bad["ok"] is False and bad["code"] == "context_mismatch" and bad["hint"] and bad["fuzzy"] == 0
     assert set(bad) == set(ok)
+    fuzzy = apply_diff(BASE, GOOD.replace("self.relu = nn.ReLU()", "self.act = nn.GELU()")).to_json()
+    assert fuzzy["ok"] is True and fuzzy["fuzzy"] == 1 and set(fuzzy) - set(ok) == {"corrected"}
+
+
+# ---------------------------------------------------------------- the fuzzy tier: wrong context lines
+
+
+def test_a_wrong_context_line_in_the_middle_is_tolerated_and_the_applied_diff_is_kept():
+    r = apply_diff(BASE, GOOD.replace("self.relu = nn.ReLU()", "self.act = nn.GELU()"))
+    assert_applied(r)
+    assert r.fuzzy == 1 and "self.act" not in r.corrected and "         self.relu = nn.ReLU()" in r.corrected
+    again = apply_diff(BASE, r.corrected)  # the applied diff places exactly, with no fuzz
+    assert again.ok and again.fuzzy == 0 and again.source == WANT
+
+
+def test_an_invented_context_line_at_an_end_is_dropped_as_patch_fuzz_does():
+    diff = ("@@\n"
+            "         self.conv1 = nn.Conv2d(channels, 32, kernel_size=3, padding=1)\n"
+            "+        self.bn1 = nn.BatchNorm2d(32)\n"
+            "         self.norm = nn.LayerNorm(32)\n")  # no such line: the next one is self.relu
+    r = apply_diff(BASE, diff)
+    assert r.ok and r.fuzzy == 1, r.error
+    assert changed_lines(BASE, r.source) == ["+        self.bn1 = nn.BatchNorm2d(32)"]
+    lines = r.source.splitlines()
+    assert lines[lines.index("        self.bn1 = nn.BatchNorm2d(32)") - 1].strip().startswith("self.conv1 =")
+    lead = ("@@\n         self.conv0 = nn.Conv2d(3, 3, 1)\n"
+            "+        self.bn1 = nn.BatchNorm2d(32)\n         self.relu = nn.ReLU()\n")
+    r = apply_diff(BASE, lead)
+    assert r.ok and r.fuzzy == 1 and changed_lines(BASE, r.source) == ["+        self.bn1 = nn.BatchNorm2d(32)"]
+
+
+def test_the_fuzzy_tier_never_removes_a_line_the_diff_did_not_quote():
+    # the '-' line is not in the source (self.act), its context is right: no placement at all
+    diff = ("@@\n         self.conv1 = nn.Conv2d(channels, 32, kernel_size=3, padding=1)\n"
+            "-        self.act = nn.ReLU()\n+        self.act = nn.GELU()\n         self.pool = nn.MaxPool2d(2)\n")
+    r = apply_diff(BASE, diff)
+    assert not r.ok and r.error.code == DiffCode.CONTEXT_MISMATCH and r.fuzzy == 0 and r.corrected == ""
+
+
+def test_the_fuzzy_tier_refuses_what_it_cannot_place_in_one_spot():
+    # after dropping the invented first line, the anchor `x = self.pool(...)` could be either of two lines
+    twice = BASE.replace("        x = self.pool(self.relu(self.conv2(x)))\n",
+                         "        x = self.pool(self.relu(self.conv2(x)))\n        x = self.dropout(x)\n")
+    diff = "@@\n         y = invented(x)\n+        x = x * 2\n         x = self.dropout(x)\n"
+    assert twice.count("        x = self.dropout(x)\n") == 2
+    r = apply_diff(twice, diff)
+    assert not r.ok and r.error.code == DiffCode.CONTEXT_MISMATCH, r.source
+    # a hunk whose context lines all differ (none copied exactly) is not placed either
+    wrong = ("@@\n         self.conv_one = nn.Conv2d(channels, 32, kernel_size=3)\n"
+             "+        self.bn1 = nn.BatchNorm2d(32)\n         self.relu_one = nn.ReLU()\n")
+    assert apply_diff(BASE, wrong).error.code == DiffCode.CONTEXT_MISMATCH
 
 
 def test_extracted_diff_is_clean_and_reapplies():

@@ -3,7 +3,6 @@ the exact error code, and that a failed diff yields no source at all, or that a
 successful one changed exactly the intended lines and nothing else."""
 from __future__ import annotations
 
-import difflib
 import time
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from deltanas.tools.diff_apply import ApplyResult, apply_diff, apply_model_output
 from deltanas.tools.diff_errors import DiffCode
 
-from support import LEARN, TRAIN_SETUP
+from support import LEARN, TRAIN_SETUP, changed_lines
 
 BASE = '''\
 import torch
@@ -68,11 +67,6 @@ def failed(r: ApplyResult, code: DiffCode) -> None:
     assert not r.ok and r.source is None
     assert r.error.message and r.error.hint
     assert r.to_json()["code"] == code.value
-
-
-def changed_lines(before: str, after: str) -> list[str]:
-    body = list(difflib.unified_diff(before.split("\n"), after.split("\n"), lineterm="", n=0))[2:]
-    return [line for line in body if line[:1] in "+-"]
 
 
 # ---------------------------------------------------------------- paths
