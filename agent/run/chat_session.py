@@ -200,7 +200,7 @@ class ChatSession:
     def parent_for(self, line: str) -> str | None:
         """The parent a request names: @ID or a trained candidate's id in its words, else the one
         /parent set, else a baseline named in its words ("make lenet wider"), else in a pool run the
-        best on a dataset named in its words; None: the best (on the pool's first dataset)."""
+        best on the dataset named in its words (the pool's first where none is); None: the best."""
         store, datasets = self.deps.store, list(self.deps.datasets)
         for word in re.findall(r"@([\w.-]+)", line):
             return word  # the graph refuses an unknown one, with the reason

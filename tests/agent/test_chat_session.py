@@ -78,6 +78,23 @@ def test_a_request_names_its_parent(tmp_path):
     assert talk.parent is None and "requests start from the best so far" in out.getvalue()
 
 
+def test_a_pool_sessions_requests_name_a_dataset_and_best_is_per_dataset(tmp_path):
+    from deltanas.agent.loop.deps import DatasetInfo
+
+    talk, out = _session(tmp_path)
+    talk.deps.datasets = {"mnist": DatasetInfo("mnist", (1, 28, 28), 10),
+                          "digits": DatasetInfo("digits", (1, 28, 28), 10)}
+    run_chat(talk.deps, talk.saver)  # trains lenet on each dataset
+    assert {r.id: r.dataset for r in talk.deps.store.candidates()} == {"base-lenet.mnist": "mnist",
+                                                                       "base-lenet.digits": "digits"}
+    assert talk.parent_for("make lenet wider") == "base-lenet.mnist"  # the pool's first dataset
+    assert talk.parent_for("make lenet wider on digits") == "base-lenet.digits"
+    assert talk.parent_for("wider please, on digits") == "base-lenet.digits"  # the best on the dataset named
+    assert talk.parent_for("wider please") == "base-lenet.mnist"  # the best on the pool's first dataset
+    talk.command("/best")
+    assert "the 1 best on mnist" in out.getvalue() and "the 1 best on digits" in out.getvalue()
+
+
 @pytest.mark.parametrize("line, said", [
     ("/best 0", "usage: /best N, N from 1 to 100"), ("/best x", "usage: /best N"), ("/show", "usage: /show ID"),
     ("/show nope", "no candidate 'nope'"), ("/diff", "usage: /diff ID [ID2]"), ("/diff base-lenet", "no source or no parent"),
