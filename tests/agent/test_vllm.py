@@ -95,12 +95,15 @@ def main():
     except (FileNotFoundError, ValueError) as e:
         bad = str(e)
     # The run's second Ctrl-C during a long decoding: the call ends within seconds, its requests aborted.
+    # The base model's (the adapter answers anything in three words): it repeats a word up to its token
+    # cap, about a minute on 2 cores, where counting ended after 122 tokens, within the wait below.
     import threading, time
     from deltanas.agent.stopping import RunStopped
+    b._lora = None
     got = {}
     def decode_long():
         try:
-            got["answer"] = b.generate([Prompt(messages=[{"role": "user", "content": "Count from 1 to 5000."}])],
+            got["answer"] = b.generate([Prompt(messages=[{"role": "user", "content": "Repeat the word zebra 3000 times, separated by spaces."}])],
                                        Sampling(temperature=0, max_new_tokens=2000))
         except RunStopped:
             got["stopped"] = True

