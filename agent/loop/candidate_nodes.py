@@ -38,8 +38,7 @@ def apply(state: CandidateState, deps: Deps) -> dict[str, Any]:
     messages = tool_step(state["messages"], "apply_diff", {"target": "model.py"}, res.to_json())
     if res.ok:  # a fuzzily placed answer is kept as applied: its context from the parent
         return {"messages": messages, "source": res.source, "diff": getattr(res, "corrected", "") or res.diff,
-                "added": res.added,
-                "removed": res.removed, "error": None}
+                "added": res.added, "removed": res.removed, "error": None}
     return {"messages": messages, "diff": res.diff, "added": res.added, "removed": res.removed,
             "error": {"code": res.error.code.value, "message": res.error.message, "hint": res.error.hint}}
 
