@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 
 from deltanas.agent.config import Config
+from deltanas.agent.llm.base import Prompt
+from deltanas.tools import prompting
 from deltanas.tools.diff_grammar import AnswerFormat, DiffShape, answer_format, pick_sites
 from deltanas.tools.layer_types import pick_families
 
@@ -62,3 +64,19 @@ def format_for(config: Config, llm, parent_source: str, sites: list[int] | None,
     if fmt.note:
         log.warning("%s; this answer is pre-filled only", fmt.note)
     return fmt
+
+
+def proposal(config: Config, llm, parent, info, draw: int, idx: int, goal: str):
+    """One candidate's request against `parent` (an archived row) on its dataset `info` (a
+    `DatasetInfo`): (the chat, the format its answer is held to, the edit sites drawn, the prompt
+    for the backend). `draw` and `idx` seed the sites and layer kinds, so a resume draws the same."""
+    s = config.search
+    sites = sites_for(config, llm, parent.source, draw, idx)
+    families = families_for(config, llm, parent.source, draw, idx)
+    chat = prompting.propose_messages(
+        parent_source=parent.source, dataset=info.name, in_shape=info.in_shape, num_classes=info.num_classes,
+        parent_accuracy=parent.accuracy, goal=goal, mode=s.mode, allow_train_changes=s.allow_train_changes,
+        sites=sites, families=families)
+    fmt = format_for(config, llm, parent.source, sites, families)
+    return chat, fmt, sites, Prompt(messages=chat, base_source=parent.source, mode=s.mode, prefix=fmt.prefix,
+                                    grammar=fmt.grammar, hunks=fmt.hunks)

@@ -28,7 +28,6 @@ from langgraph.graph import START, StateGraph
 from langgraph.types import interrupt
 
 from deltanas.agent.archive import CandidateRow
-from deltanas.agent.llm.base import Prompt
 from deltanas.agent.loop import answer_format
 from deltanas.agent.loop import cycle_nodes as cy
 from deltanas.agent.loop.candidate_nodes import CHAT_DRAW_BASE
@@ -36,7 +35,6 @@ from deltanas.agent.loop.cycle_nodes import chat_id
 from deltanas.agent.loop.deps import Deps
 from deltanas.agent.loop.graph import build_candidate_graph, fan_out
 from deltanas.agent.loop.state import Proposal
-from deltanas.tools import prompting
 from deltanas.tools.trajectory import proposal_step
 
 MAX_REQUEST_CHARS = 2000
@@ -129,18 +127,12 @@ def propose_request(state: ChatState, deps: Deps) -> dict[str, Any]:
     cycle, draw = loop_cycle(deps), CHAT_DRAW_BASE + turn
     prompts, chats, formats, placed = [], [], [], []
     for idx in range(req["n"]):
-        sites = answer_format.sites_for(deps.config, deps.llm, parent.source, draw, idx)
-        families = answer_format.families_for(deps.config, deps.llm, parent.source, draw, idx)
-        chat = prompting.propose_messages(
-            parent_source=parent.source, dataset=parent.dataset, in_shape=deps.info(parent.dataset).in_shape,
-            num_classes=deps.info(parent.dataset).num_classes, parent_accuracy=parent.accuracy, goal=req["text"], mode=s.mode,
-            allow_train_changes=s.allow_train_changes, sites=sites, families=families)
-        fmt = answer_format.format_for(deps.config, deps.llm, parent.source, sites, families)
+        chat, fmt, sites, prompt = answer_format.proposal(deps.config, deps.llm, parent, deps.info(parent.dataset),
+                                                          draw, idx, req["text"])
         chats.append(chat)
         formats.append(fmt)
         placed.append(sites)
-        prompts.append(Prompt(messages=chat, base_source=parent.source, mode=s.mode, prefix=fmt.prefix,
-                                 grammar=fmt.grammar, hunks=fmt.hunks))
+        prompts.append(prompt)
     started = time.perf_counter()
     completions = deps.llm.generate(prompts, deps.sampling)
     per_candidate = (time.perf_counter() - started) / max(1, len(prompts))

@@ -16,13 +16,11 @@ from deltanas.agent.learning import cold_start_pairs
 from deltanas.agent.archive import CandidateRow
 from deltanas.agent.learning.examples import preference_set, training_set
 from deltanas.agent.learning.lora import META_FILE, adapter_complete, clear_partials, copy_adapter
-from deltanas.agent.llm.base import Prompt
 from deltanas.agent.loop import answer_format
 from deltanas.agent.loop.deps import Deps
 from deltanas.agent.loop.selection import select_parents as tournament
 from deltanas.agent.loop.state import Proposal, RunState
 from deltanas.agent.stopping import RunStopped
-from deltanas.tools import prompting
 from deltanas.tools.trajectory import TOOL_SCHEMAS, proposal_step
 from deltanas.tools.zoo import get_baseline, is_path
 
@@ -149,19 +147,12 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
     prompts, chats, formats, placed = [], [], [], []
     for idx, pid in enumerate(parent_ids):
         parent = deps.store.get(pid)
-        sites = answer_format.sites_for(deps.config, llm, parent.source, cycle, idx)
-        families = answer_format.families_for(deps.config, llm, parent.source, cycle, idx)
-        info = deps.info(parent.dataset)
-        chat = prompting.propose_messages(
-            parent_source=parent.source, dataset=info.name, in_shape=info.in_shape,
-            num_classes=info.num_classes, parent_accuracy=parent.accuracy, goal=s.goal, mode=s.mode,
-            allow_train_changes=s.allow_train_changes, sites=sites, families=families)
-        fmt = answer_format.format_for(deps.config, llm, parent.source, sites, families)
+        chat, fmt, sites, prompt = answer_format.proposal(deps.config, llm, parent, deps.info(parent.dataset), cycle,
+                                                          idx, s.goal)
         chats.append(chat)
         formats.append(fmt)
         placed.append(sites)
-        prompts.append(Prompt(messages=chat, base_source=parent.source, mode=s.mode, prefix=fmt.prefix,
-                              grammar=fmt.grammar, hunks=fmt.hunks))
+        prompts.append(prompt)
     started = time.perf_counter()
     deps.store.set_meta(f"proposer:{cycle}", getattr(llm, "name", type(llm).__name__))
     completions = llm.generate(prompts, deps.sampling)
