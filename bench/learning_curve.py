@@ -21,12 +21,16 @@ Then, over the cycles of `--window` (default the last three), the difference lea
 95% bootstrap interval that resamples seeds and, within each, candidates (10,000 draws). It writes
 `learning_curve.json`, `learning_curve.md` and `learning_curve.png` (the two arms' curves, shaded
 with per-cycle intervals, drawn by `deltanas report`'s own compare_plot) under `--root`.
-An interrupted benchmark is finished where it stopped: a run with an archive is resumed.
+An interrupted benchmark is finished where it stopped: a run with an archive is resumed. `--parallel N`
+runs N arms at once (each its own process, model and sandbox: on a large GPU they share the card);
+`--no-run` reads the archives as they are.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import random
 import subprocess
 import sys
@@ -44,6 +48,10 @@ METRICS = ("valid", "novel_valid", "improved")
 
 def run_arm(root: Path, seed: int, arm: str, args: argparse.Namespace, extra: list[str]) -> Path:
     run_dir = root / f"seed-{seed}" / arm
+    if args.no_run:
+        if not (run_dir / "archive.sqlite").is_file():
+            raise SystemExit(f"--no-run: {run_dir} has no archive")
+        return run_dir
     if (run_dir / "archive.sqlite").is_file():
         cmd = [sys.executable, "-m", "deltanas.agent.cli", "run", "--plain", "--resume", str(run_dir)]
     else:
@@ -180,15 +188,25 @@ def main() -> int:
     ap.add_argument("--probe-tokens", type=int, default=384)
     ap.add_argument("--quick", action="store_true", help="pass --preset quick (CPU-sized updates)")
     ap.add_argument("--root", default=None, help="where the runs go (default: a folder under /tmp)")
+    ap.add_argument("--parallel", type=int, default=1, metavar="N",
+                    help="runs (and probes) at once: on a large GPU, N arms share it (default 1, one after another)")
+    ap.add_argument("--no-run", action="store_true",
+                    help="read the archives under --root as they are (an arm stopped early gives the cycles it finished)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     root = Path(args.root) if args.root else Path("/tmp") / f"deltanas-learning-curve-{int(time.time())}"
     root.mkdir(parents=True, exist_ok=True)
     lo, hi = (map(int, args.window.split(":")) if args.window else (max(0, args.cycles - 3), args.cycles - 1))
 
-    runs = {(s, arm): run_arm(root, s, arm, args, extra) for s in seeds for arm in ARMS}
+    keys = [(s, arm) for s in seeds for arm in ARMS]
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:  # each run is a process of its own
+        runs = dict(zip(keys, pool.map(lambda k: run_arm(root, k[0], k[1], args, extra), keys)))
     data = {key: outcomes(d) for key, d in runs.items()}
-    probes = {key: probe(d, args.llm, args.probe_tokens) for key, d in runs.items()} if args.probe else {}
+    probes = {}
+    if args.probe:  # a process per probe: two models loading in one process's threads mix their dtypes
+        with ProcessPoolExecutor(max(1, args.parallel), mp_context=multiprocessing.get_context("spawn")) as pool:
+            probes = dict(zip(keys, pool.map(probe, [runs[k] for k in keys], [args.llm] * len(keys),
+                                             [args.probe_tokens] * len(keys))))
 
     curves: dict[str, list[dict]] = {}
     for arm in ARMS:

@@ -42,7 +42,7 @@ def test_the_benchmark_runs_both_arms_and_its_figures_match_the_archives(tmp_pat
     root = tmp_path / "lc"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, str(ROOT / "bench" / "learning_curve.py"), "--llm", "mutate", "--seeds", "0,1",
-           "--cycles", "2", "--candidates", "2", "--dataset", "digits", "--root", str(root), "--",
+           "--cycles", "2", "--candidates", "2", "--dataset", "digits", "--root", str(root), "--parallel", "2", "--",
            "--baselines", "lenet", "--limit-train", "400", "--limit-test", "200"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -67,6 +67,14 @@ def test_the_benchmark_runs_both_arms_and_its_figures_match_the_archives(tmp_pat
     # the mutator does not learn: from the same seeds both arms propose the same candidates
     assert report["difference"]["valid"]["diff"] == 0.0
     assert "learn − control over cycles 0–1" in proc.stdout
+
+    # --no-run reads the finished archives again and gives the same figures; it runs nothing
+    again = subprocess.run(cmd[:cmd.index("--")] + ["--no-run"], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((root / "learning_curve.json").read_text())["curves"] == report["curves"]
+    missing = subprocess.run(cmd[:cmd.index("--root") + 1] + [str(tmp_path / "none"), "--no-run"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode != 0 and "has no archive" in missing.stderr
 
     # the report draws both runs in one figure
     out = tmp_path / "report"
