@@ -95,6 +95,17 @@ def python_roots(python: str = sys.executable) -> list[Path]:
     return sorted(p for p in sources if not any(p != q and q in p.parents for q in sources))
 
 
+def import_dirs() -> list[Path]:
+    """The folders a worker's Python lists to import deltanas.sandbox where it came from a plain folder
+    on sys.path outside Python's prefixes (`pip install --target DIR` with PYTHONPATH=DIR): DIR and
+    DIR/deltanas, for their names; [] for an install in the environment."""
+    import deltanas.sandbox as pkg
+
+    top = Path(pkg.__file__).resolve().parent.parent.parent
+    on_path = {Path(p).resolve() for p in sys.path if p}
+    return [top, top / "deltanas"] if top in on_path else []
+
+
 def bwrap_view(python: str, binds: list[tuple[Path, str, bool]], devices: list[str] = (),
                masked: Sequence[Path] = ()) -> list[str]:
     """The bwrap command prefix: the system dirs, `python`'s prefixes, the sandbox package at
@@ -556,7 +567,8 @@ class ProcessSandbox:
         if device.startswith("cuda"):  # the driver reads the GPU's PCI details in /sys and drives its device files
             read.append("/sys")
             write += _cuda_devices()
-        return landlock.Ruleset(read, write, listed=[p for root in roots for p in landlock.on_the_way(root, masked)])
+        listed = [p for root in roots for p in landlock.on_the_way(root, masked)]
+        return landlock.Ruleset(read, write, listed=[*listed, *import_dirs()])
 
     def _hand_over(self, path: Path) -> None:
         """With the uid drop: gives the job's user a work dir (a job's, or a warm worker's with its

@@ -52,13 +52,23 @@ class Constrainer:
     the closing rule needs. Built once per backend; about a second for a 50k vocabulary."""
 
     def __init__(self, hf_tokenizer, *, eos_ids: list[int] | None = None, cache_size: int = 64):
-        import llguidance.hf
+        from copy import copy
+
+        import llguidance
         import numpy as np
 
+        from deltanas.agent.llm.tokenizer_json import byte_level
+
         self.tokenizer = hf_tokenizer
+        # As llguidance.hf.from_tokenizer does, but with a byte-level vocabulary declared as one
+        # (tokenizer_json.py: a folder converted by some transformers versions hides it).
+        backend = copy(hf_tokenizer.backend_tokenizer)
+        backend.no_padding()
+        backend.no_truncation()
         # The ends of a turn the model's generation config knows too (a chat model's end-of-turn
         # token), so an answer the grammar has closed ends where generate() stops.
-        self.ll = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=eos_ids or None)
+        self.ll = llguidance.LLTokenizer(byte_level(backend.to_str()),
+                                         eos_token=eos_ids or hf_tokenizer.eos_token_id)
         self.vocab = self.ll.vocab_size
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._cache_size = cache_size
@@ -196,7 +206,9 @@ class GrammarLogitsProcessor:
                 bits = np.frombuffer(r.matcher.compute_bitmask(), dtype=np.uint8)
                 allowed = np.unpackbits(bits, bitorder="little")[: self.c.vocab].astype(bool)
                 self.c.stats.masks += 1
-                if not allowed.any():  # cannot happen for a well-formed grammar; never sample from nothing
+                if not allowed.any():  # the matcher is stuck (a limit, an error): end the answer, and say why
+                    r.failed = f"no token allowed after {len(r.lines)} line(s): {r.matcher.get_error() or 'empty mask'}"[:300]
+                    r.done = True
                     allowed[self.c.ll.eos_tokens] = True
                 elif left <= TOKENIZATION_SLACK * (r.reserve + r.per_hunk * max(0, r.hunks - self._started(r))):
                     allowed = self._closing(r, allowed)

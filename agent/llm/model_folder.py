@@ -82,6 +82,7 @@ def serving_folder(model: str, *, cache: Path | None = None, dtype: str = "bfloa
     gguf = Path(loc.path) / loc.gguf_file
     out = (cache or default_cache()) / f"{gguf.stem}-{dtype}-{_file_key(gguf, dtype)}"
     if (out / READY_MARK).is_file():
+        declare_byte_level(out)  # a folder converted before that fix
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(f".{out.name}.lock"), "w") as lock:
@@ -123,9 +124,29 @@ def _convert(loc: ModelLocation, out: Path, dtype: str) -> None:
     drop_gguf_mark(net)
     net.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    declare_byte_level(tmp)
     (tmp / READY_MARK).write_text(f"{loc.path}/{loc.gguf_file}\n")
     shutil.rmtree(out, ignore_errors=True)  # a folder without its mark is a killed conversion
     os.replace(tmp, out)
+
+
+def declare_byte_level(folder: Path) -> None:
+    """Rewrite the folder's tokenizer.json where its byte-level vocabulary is not declared as one
+    (tokenizer_json.py): engines that read the file, vLLM's grammar backends among them, then see
+    the tokens transformers sees. Written beside it and renamed into place."""
+    from deltanas.agent.llm.tokenizer_json import byte_level
+
+    path = folder / "tokenizer.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return
+    fixed = byte_level(text)
+    if fixed == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(fixed, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def drop_gguf_mark(net) -> None:

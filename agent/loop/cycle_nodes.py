@@ -160,6 +160,12 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
     stats = getattr(llm, "constraint_stats", None)
     if stats is not None:  # what constraining has cost so far: grammar compiles and token masks
         deps.store.set_meta(f"constraint:{cycle}", stats())
+    broken = {candidate_id(cycle, i): c.meta["grammar_error"] for i, c in enumerate(completions)
+              if c.meta.get("grammar_error")}
+    if broken:  # the grammar ended these answers early: a tokenizer or grammar fault, never the model's
+        deps.store.set_meta(f"grammar_errors:{cycle}", broken)
+        log.warning("cycle %d: the answer grammar stopped %d of %d answers early (%s: %s)", cycle, len(broken),
+                    len(completions), *next(iter(broken.items())))
     proposals: list[Proposal] = []
     for idx, (pid, chat, comp, fmt, sites) in enumerate(zip(parent_ids, chats, completions, formats, placed)):
         cid = candidate_id(cycle, idx)

@@ -336,6 +336,24 @@ def test_each_candidate_records_how_its_answer_was_constrained(tmp_path):
     assert [r.constrain for r in deps2.store.candidates(cycle=0)] == ["none"]
 
 
+
+def test_answers_the_grammar_stopped_early_are_recorded_and_said(tmp_path, caplog):
+    """A tokenizer the grammar misreads ends answers after a few tokens (seen on a GPU machine): the
+    run says so, and the archive keeps which answers and why, rather than a bare apply failure."""
+    class Stopped(ScriptedBackend):
+        def generate(self, prompts, sampling):
+            out = super().generate(prompts, sampling)
+            out[0].meta["grammar_error"] = 'Parser Error: token "ĊĠĠ" does not satisfy the grammar'
+            return out
+
+    deps = make_deps(tmp_path, Stopped(lambda p: "```diff\n--- a/model.py\n+++ b/model.py\n@@"), InstantExecutor(),
+                     **{"search.cycles": 1, "search.candidates": 2, "search.max_repairs": 0})
+    with caplog.at_level("WARNING"):
+        assert run_graph(deps, InMemorySaver()).status == "finished"
+    assert deps.store.get_meta("grammar_errors:0") == {"c000-000": 'Parser Error: token "ĊĠĠ" does not satisfy the grammar'}
+    assert "the answer grammar stopped 1 of 2 answers early" in caplog.text
+
+
 def test_a_baseline_of_your_own_starts_the_search_and_one_that_fails_stops_it_clearly(tmp_path):
     from deltanas.tools.zoo import get_baseline
 

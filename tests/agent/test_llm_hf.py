@@ -3,6 +3,7 @@ llama with the real Llama vocabulary) for the plumbing, SmolLM2-135M for a real 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import threading
 import time
@@ -445,3 +446,55 @@ def test_smollm2_under_the_grammar_writes_diffs_that_apply(smollm2_fp32):
     # Every answer closed and applies: at typed sites an added line is a whole layer, so nothing
     # breaks Python's syntax either.
     assert codes == [None] * len(prompts), codes
+
+
+def _as_517_writes_it(spec: dict) -> dict:
+    """SmolLM2's byte-level tokenizer.json as transformers 5.17 converts it from the GGUF file (seen
+    on the GPU machine): byte_fallback on, and a sentencepiece decoder chain around ByteLevel."""
+    spec = json.loads(json.dumps(spec))
+    spec["model"].update(byte_fallback=True, unk_token="<|endoftext|>", fuse_unk=True)
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, spec["decoder"]]}
+    return spec
+
+
+@needs_smollm2
+def test_a_byte_level_vocabulary_written_with_byte_fallback_still_holds_spaces_and_newlines(tmp_path):
+    # On the GPU machine every constrained answer ended after a few tokens: llguidance read the
+    # 5.17-converted vocabulary as sentencepiece, "Ġ" and "Ċ" as characters, so no space or newline
+    # the model wrote satisfied the grammar.
+    import llguidance
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from deltanas.agent.llm.constrain import Constrainer
+    from deltanas.agent.llm.model_folder import declare_byte_level, serving_folder
+    from deltanas.agent.llm.tokenizer_json import byte_level, needs_fix
+
+    plain = json.loads((serving_folder("smollm2", dtype="float32") / "tokenizer.json").read_text(encoding="utf-8"))
+    assert not needs_fix(plain)
+    quirky = json.dumps(_as_517_writes_it(plain))
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(quirky), eos_token="<|im_end|>")
+    text = "@@\n             nn.ReLU(inplace=True),\n+            nn.Dropout(0.1),\n"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == text  # transformers reads it the same either way
+    assert llguidance.LLTokenizer(quirky).decode_bytes(ids) != text.encode()  # what broke the grammar
+
+    c = Constrainer(tok)
+    assert c.ll.decode_bytes(ids) == text.encode()
+    m = c.matcher('start: "@@\\n" /[ ]+nn\\.ReLU\\(inplace=True\\),\\n/ "+" /[^\\n]*\\n/')
+    assert all(m.consume_token(t) for t in ids) and not m.is_error()
+
+    # A converted folder gets the declaration on disk too (vLLM's grammar backends read the file).
+    (tmp_path / "tokenizer.json").write_text(quirky, encoding="utf-8")
+    declare_byte_level(tmp_path)
+    fixed = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    assert fixed["model"]["byte_fallback"] is False and fixed["decoder"]["type"] == "ByteLevel"
+    assert not needs_fix(fixed) and byte_level(json.dumps(fixed)) == json.dumps(fixed)
+    again = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert again(text, add_special_tokens=False).input_ids == ids and again.decode(ids) == text
+    # A sentencepiece vocabulary whose fallback has byte tokens to use is left as it is.
+    sp = _as_517_writes_it(plain)
+    sp["model"]["vocab"]["<0x0A>"] = len(sp["model"]["vocab"])
+    assert needs_fix(sp) is False

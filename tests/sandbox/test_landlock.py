@@ -286,6 +286,28 @@ def test_layers_say_why_one_is_not_in_force(tmp_path):
         sb.close()
 
 
+
+@pytest.mark.skipif(landlock.abi_version() < 1, reason="no Landlock in this kernel")
+def test_landlock_holds_where_deltanas_is_imported_from_a_folder_on_pythonpath(tmp_path):
+    # `pip install --target DIR` and PYTHONPATH=DIR (the GPU machine's setup): the worker must list
+    # DIR and DIR/deltanas to import the sandbox package, which lie outside Python's prefixes. Before,
+    # Landlock fell away there ("No module named 'deltanas'"), and model-written code was refused.
+    import deltanas.sandbox
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(deltanas.sandbox.__file__).parent, site / "deltanas" / "sandbox",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys, deltanas.sandbox as pkg; assert pkg.__file__.startswith(sys.argv[1]), pkg.__file__\n"
+            "from deltanas.sandbox.process import ProcessSandbox\n"
+            "sb = ProcessSandbox(sys.argv[2], use_bwrap=False, use_landlock=True, drop_uid=False, "
+            "use_namespaces=False, use_seccomp=False)\n"
+            "print(sb.landlock_abi, [x['why'] for x in sb.layers() if x['name'] == 'landlock'][0])\nsb.close()")
+    r = subprocess.run([sys.executable, "-c", code, str(site), str(tmp_path / "work")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    abi, why = r.stdout.strip().split(" ", 1)
+    assert int(abi) == landlock.abi_version(), why
+
 # -- the uid drop, as root -----------------------------------------------------------------------------------------
 
 def open_world(tmp_root: Path) -> Path:
