@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import importlib.util
 import os
 import shutil
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_MARK = ".deltanas-ready"
+log = logging.getLogger(__name__)
 
 # Offline models shipped inside PyPI packages: alias -> (package, file inside it).
 ALIASES = {
@@ -145,8 +147,13 @@ def declare_byte_level(folder: Path) -> None:
     if fixed == text:
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(fixed, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(fixed, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache: the hf backend declares it itself (constrain.py), a server may not
+        tmp.unlink(missing_ok=True)
+        log.warning("%s: cannot rewrite its byte-level tokenizer (%s); a grammar backend reading the file may "
+                    "misread spaces and newlines", path, e)
 
 
 def drop_gguf_mark(net) -> None:

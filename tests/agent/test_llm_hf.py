@@ -498,3 +498,22 @@ def test_a_byte_level_vocabulary_written_with_byte_fallback_still_holds_spaces_a
     sp = _as_517_writes_it(plain)
     sp["model"]["vocab"]["<0x0A>"] = len(sp["model"]["vocab"])
     assert needs_fix(sp) is False
+
+
+def test_a_tokenizer_that_cannot_be_rewritten_is_left_as_it_is_with_a_warning(tmp_path, monkeypatch, caplog):
+    from deltanas.agent.llm import model_folder
+
+    spec = {"model": {"type": "BPE", "byte_fallback": True, "vocab": {"a": 0, "\u0120": 1}, "merges": []},
+            "pre_tokenizer": {"type": "ByteLevel"}, "decoder": {"type": "Sequence", "decoders": [
+                {"type": "ByteFallback"}, {"type": "ByteLevel"}]}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(model_folder.os, "replace", refuse)  # a cache on a read-only filesystem
+    with caplog.at_level("WARNING"):
+        model_folder.declare_byte_level(tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8")) == spec
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no half-written file left
+    assert "cannot rewrite its byte-level tokenizer" in caplog.text
