@@ -30,11 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import passthrough  # bench/passthrough.py: a script's own folder is first on sys.path
