@@ -4,10 +4,11 @@
         --cold-start-from runs/bootstrap -- --limit-train 10000
     python bench/learning_curve.py --llm hf:tinycoder --seeds 0,1 --cycles 2 --candidates 2 --quick
 
-For each seed it runs `deltanas run` twice with identical settings (model, seed, baselines, cycles,
-candidates, dataset, grammar, cold start):
-- **learn**: a LoRA update after every cycle (`learn.updates = true`);
-- **control**: no update (`learn.updates = false`); a `--cold-start-from` adapter is used by both,
+For each seed it runs `deltanas run` once per arm with identical settings (model, seed, baselines,
+cycles, candidates, dataset, grammar, cold start). `--arms` picks them (default `learn,control`):
+- **learn**: a LoRA update after every cycle (`learn.updates = true`, `learn.method = "sft"`);
+- **dpo**, **sft+dpo**: the same with `learn.method = "dpo"` or `"sft+dpo"` (preference pairs);
+- **control**: no update (`learn.updates = false`); a `--cold-start-from` adapter is used by all,
   so the arms differ in the loop's updates alone.
 
 Per cycle and arm it reads from each archive:
@@ -17,8 +18,8 @@ Per cycle and arm it reads from each archive:
   `constrain = "none"` to the model as it was in that cycle (its adapter then), and how many
   of those free answers apply.
 
-Then, over the cycles of `--window` (default the last three), the difference learn − control with a
-95% bootstrap interval that resamples seeds and, within each, candidates (10,000 draws). It writes
+Then, over the cycles of `--window` (default the last three), the difference of each arm from the
+control with a 95% bootstrap interval that resamples seeds and, within each, candidates (10,000 draws). It writes
 `learning_curve.json`, `learning_curve.md` and `learning_curve.png` (the two arms' curves, shaded
 with per-cycle intervals, drawn by `deltanas report`'s own compare_plot) under `--root`.
 An interrupted benchmark is finished where it stopped: a run with an archive is resumed. `--parallel N`
@@ -42,7 +43,7 @@ import passthrough  # bench/passthrough.py: a script's own folder is first on sy
 from deltanas.agent.archive import Store
 from deltanas.agent.run.report import CURVES, compare_plot
 
-ARMS = ("learn", "control")
+METHODS = {"learn": "sft", "dpo": "dpo", "sft+dpo": "sft+dpo"}  # the learning arms, and what each trains
 METRICS = ("valid", "novel_valid", "improved")
 
 
@@ -57,8 +58,8 @@ def run_arm(root: Path, seed: int, arm: str, args: argparse.Namespace, extra: li
     else:
         cfg = root / f"{arm}.toml"
         cold = json.dumps([str(Path(args.cold_start_from).resolve())]) if args.cold_start_from else "[]"
-        cfg.write_text(f"[learn]\nenabled = true\nupdates = {'true' if arm == 'learn' else 'false'}\n"
-                       f"rule = \"{args.rule}\"\ncold_start_from = {cold}\ncold_start_max_pairs = {args.max_pairs}\n")
+        cfg.write_text(f"[learn]\nenabled = true\nupdates = {'false' if arm == 'control' else 'true'}\n"
+                       f"method = \"{METHODS.get(arm, 'sft')}\"\nrule = \"{args.rule}\"\ncold_start_from = {cold}\ncold_start_max_pairs = {args.max_pairs}\n")
         cmd = [sys.executable, "-m", "deltanas.agent.cli", "run", "--plain", "--run-dir", str(run_dir),
                "--config", str(cfg), "--llm", args.llm, "--cycles", str(args.cycles), "--candidates",
                str(args.candidates), "--seed", str(seed), "--dataset", args.dataset, "--constrain", args.constrain,
@@ -136,8 +137,9 @@ def probe(run_dir: Path, llm: str, max_new_tokens: int) -> dict[int, float]:
     return out
 
 
-def bootstrap_diff(per_seed: dict[int, dict[str, list[int]]], draws: int = 10_000, rng_seed: int = 0) -> dict:
-    """Mean learn − control over seeds, and its 95% interval: seeds resampled, then candidates
+def bootstrap_diff(per_seed: dict[int, dict[str, list[int]]], draws: int = 10_000, rng_seed: int = 0,
+                   arm: str = "learn") -> dict:
+    """Mean `arm` − control over seeds, and its 95% interval: seeds resampled, then candidates
     within each seed and arm. `per_seed[seed][arm]` is a list of 0/1 (or values)."""
     seeds = sorted(per_seed)
     rng = random.Random(rng_seed)
@@ -150,7 +152,7 @@ def bootstrap_diff(per_seed: dict[int, dict[str, list[int]]], draws: int = 10_00
         for s in chosen:
             arms = per_seed[s]
             pick = (lambda xs: [rng.choice(xs) for _ in xs]) if resample else (lambda xs: xs)
-            vals.append(mean(pick(arms["learn"])) - mean(pick(arms["control"])))
+            vals.append(mean(pick(arms[arm])) - mean(pick(arms["control"])))
         return mean(vals)
 
     point = diff(seeds, False)
@@ -179,6 +181,8 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=5)
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--arms", default="learn,control",
+                    help=f"the runs per seed: control and one or more of {', '.join(METHODS)} (default learn,control)")
     ap.add_argument("--constrain", default="grammar", choices=["grammar", "prefix", "none"])
     ap.add_argument("--rule", default="valid", choices=["improved", "valid", "top_k"])
     ap.add_argument("--cold-start-from", metavar="DIR", help="a bootstrap folder (or other source) both arms start from")
@@ -194,11 +198,15 @@ def main() -> int:
                     help="read the archives under --root as they are (an arm stopped early gives the cycles it finished)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    learners = [a for a in arms if a != "control"]
+    if "control" not in arms or not learners or any(a not in METHODS for a in learners) or len(set(arms)) < len(arms):
+        ap.error(f"--arms: control and one or more of {', '.join(METHODS)}, each once (got {args.arms!r})")
     root = Path(args.root) if args.root else Path("/tmp") / f"deltanas-learning-curve-{int(time.time())}"
     root.mkdir(parents=True, exist_ok=True)
     lo, hi = (map(int, args.window.split(":")) if args.window else (max(0, args.cycles - 3), args.cycles - 1))
 
-    keys = [(s, arm) for s in seeds for arm in ARMS]
+    keys = [(s, arm) for s in seeds for arm in arms]
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:  # each run is a process of its own
         runs = dict(zip(keys, pool.map(lambda k: run_arm(root, k[0], k[1], args, extra), keys)))
     data = {key: outcomes(d) for key, d in runs.items()}
@@ -209,7 +217,7 @@ def main() -> int:
                                              [args.probe_tokens] * len(keys))))
 
     curves: dict[str, list[dict]] = {}
-    for arm in ARMS:
+    for arm in arms:
         points = []
         for c in range(args.cycles):
             point = {"cycle": c}
@@ -228,14 +236,17 @@ def main() -> int:
             points.append(point)
         curves[arm] = points
 
-    window = {}
-    for name in METRICS:
-        per_seed = {s: {arm: [o[name] for c in range(lo, hi + 1) for o in data[(s, arm)].get(c, [])] for arm in ARMS}
-                    for s in seeds}
-        window[name] = bootstrap_diff(per_seed)
+    differences: dict[str, dict] = {}
+    for arm in learners:
+        differences[arm] = {}
+        for name in METRICS:
+            per_seed = {s: {a: [o[name] for c in range(lo, hi + 1) for o in data[(s, a)].get(c, [])]
+                            for a in (arm, "control")} for s in seeds}
+            differences[arm][name] = bootstrap_diff(per_seed, arm=arm)
     report = {"llm": args.llm, "seeds": seeds, "cycles": args.cycles, "candidates": args.candidates,
               "dataset": args.dataset, "constrain": args.constrain, "cold_start_from": args.cold_start_from,
-              "extra": extra, "window": [lo, hi], "curves": curves, "difference": window,
+              "extra": extra, "window": [lo, hi], "curves": curves, "difference": differences[learners[0]],
+              "differences": differences,
               "runs": {f"{s}/{arm}": str(d) for (s, arm), d in runs.items()}}
     (root / "learning_curve.json").write_text(json.dumps(report, indent=2))
     compare_plot(curves, root / "learning_curve.png",
@@ -249,11 +260,12 @@ def main() -> int:
         for p in points:
             cells = ["—" if p.get(k) is None else f"{100 * p[k]:.1f}%" for k in cols]
             lines.append(f"| {arm} | {p['cycle']} | " + " | ".join(cells) + " |")
-    lines += ["", f"learn − control over cycles {lo}–{hi} (0-based), 95% bootstrap interval over seeds and candidates:"]
-    for name, r in window.items():
-        a, b = r["ci95"]
-        verdict = "excludes zero" if a > 0 or b < 0 else "includes zero"
-        lines.append(f"- {name}: {100 * r['diff']:+.1f} points [{100 * a:+.1f}, {100 * b:+.1f}] ({verdict})")
+    for arm, window in differences.items():
+        lines += ["", f"{arm} − control over cycles {lo}–{hi} (0-based), 95% bootstrap interval over seeds and candidates:"]
+        for name, r in window.items():
+            a, b = r["ci95"]
+            verdict = "excludes zero" if a > 0 or b < 0 else "includes zero"
+            lines.append(f"- {name}: {100 * r['diff']:+.1f} points [{100 * a:+.1f}, {100 * b:+.1f}] ({verdict})")
     text = "\n".join(lines) + "\n"
     (root / "learning_curve.md").write_text(text)
     print(text)

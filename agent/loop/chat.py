@@ -20,7 +20,6 @@ cycles may take them as parents, and `status`, `report` and the LoRA updates cou
 from __future__ import annotations
 
 import operator
-import time
 from functools import partial
 from typing import Annotated, Any, TypedDict
 
@@ -35,7 +34,6 @@ from deltanas.agent.loop.cycle_nodes import chat_id
 from deltanas.agent.loop.deps import Deps
 from deltanas.agent.loop.graph import build_candidate_graph, fan_out
 from deltanas.agent.loop.state import Proposal
-from deltanas.tools.trajectory import proposal_step
 
 MAX_REQUEST_CHARS = 2000
 MAX_PROPOSALS = 8
@@ -122,33 +120,12 @@ def propose_request(state: ChatState, deps: Deps) -> dict[str, Any]:
     if stored is not None:
         return {"proposals": stored}
     deps.check_stop()
-    s = deps.config.search
     parent = deps.store.get(req["parent_id"])
     cycle, draw = loop_cycle(deps), CHAT_DRAW_BASE + turn
-    prompts, chats, formats, placed = [], [], [], []
-    for idx in range(req["n"]):
-        chat, fmt, sites, prompt = answer_format.proposal(deps.config, deps.llm, parent, deps.info(parent.dataset),
-                                                          draw, idx, req["text"])
-        chats.append(chat)
-        formats.append(fmt)
-        placed.append(sites)
-        prompts.append(prompt)
-    started = time.perf_counter()
-    completions = deps.llm.generate(prompts, deps.sampling)
-    per_candidate = (time.perf_counter() - started) / max(1, len(prompts))
-    proposals: list[Proposal] = []
-    for idx, (chat, comp, fmt, sites) in enumerate(zip(chats, completions, formats, placed)):
-        cid = chat_id(turn, idx)
-        messages = proposal_step(chat, comp.text)
-        mode = "prefix" if fmt.constrain == "grammar" and comp.meta.get("constrained") is False else fmt.constrain
-        deps.store.put_trajectory(cid, messages)
-        deps.store.upsert(CandidateRow(
-            id=cid, cycle=cycle, idx=idx, kind=s.mode, parent_id=parent.id, dataset=parent.dataset,
-            status="proposed", completion=comp.text, prompt_tokens=comp.prompt_tokens,
-            completion_tokens=comp.completion_tokens, gen_seconds=per_candidate, constrain=mode, sites=sites))
-        proposals.append(Proposal(candidate_id=cid, cycle=cycle, idx=idx, parent_id=parent.id, messages=messages,
-                                  completion=comp.text, prompt_tokens=comp.prompt_tokens,
-                                  completion_tokens=comp.completion_tokens, constrain=mode, sites=sites, turn=turn))
+    asks = [answer_format.proposal(deps.config, deps.llm, parent, deps.info(parent.dataset), draw, idx, req["text"])
+            for idx in range(req["n"])]
+    proposals = cy.ask_model(deps, deps.llm, [chat_id(turn, i) for i in range(req["n"])], cycle,
+                             [parent] * req["n"], asks, f"h{turn}", turn=turn)
     return {"proposals": proposals}
 
 

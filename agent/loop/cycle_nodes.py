@@ -144,43 +144,49 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
     deps.check_stop()
     s = deps.config.search
     llm = deps.proposer(cycle)
-    prompts, chats, formats, placed = [], [], [], []
-    for idx, pid in enumerate(parent_ids):
-        parent = deps.store.get(pid)
-        chat, fmt, sites, prompt = answer_format.proposal(deps.config, llm, parent, deps.info(parent.dataset), cycle,
-                                                          idx, s.goal)
-        chats.append(chat)
-        formats.append(fmt)
-        placed.append(sites)
-        prompts.append(prompt)
-    started = time.perf_counter()
+    parents = [deps.store.get(pid) for pid in parent_ids]
+    asks = [answer_format.proposal(deps.config, llm, parent, deps.info(parent.dataset), cycle, idx, s.goal)
+            for idx, parent in enumerate(parents)]
     deps.store.set_meta(f"proposer:{cycle}", getattr(llm, "name", type(llm).__name__))
-    completions = llm.generate(prompts, deps.sampling)
-    per_candidate = (time.perf_counter() - started) / max(1, len(prompts))
+    proposals = ask_model(deps, llm, [candidate_id(cycle, i) for i in range(len(asks))], cycle, parents, asks,
+                          str(cycle))
     stats = getattr(llm, "constraint_stats", None)
     if stats is not None:  # what constraining has cost so far: grammar compiles and token masks
         deps.store.set_meta(f"constraint:{cycle}", stats())
-    broken = {candidate_id(cycle, i): c.meta["grammar_error"] for i, c in enumerate(completions)
-              if c.meta.get("grammar_error")}
+    return {"proposals": proposals}
+
+
+def ask_model(deps: Deps, llm: Any, ids: list[str], cycle: int, parents: list[CandidateRow], asks: list[tuple],
+              where: str, turn: int | None = None) -> list[Proposal]:
+    """One batched backend call for `asks` (answer_format.proposal's chat, format, sites and prompt, one
+    per parent); each answer is archived at once as `proposed` under its id, so a resume reuses them
+    instead of asking the model again. Answers the grammar ended early are recorded under
+    `grammar_errors:<where>` (a cycle, or a chat turn `h<n>`)."""
+    chats, formats, placed, prompts = (list(x) for x in zip(*asks))
+    started = time.perf_counter()
+    completions = llm.generate(prompts, deps.sampling)
+    per_candidate = (time.perf_counter() - started) / max(1, len(prompts))
+    broken = {cid: c.meta["grammar_error"] for cid, c in zip(ids, completions) if c.meta.get("grammar_error")}
     if broken:  # the grammar ended these answers early: a tokenizer or grammar fault, never the model's
-        deps.store.set_meta(f"grammar_errors:{cycle}", broken)
-        log.warning("cycle %d: the answer grammar stopped %d of %d answers early (%s: %s)", cycle, len(broken),
-                    len(completions), *next(iter(broken.items())))
+        deps.store.set_meta(f"grammar_errors:{where}", broken)
+        log.warning("%s: the answer grammar stopped %d of %d answers early (%s: %s)",
+                    f"chat turn {turn}" if turn is not None else f"cycle {cycle}", len(broken), len(completions),
+                    *next(iter(broken.items())))
     proposals: list[Proposal] = []
-    for idx, (pid, chat, comp, fmt, sites) in enumerate(zip(parent_ids, chats, completions, formats, placed)):
-        cid = candidate_id(cycle, idx)
+    for idx, (cid, parent, chat, comp, fmt, sites) in enumerate(zip(ids, parents, chats, completions, formats, placed)):
         messages = proposal_step(chat, comp.text)
         # A server that turned out to ignore the grammar answered unconstrained: say what happened.
         mode = "prefix" if fmt.constrain == "grammar" and comp.meta.get("constrained") is False else fmt.constrain
         deps.store.put_trajectory(cid, messages)
         deps.store.upsert(CandidateRow(
-            id=cid, cycle=cycle, idx=idx, kind=s.mode, parent_id=pid, dataset=deps.dataset_of(pid),
+            id=cid, cycle=cycle, idx=idx, kind=deps.config.search.mode, parent_id=parent.id, dataset=parent.dataset,
             status="proposed", completion=comp.text, prompt_tokens=comp.prompt_tokens,
             completion_tokens=comp.completion_tokens, gen_seconds=per_candidate, constrain=mode, sites=sites))
-        proposals.append(Proposal(candidate_id=cid, cycle=cycle, idx=idx, parent_id=pid, messages=messages,
+        proposals.append(Proposal(candidate_id=cid, cycle=cycle, idx=idx, parent_id=parent.id, messages=messages,
                                   completion=comp.text, prompt_tokens=comp.prompt_tokens,
-                                  completion_tokens=comp.completion_tokens, constrain=mode, sites=sites))
-    return {"proposals": proposals}
+                                  completion_tokens=comp.completion_tokens, constrain=mode, sites=sites,
+                                  **({"turn": turn} if turn is not None else {})))
+    return proposals
 
 
 def cycle_summary(rows: list[CandidateRow]) -> dict[str, Any]:

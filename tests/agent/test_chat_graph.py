@@ -163,3 +163,26 @@ def test_a_revision_that_comes_back_the_same_is_marked_so(tmp_path):
     assert r["unchanged"] is False
     (again,) = _only(run_chat(deps, saver, {r["id"]: {"verdict": "revise", "reason": "something else"}}), "review")
     assert again["diff"] == r["diff"] and again["unchanged"] is True and again["revisions"] == 1
+
+
+def test_answers_the_grammar_stopped_early_in_a_chat_turn_are_recorded_and_said(tmp_path, caplog):
+    """As in a cycle (tests/agent/test_graph.py): a chat request whose answers the grammar ended early
+    says so, and the archive keeps which answers and why, under the turn."""
+    import dataclasses
+
+    from deltanas.agent.llm.scripted import ScriptedBackend
+
+    class Stopped(ScriptedBackend):
+        def generate(self, prompts, sampling):
+            out = super().generate(prompts, sampling)
+            out[1].meta["grammar_error"] = 'Parser Error: token "ĊĠĠ" does not satisfy the grammar'
+            return out
+
+    deps = dataclasses.replace(_deps(tmp_path), llm=Stopped(lambda p: f"```diff\n{block_diff(p.base_source, 'k')}```"))
+    saver = sqlite_saver(deps)
+    (q,) = _only(run_chat(deps, saver), "request")
+    with caplog.at_level("WARNING"):
+        _only(run_chat(deps, saver, {q["id"]: {"text": "wider", "parent_id": None}}), "review")
+    assert deps.store.get_meta("grammar_errors:h0") == {"h000-01": 'Parser Error: token "ĊĠĠ" does not satisfy the grammar'}
+    assert "chat turn 0: the answer grammar stopped 1 of 2 answers early" in caplog.text
+    assert deps.store.get_meta("grammar_errors:0") is None

@@ -37,6 +37,21 @@ def test_the_interval_is_right_on_known_data():
     assert mixed["diff"] == pytest.approx(0.5) and mixed["ci95"][0] <= 0.5 <= mixed["ci95"][1]
 
 
+def test_the_interval_is_taken_against_the_control_for_each_learning_arm():
+    lc = load_bench()
+    per_seed = {s: {"dpo": [1, 1], "learn": [0, 0], "control": [0, 1]} for s in range(3)}
+    assert lc.bootstrap_diff(per_seed, draws=200, arm="dpo")["diff"] == 0.5
+    assert lc.bootstrap_diff(per_seed, draws=200)["diff"] == -0.5
+
+
+@pytest.mark.parametrize("arms", ["learn", "learn,dpo", "control", "learn,control,learn", "control,rl"])
+def test_arms_without_a_control_or_a_learner_are_refused_before_any_run(tmp_path, arms):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curve.py"), "--arms", arms, "--root",
+                           str(tmp_path), "--no-run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--arms: control and one or more of learn, dpo, sft+dpo" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_the_benchmark_runs_both_arms_and_its_figures_match_the_archives(tmp_path, capsys):
     root = tmp_path / "lc"
