@@ -79,7 +79,8 @@ NOBODY = (65534, 65534)  # the (uid, gid) a job of root's runs as, without bwrap
 # /proc for the warm worker's accounting (self/status, its descendants' stat) and torch's
 # (self/maps, cpuinfo); /sys/devices/system/cpu, where glibc and the thread pools count the
 # CPUs; /dev/urandom for torch's seed; /dev/null. Not /etc (ld.so falls back to the default
-# library dirs, pwd lookups fail harmlessly), nor /tmp or /dev/shm, which the host shares.
+# library dirs; pwd lookups fail, so the env names the user: _base_env), nor /tmp or /dev/shm,
+# which the host shares.
 LANDLOCK_READ = ("/proc", "/sys/devices/system/cpu", "/dev/urandom")
 LANDLOCK_WRITE = ("/dev/null",)
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
@@ -96,14 +97,16 @@ def python_roots(python: str = sys.executable) -> list[Path]:
 
 
 def import_dirs() -> list[Path]:
-    """The folders a worker's Python lists to import deltanas.sandbox where it came from a plain folder
-    on sys.path outside Python's prefixes (`pip install --target DIR` with PYTHONPATH=DIR): DIR and
-    DIR/deltanas, for their names; [] for an install in the environment."""
+    """The folder deltanas.sandbox was imported from where it is a plain folder on sys.path outside
+    Python's prefixes (`pip install --target DIR` with PYTHONPATH=DIR): DIR, which the worker's
+    Python reads as it reads site-packages (torch imports what it finds there, dill for one);
+    [] for an install in the environment."""
     import deltanas.sandbox as pkg
 
     top = Path(pkg.__file__).resolve().parent.parent.parent
     on_path = {Path(p).resolve() for p in sys.path if p}
-    return [top, top / "deltanas"] if top in on_path else []
+    inside = any(top == r or r in top.parents for r in python_roots())
+    return [top] if top in on_path and not inside else []
 
 
 def bwrap_view(python: str, binds: list[tuple[Path, str, bool]], devices: list[str] = (),
@@ -172,6 +175,16 @@ def bwrap_available(python: str = sys.executable) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
+
+
+def user_name(uid: int) -> str:
+    """`uid`'s login name on this host, or the number where it has none."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def one_gpu(device: str, visible: str | None) -> tuple[str | None, str]:
@@ -551,10 +564,12 @@ class ProcessSandbox:
             yield functools.partial(_confine, limits, c, rules), fds, data_arg
 
     def _read_roots(self) -> list[Path]:
-        """What a job reads besides its dataset: the system dirs, Python's prefixes, deltanas.sandbox."""
+        """What a job reads besides its dataset: the system dirs, Python's prefixes, deltanas.sandbox,
+        and a PYTHONPATH folder deltanas was installed in (`import_dirs`), each less the masked paths."""
         import deltanas.sandbox as pkg
 
-        return [*(Path(d) for d in SYSTEM_DIRS), *python_roots(self.python), Path(pkg.__file__).resolve().parent]
+        return [*(Path(d) for d in SYSTEM_DIRS), *python_roots(self.python), Path(pkg.__file__).resolve().parent,
+                *import_dirs()]
 
     def _ruleset(self, work_dir: Path, data: Path | None, device: str) -> landlock.Ruleset:
         """The job's Landlock allow-list: read `_read_roots` minus the masked paths in them, the
@@ -568,7 +583,7 @@ class ProcessSandbox:
             read.append("/sys")
             write += _cuda_devices()
         listed = [p for root in roots for p in landlock.on_the_way(root, masked)]
-        return landlock.Ruleset(read, write, listed=[*listed, *import_dirs()])
+        return landlock.Ruleset(read, write, listed=listed)
 
     def _hand_over(self, path: Path) -> None:
         """With the uid drop: gives the job's user a work dir (a job's, or a warm worker's with its
@@ -599,7 +614,10 @@ class ProcessSandbox:
         if visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = visible
         threads = str(max(1, cpu_threads))
-        env.update(HOME=str(workdir), TMPDIR=str(workdir), OMP_NUM_THREADS=threads,
+        # The job's user by name: getpass.getuser() (torch asks it for its cache folders) reads these
+        # before the passwd file, which Landlock keeps from the job (a GPU job died on the lookup).
+        name = user_name(self._confinement.user[0] if self._confinement.user is not None else os.getuid())
+        env.update(HOME=str(workdir), TMPDIR=str(workdir), USER=name, LOGNAME=name, OMP_NUM_THREADS=threads,
                    MKL_NUM_THREADS=threads, PYTHONHASHSEED=str(seed), PYTHONDONTWRITEBYTECODE="1",
                    PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
         if self.fs_isolated:

@@ -287,26 +287,60 @@ def test_layers_say_why_one_is_not_in_force(tmp_path):
 
 
 
+SITE_JOB = """
+import getpass
+import sitemod  # a package beside deltanas in the PYTHONPATH folder, as dill is for torch
+try:
+    open(SECRET).read()
+    LEAK = "read"
+except PermissionError:
+    LEAK = "blocked"
+print("SITE", sitemod.VALUE, getpass.getuser(), LEAK)
+"""
+
+
 @pytest.mark.skipif(landlock.abi_version() < 1, reason="no Landlock in this kernel")
+@pytest.mark.slow
 def test_landlock_holds_where_deltanas_is_imported_from_a_folder_on_pythonpath(tmp_path):
-    # `pip install --target DIR` and PYTHONPATH=DIR (the GPU machine's setup): the worker must list
-    # DIR and DIR/deltanas to import the sandbox package, which lie outside Python's prefixes. Before,
-    # Landlock fell away there ("No module named 'deltanas'"), and model-written code was refused.
+    # `pip install --target DIR` and PYTHONPATH=DIR (the GPU machine's setup). The worker imports the
+    # sandbox package from DIR, and torch imports what else DIR holds (dill): DIR is read as
+    # site-packages is, less its masked paths. On the GPU machine, Landlock first fell away there
+    # ("No module named 'deltanas'"), then the worker died on dill (PermissionError) and on a passwd
+    # lookup (getpass.getuser(): KeyError). Here a real job imports from DIR, asks for its user name,
+    # trains, and cannot read a masked folder inside DIR.
     import deltanas.sandbox
 
     site = tmp_path / "site"
     shutil.copytree(Path(deltanas.sandbox.__file__).parent, site / "deltanas" / "sandbox",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("import sys, deltanas.sandbox as pkg; assert pkg.__file__.startswith(sys.argv[1]), pkg.__file__\n"
+    (site / "sitemod").mkdir()
+    (site / "sitemod" / "__init__.py").write_text("VALUE = 42\n")
+    (site / "labels").mkdir()
+    (site / "labels" / "test.csv").write_text("7,2,1\n")
+    handle = write_handle(noise(256, 128, seed=3), tmp_path / "handle")
+    source = SITE_JOB.replace("SECRET", repr(str(site / "labels" / "test.csv"))) + LINEAR_NET
+    code = ("import json, sys, deltanas.sandbox as pkg; assert pkg.__file__.startswith(sys.argv[1]), pkg.__file__\n"
+            "from deltanas.sandbox.base import Job, Limits\n"
             "from deltanas.sandbox.process import ProcessSandbox\n"
             "sb = ProcessSandbox(sys.argv[2], use_bwrap=False, use_landlock=True, drop_uid=False, "
-            "use_namespaces=False, use_seccomp=False)\n"
-            "print(sb.landlock_abi, [x['why'] for x in sb.layers() if x['name'] == 'landlock'][0])\nsb.close()")
-    r = subprocess.run([sys.executable, "-c", code, str(site), str(tmp_path / "work")], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}, timeout=120)
+            "use_namespaces=False, use_seccomp=False, warm=True, masked=[sys.argv[1] + '/labels'])\n"
+            "why = [x['why'] for x in sb.layers() if x['name'] == 'landlock'][0]\n"
+            "r = sb.run(Job(candidate_id='site', source=sys.argv[3], dataset_dir=sys.argv[4], batch_size=64, "
+            "limits=Limits(timeout_s=120, memory_mb=2048, cpu_threads=1)))\n"
+            "sb.close()\n"
+            "print(json.dumps({'abi': sb.landlock_abi, 'why': why, 'status': r.status, 'error': r.error, "
+            "'log': r.log_tail}))")
+    r = subprocess.run([sys.executable, "-c", code, str(site), str(tmp_path / "work"), source, str(handle)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    abi, why = r.stdout.strip().split(" ", 1)
-    assert int(abi) == landlock.abi_version(), why
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["abi"] == landlock.abi_version(), out["why"]
+    assert out["status"] == "ok", out["error"] + out["log"]
+    import pwd
+
+    assert f"SITE 42 {pwd.getpwuid(os.getuid()).pw_name} blocked" in out["log"], out["log"]
+
 
 # -- the uid drop, as root -----------------------------------------------------------------------------------------
 
