@@ -19,8 +19,9 @@ Per cycle and arm it reads from each archive:
   of those free answers apply.
 
 Then, over the cycles of `--window` (default the last three), the difference of each arm from the
-control with a 95% bootstrap interval that resamples seeds and, within each, candidates (10,000 draws). It writes
-`learning_curve.json`, `learning_curve.md` and `learning_curve.png` (the two arms' curves, shaded
+control with a 95% bootstrap interval that resamples seeds and, within each, candidates (10,000
+draws). It writes
+`learning_curve.json`, `learning_curve.md` and `learning_curve.png` (the arms' curves, shaded
 with per-cycle intervals, drawn by `deltanas report`'s own compare_plot) under `--root`.
 An interrupted benchmark is finished where it stopped: a run with an archive is resumed. `--parallel N`
 runs N arms at once (each its own process, model and sandbox: on a large GPU they share the card);
@@ -59,7 +60,8 @@ def run_arm(root: Path, seed: int, arm: str, args: argparse.Namespace, extra: li
         cfg = root / f"{arm}.toml"
         cold = json.dumps([str(Path(args.cold_start_from).resolve())]) if args.cold_start_from else "[]"
         cfg.write_text(f"[learn]\nenabled = true\nupdates = {'false' if arm == 'control' else 'true'}\n"
-                       f"method = \"{METHODS.get(arm, 'sft')}\"\nrule = \"{args.rule}\"\ncold_start_from = {cold}\ncold_start_max_pairs = {args.max_pairs}\n")
+                       f"method = \"{METHODS.get(arm, 'sft')}\"\nrule = \"{args.rule}\"\n"
+                       f"cold_start_from = {cold}\ncold_start_max_pairs = {args.max_pairs}\n")
         cmd = [sys.executable, "-m", "deltanas.agent.cli", "run", "--plain", "--run-dir", str(run_dir),
                "--config", str(cfg), "--llm", args.llm, "--cycles", str(args.cycles), "--candidates",
                str(args.candidates), "--seed", str(seed), "--dataset", args.dataset, "--constrain", args.constrain,

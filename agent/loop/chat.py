@@ -125,7 +125,7 @@ def propose_request(state: ChatState, deps: Deps) -> dict[str, Any]:
     asks = [answer_format.proposal(deps.config, deps.llm, parent, deps.info(parent.dataset), draw, idx, req["text"])
             for idx in range(req["n"])]
     proposals = cy.ask_model(deps, deps.llm, [chat_id(turn, i) for i in range(req["n"])], cycle,
-                             [parent] * req["n"], asks, f"h{turn}", turn=turn)
+                             [parent] * req["n"], asks, turn=turn)
     return {"proposals": proposals}
 
 

@@ -148,8 +148,7 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
     asks = [answer_format.proposal(deps.config, llm, parent, deps.info(parent.dataset), cycle, idx, s.goal)
             for idx, parent in enumerate(parents)]
     deps.store.set_meta(f"proposer:{cycle}", getattr(llm, "name", type(llm).__name__))
-    proposals = ask_model(deps, llm, [candidate_id(cycle, i) for i in range(len(asks))], cycle, parents, asks,
-                          str(cycle))
+    proposals = ask_model(deps, llm, [candidate_id(cycle, i) for i in range(len(asks))], cycle, parents, asks)
     stats = getattr(llm, "constraint_stats", None)
     if stats is not None:  # what constraining has cost so far: grammar compiles and token masks
         deps.store.set_meta(f"constraint:{cycle}", stats())
@@ -157,18 +156,18 @@ def propose(state: RunState, deps: Deps) -> dict[str, Any]:
 
 
 def ask_model(deps: Deps, llm: Any, ids: list[str], cycle: int, parents: list[CandidateRow], asks: list[tuple],
-              where: str, turn: int | None = None) -> list[Proposal]:
+              turn: int | None = None) -> list[Proposal]:
     """One batched backend call for `asks` (answer_format.proposal's chat, format, sites and prompt, one
     per parent); each answer is archived at once as `proposed` under its id, so a resume reuses them
     instead of asking the model again. Answers the grammar ended early are recorded under
-    `grammar_errors:<where>` (a cycle, or a chat turn `h<n>`)."""
+    `grammar_errors:<cycle>`, or `grammar_errors:h<turn>` for a chat session's request."""
     chats, formats, placed, prompts = (list(x) for x in zip(*asks))
     started = time.perf_counter()
     completions = llm.generate(prompts, deps.sampling)
     per_candidate = (time.perf_counter() - started) / max(1, len(prompts))
     broken = {cid: c.meta["grammar_error"] for cid, c in zip(ids, completions) if c.meta.get("grammar_error")}
     if broken:  # the grammar ended these answers early: a tokenizer or grammar fault, never the model's
-        deps.store.set_meta(f"grammar_errors:{where}", broken)
+        deps.store.set_meta(f"grammar_errors:{cycle if turn is None else f'h{turn}'}", broken)
         log.warning("%s: the answer grammar stopped %d of %d answers early (%s: %s)",
                     f"chat turn {turn}" if turn is not None else f"cycle {cycle}", len(broken), len(completions),
                     *next(iter(broken.items())))
