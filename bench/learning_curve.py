@@ -187,7 +187,7 @@ def main() -> int:
                     help=f"the runs per seed: control and one or more of {', '.join(METHODS)} (default learn,control)")
     ap.add_argument("--constrain", default="grammar", choices=["grammar", "prefix", "none"])
     ap.add_argument("--rule", default="valid", choices=["improved", "valid", "top_k"])
-    ap.add_argument("--cold-start-from", metavar="DIR", help="a bootstrap folder (or other source) both arms start from")
+    ap.add_argument("--cold-start-from", metavar="DIR", help="a bootstrap folder (or other source) every arm starts from")
     ap.add_argument("--max-pairs", type=int, default=64, help="learn.cold_start_max_pairs")
     ap.add_argument("--window", default=None, metavar="A:B", help="cycles compared, 0-based inclusive (default: last 3)")
     ap.add_argument("--probe", action="store_true", help="also measure the grammar's share (free answers that apply)")
@@ -263,7 +263,8 @@ def main() -> int:
             cells = ["—" if p.get(k) is None else f"{100 * p[k]:.1f}%" for k in cols]
             lines.append(f"| {arm} | {p['cycle']} | " + " | ".join(cells) + " |")
     for arm, window in differences.items():
-        lines += ["", f"{arm} − control over cycles {lo}–{hi} (0-based), 95% bootstrap interval over seeds and candidates:"]
+        lines += ["", f"{arm} − control over cycles {lo}–{hi} (0-based), 95% bootstrap interval over seeds and "
+                  "candidates:"]
         for name, r in window.items():
             a, b = r["ci95"]
             verdict = "excludes zero" if a > 0 or b < 0 else "includes zero"

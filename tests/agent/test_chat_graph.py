@@ -183,6 +183,7 @@ def test_answers_the_grammar_stopped_early_in_a_chat_turn_are_recorded_and_said(
     (q,) = _only(run_chat(deps, saver), "request")
     with caplog.at_level("WARNING"):
         _only(run_chat(deps, saver, {q["id"]: {"text": "wider", "parent_id": None}}), "review")
-    assert deps.store.get_meta("grammar_errors:h0") == {"h000-01": 'Parser Error: token "ĊĠĠ" does not satisfy the grammar'}
+    said = 'Parser Error: token "ĊĠĠ" does not satisfy the grammar'
+    assert deps.store.get_meta("grammar_errors:h0") == {"h000-01": said}
     assert "chat turn 0: the answer grammar stopped 1 of 2 answers early" in caplog.text
     assert deps.store.get_meta("grammar_errors:0") is None
