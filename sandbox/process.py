@@ -82,6 +82,12 @@ NOBODY = (65534, 65534)  # the (uid, gid) a job of root's runs as, without bwrap
 # library dirs; pwd lookups fail, so the env names the user: _base_env), nor /tmp or /dev/shm,
 # which the host shares.
 LANDLOCK_READ = ("/proc", "/sys/devices/system/cpu", "/dev/urandom")
+# CUDA_PROC: CUDA's start-up names its threads in /proc/<pid>/task/<tid>/comm, and cuInit fails with
+# error 304 where it cannot (measured on an H100 under Landlock; NVIDIA's OpenShell sandbox found
+# the same, its PR #710). Landlock cannot allow a job its own /proc entries alone (a rule binds an
+# inode made before the job's pid exists), so a GPU job may write in all of /proc, where it is not
+# root: the kernel's own checks then keep it to its own entries and those of its uid's processes,
+# never /proc/sys. A root job's /proc stays read-only, and CUDA cannot start under Landlock.
 LANDLOCK_WRITE = ("/dev/null",)
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: dlopen in a forked child may deadlock
@@ -343,7 +349,9 @@ class ProcessSandbox:
         abi, user = self.landlock_abi, self.job_user
         ll = (f"ABI {abi}: reads only the system dirs, Python (without the folders that hold test labels), "
               f"the deltanas.sandbox folder, the dataset handle, /proc and the CPU's entries in /sys; writes only "
-              f"its work dir"
+              f"its work dir (a GPU job also its GPU's device files, and /proc "
+              + ("where CUDA names its threads)" if self._job_uid() is not None
+                 else "never: as root, CUDA cannot start under Landlock)")
               + ("; no TCP" if abi >= 4 else "")
               + ("; no abstract UNIX socket or signal beyond its own processes" if abi >= 6 else ""))
         if self.is_root and user is None and not self._confinement.seccomp:
@@ -582,6 +590,8 @@ class ProcessSandbox:
         if device.startswith("cuda"):  # the driver reads the GPU's PCI details in /sys and drives its device files
             read.append("/sys")
             write += _cuda_devices()
+            if self._job_uid() is not None:
+                write.append("/proc")  # see CUDA_PROC
         listed = [p for root in roots for p in landlock.on_the_way(root, masked)]
         return landlock.Ruleset(read, write, listed=listed)
 

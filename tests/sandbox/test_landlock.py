@@ -162,6 +162,39 @@ def test_a_ruleset_confines_a_child_to_its_lists(tmp_path):
     assert sh(f"cp /bin/true {out}/t && {out}/t").returncode != 0  # nothing written may be run
 
 
+@NO_LANDLOCK
+@pytest.mark.parametrize("job_uid", [65534, None], ids=["not root", "root"])
+def test_a_gpu_job_names_its_threads_in_proc_unless_it_runs_as_root(tmp_path, monkeypatch, job_uid):
+    """CUDA's start-up writes /proc/<pid>/task/<tid>/comm and fails without it (error 304 on an
+    H100): the ruleset of a GPU job that is not root allows it; a root job's /proc stays read-only,
+    and a CPU job's always does. The child is this host's user under the real ruleset; only
+    who the job would run as is set here."""
+    sb = ProcessSandbox(tmp_path / "w", use_bwrap=False, drop_uid=False, use_namespaces=False, use_seccomp=False)
+    monkeypatch.setattr(sb, "_job_uid", lambda: job_uid)
+    work = tmp_path / "job"
+    work.mkdir()
+    name_a_thread = ("import threading\n"
+                     "def name():\n"
+                     "    with open(f'/proc/self/task/{threading.get_native_id()}/comm', 'w') as f:\n"
+                     "        f.write('cuda-evt')\n"
+                     "t = threading.Thread(target=name); t.start(); t.join()\n"
+                     "with open('/proc/self/comm', 'w') as f: f.write('job')\n")
+
+    def run(device: str) -> subprocess.CompletedProcess:
+        with sb._ruleset(work, None, device) as rules:
+            return subprocess.run([sys.executable, "-c", name_a_thread], preexec_fn=rules.enforce,
+                                  capture_output=True, text=True)
+
+    gpu, cpu = run("cuda:0"), run("cpu")
+    if job_uid is None:
+        assert gpu.returncode != 0 and "PermissionError" in gpu.stderr
+        assert "as root, CUDA cannot start under Landlock" in next(r["why"] for r in sb.layers() if r["name"] == "landlock")
+    else:
+        assert gpu.returncode == 0, gpu.stderr
+        assert "/proc where CUDA names its threads" in next(r["why"] for r in sb.layers() if r["name"] == "landlock")
+    assert cpu.returncode != 0 and "PermissionError" in cpu.stderr
+
+
 # -- real jobs -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
