@@ -106,6 +106,11 @@ class SearchConfig(_Section):
     train_duplicates: bool = False
     """Train near-copies too and record their accuracy. They stay `duplicate` and never become
     parents; a measurement (bench/valid_rate.py) then sees whether they would have trained."""
+    retry_duplicates: bool = True
+    """A near-copy of an archived network is sent back to the model, as a failed diff is, within
+    `max_repairs`: with the similarity it reached, and new edit sites and layer kinds where the
+    search draws them. A cheap second draw (no training) instead of a lost candidate; the
+    near-copies that remain are recorded as `duplicate`. Off under `train_duplicates`."""
     edit_sites: int = Field(4, gt=0)
     """Under sampled sites, the layer lines each candidate edits, one hunk apiece. One-line edits
     are near-copies under the paper's novelty rule (similarity 0.95-0.98 to the parent); edits at

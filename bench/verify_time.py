@@ -31,7 +31,8 @@ def measure(a: argparse.Namespace, root: Path) -> dict:
     cycles = max(1, -(-a.candidates // a.per_cycle))
     argv = ["run", "--llm", "mutate", "--cycles", str(cycles), "--candidates", str(a.per_cycle), "--dataset",
             a.dataset, "--limit-train", str(a.limit_train), "--baselines", a.baselines, "--sandbox", "process",
-            "--device", a.device, "--workers", "1", "--plain", "--run-dir", str(run), "--timeout", "600"]
+            "--device", a.device, "--workers", "1", "--plain", "--run-dir", str(run), "--timeout", "600",
+            *(["--unsafe-no-isolation"] if a.unsafe_no_isolation else [])]
     started = time.perf_counter()
     if cli(argv) != 0:
         raise SystemExit("the run failed")
@@ -69,6 +70,8 @@ def main() -> int:
     p.add_argument("--baselines", default="lenet,alexnet")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--unsafe-no-isolation", action="store_true",
+                   help="the run's flag: a process sandbox with no filesystem view (a machine where none works)")
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="deltanas-verify-bench-"))
     try:

@@ -91,14 +91,28 @@ def propose_messages(*, parent_source: str, dataset: str, in_shape: tuple, num_c
     from deltanas.tools.layer_types import family_names
 
     _check_mode(mode)
-    lines = parent_source.splitlines()
-    where = [(i + 1, lines[i].strip()) for i in sites or ()]
-    user = render("full.j2" if mode == "full" else "propose.j2", sites=where, layers=family_names(families),
+    user = render("full.j2" if mode == "full" else "propose.j2", sites=_where(parent_source, sites),
+                  layers=family_names(families),
                   parent_source=_with_newline(parent_source), dataset=dataset,
                   in_shape=tuple(in_shape), num_classes=num_classes,
                   accuracy=format_accuracy(parent_accuracy), goal=goal.rstrip("."),
                   allow_train_changes=allow_train_changes)
     return [system_message(mode), {"role": "user", "content": user}]
+
+
+def _where(parent_source: str, sites: list[int] | None) -> list[tuple[int, str]]:
+    """Edit sites as the prompt names them: (1-based line number, the line's text)."""
+    lines = parent_source.splitlines()
+    return [(i + 1, lines[i].strip()) for i in sites or ()]
+
+
+def duplicate_hint(*, parent_source: str, sites: list[int] | None = None,
+                   families: tuple[str, ...] | None = None) -> str:
+    """The repair hint for a near-copy: make a different change, at the newly drawn `sites`
+    (0-based) with the newly drawn layer `families`, where the search draws them."""
+    from deltanas.tools.layer_types import family_names
+
+    return render("duplicate.j2", sites=_where(parent_source, sites), layers=family_names(families)).strip()
 
 
 def revise_message(*, feedback: str, mode: str = "delta") -> Message:

@@ -29,26 +29,28 @@ def effective_constrain(llm, wanted: str) -> str:
     return wanted
 
 
-def _draw_key(config: Config, cycle: int, idx: int) -> str:
-    return f"{config.search.seed}-{cycle}-{idx}"
+def _draw_key(config: Config, cycle: int, idx: int, attempt: int = 0) -> str:
+    """A candidate's draw: its first answer's, or the redraw for its `attempt`-th retry of a near-copy."""
+    return f"{config.search.seed}-{cycle}-{idx}" + (f"-r{attempt}" if attempt else "")
 
 
 def _grammar(config: Config, llm) -> bool:
     return config.search.mode == "delta" and effective_constrain(llm, config.llm.constrain) == "grammar"
 
 
-def families_for(config: Config, llm, parent_source: str, cycle: int, idx: int) -> tuple[str, ...] | None:
+def families_for(config: Config, llm, parent_source: str, cycle: int, idx: int,
+                 attempt: int = 0) -> tuple[str, ...] | None:
     """The kinds of layer a candidate may add under typed layers: an idea of its own."""
     if not _grammar(config, llm) or config.llm.layers != "typed":
         return None
-    return pick_families(_draw_key(config, cycle, idx), parent_source)
+    return pick_families(_draw_key(config, cycle, idx, attempt), parent_source)
 
 
-def sites_for(config: Config, llm, parent_source: str, cycle: int, idx: int) -> list[int] | None:
+def sites_for(config: Config, llm, parent_source: str, cycle: int, idx: int, attempt: int = 0) -> list[int] | None:
     """The parent lines a candidate's edits go to, when the search places edits."""
     if not _grammar(config, llm) or config.llm.sites != "sampled":
         return None
-    return pick_sites(parent_source, _draw_key(config, cycle, idx), config.search.edit_sites,
+    return pick_sites(parent_source, _draw_key(config, cycle, idx, attempt), config.search.edit_sites,
                       allow_train_changes=config.search.allow_train_changes,
                       typed=config.llm.layers == "typed") or None
 

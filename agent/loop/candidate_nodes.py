@@ -14,7 +14,7 @@ from typing import Any
 
 from deltanas.agent.archive import CandidateRow
 from deltanas.agent.llm.base import Prompt
-from deltanas.agent.loop.answer_format import families_for, format_for
+from deltanas.agent.loop.answer_format import families_for, format_for, sites_for
 from deltanas.agent.loop.deps import Deps
 from deltanas.agent.loop.state import CandidateState
 from deltanas.tools import prompting
@@ -49,10 +49,16 @@ REPAIRABLE = ("crashed", "invalid", "diverged")
 _LOG_LINES = 15
 
 
-def _failure(state: CandidateState) -> dict[str, str]:
-    """The error the repair turn feeds back: the apply error, or else the failed training."""
+def _failure(state: CandidateState, threshold: float) -> dict[str, str]:
+    """The error the repair turn feeds back: the apply error, a near-copy, or the failed training."""
     if state.get("error"):
         return state["error"]
+    if is_duplicate(state):
+        n = state["novelty"]
+        return {"code": "duplicate",
+                "message": f"the patched model.py is a near-copy of {n['nearest_id']} (similarity "
+                           f"{n['max_similarity']:.2f}; a new network is below {threshold:.2f})",
+                "hint": ""}
     o = state["outcome"]
     tail = "\n".join((o.get("log_tail") or "").strip().splitlines()[-_LOG_LINES:])
     hint = ("The patched model.py applied, but training it failed. Fix the change so the network "
@@ -62,16 +68,34 @@ def _failure(state: CandidateState) -> dict[str, str]:
             "hint": f"{hint}\nThe end of the training log:\n{tail}" if tail else hint}
 
 
+def is_duplicate(state: CandidateState) -> bool:
+    return bool(state.get("novelty")) and not state["novelty"]["novel"]
+
+
 def repair(state: CandidateState, deps: Deps) -> dict[str, Any]:
-    """Feed the failure back to the model (an apply error, or a training run that failed) and take
-    its new answer, held to the same parent and edit sites as the first."""
+    """Feed the failure back to the model (an apply error, a near-copy, or a training run that
+    failed) and take its new answer, against the same parent. A near-copy is asked for edits at
+    new sites, of new layer kinds, where the search draws them; other failures keep the draw."""
     deps.check_stop()
     attempt = state.get("attempts", 0) + 1
-    err = _failure(state)
+    err = _failure(state, deps.novelty.threshold)
     s = deps.config.search
-    turn = prompting.repair_message(code=err["code"], message=err["message"], hint=err["hint"],
+    update, hint = {}, err["hint"]
+    if is_duplicate(state):
+        llm, parent, key = _asked(state, deps), _parent_source(state, deps), chat_draw(state)
+        sites = sites_for(deps.config, llm, parent, key, state["idx"], attempt)
+        families = families_for(deps.config, llm, parent, key, state["idx"], attempt)
+        hint = prompting.duplicate_hint(parent_source=parent, sites=sites, families=families)
+        update = {"draw": attempt, "sites": sites}
+    turn = prompting.repair_message(code=err["code"], message=err["message"], hint=hint,
                                     attempt=attempt, max_attempts=s.max_repairs, mode=s.mode)
-    return {**answer_again(state, deps, turn), "attempts": attempt}
+    state = {**state, **update}
+    return {**answer_again(state, deps, turn), **update, "attempts": attempt}
+
+
+def _asked(state: CandidateState, deps: Deps):
+    """The model a candidate's answers come from: a chat's, or the cycle's proposer."""
+    return deps.llm if state.get("turn") is not None else deps.proposer(state["cycle"])
 
 
 CHAT_DRAW_BASE = 1_000_000  # a chat request's draws are keyed past any cycle's
@@ -86,15 +110,16 @@ def chat_draw(state: CandidateState) -> int:
 
 def answer_again(state: CandidateState, deps: Deps, turn: dict[str, str]) -> dict[str, Any]:
     """The model's next answer to the trajectory plus `turn` (an error or a person's feedback), held
-    to the same parent and edit sites as its first. A chat candidate asks the run's model (never
-    the cold-start mutator), with a seed of its own for each new answer."""
+    to the same parent, and to the edit sites and layer kinds of the candidate's current draw. A
+    chat candidate asks the run's model (never the cold-start mutator), with a seed of its own for
+    each new answer."""
     messages = [*state["messages"], turn]
     chat = state.get("turn") is not None
-    llm = deps.llm if chat else deps.proposer(state["cycle"])
+    llm = _asked(state, deps)
     parent = _parent_source(state, deps)
     fmt = None
     if state.get("constrain", "none") != "none":
-        families = families_for(deps.config, llm, parent, chat_draw(state), state["idx"])
+        families = families_for(deps.config, llm, parent, chat_draw(state), state["idx"], state.get("draw", 0))
         fmt = format_for(deps.config, llm, parent, state.get("sites"), families)
     prompt = Prompt(messages=chat_view(messages), base_source=parent, mode=deps.config.search.mode,
                     prefix=fmt.prefix if fmt else "", grammar=fmt.grammar if fmt else None,
@@ -157,7 +182,7 @@ def proxy_train(state: CandidateState, deps: Deps) -> dict[str, Any]:
 def _final_status(state: CandidateState) -> tuple[str, str | None, str | None]:
     if (state.get("review") or {}).get("verdict") == "no":
         return "rejected", "rejected", state["review"]["reason"] or "rejected in review"
-    if state.get("novelty") and not state["novelty"]["novel"]:  # trained or not, never a parent
+    if is_duplicate(state):  # trained or not, never a parent
         n = state["novelty"]
         return "duplicate", "duplicate", f"similarity {n['max_similarity']:.3f} to {n['nearest_id']}"
     if state.get("outcome"):

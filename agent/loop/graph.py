@@ -6,10 +6,11 @@
         → candidate × N (Send) → gather_trajectories → lora_update → next cycle or END
 
     candidate:  apply ──ok──► novelty ──novel──► proxy_train ──ok──► record
-                  │ fail          └─dup──────────────┼─────────────► record
-                  ▼                                  │ crashed, invalid, diverged
-                repair ◄─────────────────────────────┘
-                  (≤ max_repairs in all, the error fed back) ─► apply
+                  │ fail          └─dup──────────────┼─────────────► record (repairs spent)
+                  ▼               │                  │ crashed, invalid, diverged
+                repair ◄──────────┴──────────────────┘
+                  (≤ max_repairs in all, the error fed back; a near-copy with new
+                   edit sites and layer kinds, search.retry_duplicates) ─► apply
 
     with search.review, a novel candidate asks a person first (agent/loop/review.py):
                 novelty ──► review ──yes──► proxy_train
@@ -47,9 +48,12 @@ def route_after_apply(state: CandidateState, max_repairs: int) -> Literal["novel
 
 
 def route_after_novelty(state: CandidateState, train_duplicates: bool = False, review: bool = False,
-                        chat: bool = False) -> Literal["review", "proxy_train", "queue", "record"]:
+                        chat: bool = False, retry_duplicates: bool = False,
+                        max_repairs: int = 0) -> Literal["review", "proxy_train", "queue", "repair", "record"]:
     if not (state["novelty"]["novel"] or train_duplicates):
-        return "record"
+        # a near-copy the model wrote goes back to it; a person's edit (reviewed) is theirs to keep
+        again = retry_duplicates and not state.get("review") and state.get("attempts", 0) < max_repairs
+        return "repair" if again else "record"
     if review and not state.get("review"):
         return "review"
     return "queue" if chat else "proxy_train"  # an edit comes back here reviewed
@@ -94,8 +98,10 @@ def build_candidate_graph(deps: Deps, chat: bool = False) -> StateGraph:
     g.add_edge(START, "apply")
     g.add_conditional_edges("apply", partial(route_after_apply, max_repairs=s.max_repairs))
     g.add_edge("repair", "apply")
-    g.add_conditional_edges("novelty", partial(route_after_novelty, train_duplicates=s.train_duplicates and not chat,
-                                               review=review_on, chat=chat))
+    train_duplicates = s.train_duplicates and not chat
+    g.add_conditional_edges("novelty", partial(route_after_novelty, train_duplicates=train_duplicates,
+                                               review=review_on, chat=chat, max_repairs=s.max_repairs,
+                                               retry_duplicates=s.retry_duplicates and not train_duplicates))
     if review_on:
         g.add_node("review", partial(review.review, deps=deps))
         g.add_node("revise", partial(review.revise, deps=deps))

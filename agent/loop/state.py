@@ -40,6 +40,7 @@ class CandidateState(TypedDict, total=False):
     completion: str  # the latest raw model answer
     constrain: str
     sites: list[int] | None
+    draw: int  # the retry that last drew the edit sites and layer kinds (a near-copy's); 0: the first answer's
     turn: int | None  # the chat request it answers; None in an autonomous run
     attempts: int  # repairs made so far
     revisions: int  # revisions a person asked for (agent/loop/review.py)

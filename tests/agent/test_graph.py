@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -392,3 +393,64 @@ def test_duplicates_can_be_trained_for_the_record_and_never_become_parents(tmp_p
     assert dup and all(r.accuracy is not None for r in dup)  # trained, and recorded as duplicates
     assert all(r.id in ex.calls for r in dup)
     assert not {r.parent_id for r in deps.store.candidates(cycle=1)} & {r.id for r in dup}
+
+
+def _copy_diff(source: str) -> str:
+    """A diff whose network is the parent's: a near-copy under the novelty rule."""
+    return "```diff\n" + "".join(difflib.unified_diff(
+        source.splitlines(True), (source + "\n\ndef _unused_helper():\n    return 0\n").splitlines(True),
+        "a/model.py", "b/model.py")) + "```"
+
+
+class _Grammared(ScriptedBackend):
+    """A scripted model the search treats as decoding under a grammar: edit sites and layer kinds
+    are drawn for it (the grammar itself is built, and not followed by the script)."""
+    supports_grammar = True
+
+
+def test_a_near_copy_goes_back_to_the_model_with_new_edit_sites_and_then_trains(tmp_path):
+    from deltanas.agent.loop.answer_format import sites_for
+
+    seen = []
+
+    def answer(p):
+        seen.append(p)
+        asked_again = "Error `duplicate`" in p.messages[-1]["content"]
+        return f"```diff\n{block_diff(p.base_source, f'n{next(_tags)}')}```" if asked_again else _copy_diff(p.base_source)
+
+    ex = InstantExecutor()
+    deps = make_deps(tmp_path, _Grammared(answer), ex, **{"search.cycles": 1, "search.candidates": 2,
+                                                          "llm.constrain": "grammar", "llm.sites": "sampled"})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    rows = deps.store.candidates(cycle=0)
+    assert [(r.status, r.attempts) for r in rows] == [("ok", 1), ("ok", 1)]
+    assert sorted(ex.calls) == ["base-lenet", "c000-000", "c000-001"]  # the near-copies were never trained
+    parent = deps.store.get("base-lenet").source
+    for r in rows:
+        chat = deps.store.get_trajectory(r.id)
+        turn = next(m["content"] for m in chat if m["role"] == "user" and "Error `duplicate`" in m["content"])
+        assert re.search(r"near-copy of base-lenet \(similarity 0\.9\d; a new network is below 0\.90\)", turn)
+        first = sites_for(deps.config, deps.llm, parent, 0, r.idx)
+        assert first and r.sites and r.sites != first  # drawn again for the retry, and recorded
+        lines = parent.splitlines()
+        assert all(f"line {i + 1}: `{lines[i].strip()}`" in turn for i in r.sites)
+    retries = [p for p in seen if "Error `duplicate`" in p.messages[-1]["content"]]
+    assert len(retries) == 2 and all(p.grammar and p.hunks == len(r.sites) for p, r in zip(retries, rows))
+
+
+def test_near_copies_are_retried_within_max_repairs_and_recorded_when_they_stay(tmp_path):
+    calls = []
+    llm = ScriptedBackend(lambda p: calls.append(p) or _copy_diff(p.base_source))
+    deps = make_deps(tmp_path, llm, InstantExecutor(), **{"search.cycles": 1, "search.candidates": 2,
+                                                         "search.max_repairs": 2})
+    assert run_graph(deps, InMemorySaver()).status == "finished"
+    rows = deps.store.candidates(cycle=0)
+    assert [(r.status, r.attempts) for r in rows] == [("duplicate", 2), ("duplicate", 2)]
+    assert len(calls) == 2 * 3
+
+    calls.clear()
+    off = make_deps(tmp_path / "off", llm, InstantExecutor(), **{"search.cycles": 1, "search.candidates": 2,
+                                                                 "search.retry_duplicates": False})
+    assert run_graph(off, InMemorySaver()).status == "finished"
+    assert [(r.status, r.attempts) for r in off.store.candidates(cycle=0)] == [("duplicate", 0), ("duplicate", 0)]
+    assert len(calls) == 2
