@@ -372,6 +372,19 @@ class ProcessSandbox:
         return [{"name": name, "in_force": name not in self._why, "why": self._why.get(name, what)}
                 for name, what in rows]
 
+    def gpu_blocker(self, device: str) -> str:
+        """Why a job on `device` cannot start CUDA in this sandbox, in a sentence; "" where it can.
+        Under Landlock a root job's /proc stays read-only (CUDA_PROC), and cuInit would fail
+        with error 304 in every job."""
+        if not device.startswith("cuda") or self.fs_isolated or not self._confinement.landlock:
+            return ""
+        if self._job_uid() is not None:
+            return ""
+        return ("CUDA cannot start in this sandbox: its jobs run as root under Landlock, which keeps /proc "
+                "read-only, and CUDA writes its thread names there (uid drop: "
+                + self._why.get("uid drop", "not in force") + "). Run deltanas as a user other than root, put "
+                "Python where uid 65534 can read it (so jobs drop to it), or install bubblewrap.")
+
     def isolation(self) -> str:
         nproc = ("RLIMIT_NPROC is not enforced because the job runs as root" if self._job_uid() is None
                  else "RLIMIT_NPROC caps its processes")
@@ -406,6 +419,8 @@ class ProcessSandbox:
 
     def run(self, job: Job) -> Result:
         t0 = time.perf_counter()
+        if why := self.gpu_blocker(job.device):
+            return Result(status="crashed", error=why, total_seconds=time.perf_counter() - t0)
         meta = self._meta.get(job.dataset_dir)
         inner = dataclasses.replace(job, device=self._one_gpu(job.device)[1])
         if self.warm:
@@ -432,7 +447,7 @@ class ProcessSandbox:
 
     def prewarm(self, job: Job) -> None:
         """With warm workers: starts the one that jobs like `job` will use (see WarmPool.prewarm)."""
-        if self.warm:
+        if self.warm and not self.gpu_blocker(job.device):
             self._pool.prewarm(job)
 
     def close(self) -> None:

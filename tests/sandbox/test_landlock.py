@@ -186,13 +186,19 @@ def test_a_gpu_job_names_its_threads_in_proc_unless_it_runs_as_root(tmp_path, mo
                                   capture_output=True, text=True)
 
     gpu, cpu = run("cuda:0"), run("cpu")
-    if job_uid is None:
+    landlock_row = next(r["why"] for r in sb.layers() if r["name"] == "landlock")
+    if job_uid is None:  # a GPU job is refused before it starts, with the reason and the ways out
         assert gpu.returncode != 0 and "PermissionError" in gpu.stderr
-        assert "as root, CUDA cannot start under Landlock" in next(r["why"] for r in sb.layers() if r["name"] == "landlock")
+        assert "as root, CUDA cannot start under Landlock" in landlock_row
+        job = Job(candidate_id="g", source=NET, dataset_dir=str(tmp_path), device="cuda:0", limits=LIMITS)
+        refused = sb.run(job)
+        assert refused.status == "crashed" and "CUDA cannot start in this sandbox" in refused.error
+        assert "install bubblewrap" in refused.error and not any((tmp_path / "w" / "warm").iterdir())  # no worker
     else:
         assert gpu.returncode == 0, gpu.stderr
-        assert "/proc where CUDA names its threads" in next(r["why"] for r in sb.layers() if r["name"] == "landlock")
-    assert cpu.returncode != 0 and "PermissionError" in cpu.stderr
+        assert "/proc where CUDA names its threads" in landlock_row and sb.gpu_blocker("cuda:0") == ""
+    assert cpu.returncode != 0 and "PermissionError" in cpu.stderr and sb.gpu_blocker("cpu") == ""
+    sb.close()
 
 
 # -- real jobs -----------------------------------------------------------------------------------------------------
