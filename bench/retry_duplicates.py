@@ -9,11 +9,12 @@ to the model with its similarity and newly drawn edit sites (within `search.max_
 records it as `duplicate` at once (the search before this option). Each archive's candidates from
 `--from-cycle` on (default 1: cycle 0 is the cold-start mutator's) are read, and per arm it prints:
 - novel and valid: trained, and under the novelty threshold (the figure the option is for);
+- improved: novel and valid, and more accurate than its parent;
 - near-copies left, other failures, near-copy retries asked;
 - output tokens per candidate (retries included) and each run's span in the archive;
-then on − off in novel-and-valid with a 95% bootstrap interval that resamples seeds and, within
-each, candidates (bench/learning_curve.py's). Flags after `--` go on to `deltanas run`. Runs already in `--root` are read, not run again
-(`--no-run` only reads).
+then on − off in novel-and-valid and in improved, each with a 95% bootstrap interval that
+resamples seeds and, within each, candidates (bench/learning_curve.py's). Flags after `--` go on
+to `deltanas run`. Runs already in `--root` are read, not run again (`--no-run` only reads).
 """
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ def read_arm(run_dir: Path, from_cycle: int) -> dict:
         retries += sum(1 for m in chat if m.get("role") == "user" and "Error `duplicate`" in (m.get("content") or ""))
     every = [r for r in store.candidates() if r.created_at]
     span = max(r.finished_at or r.created_at for r in every) - min(r.created_at for r in every) if every else 0.0
-    return {"novel_valid": [int(r.status == "ok") for r in rows], "duplicates": sum(r.status == "duplicate" for r in rows),
+    accuracy = {r.id: r.accuracy for r in store.candidates()}
+    better = [int(r.status == "ok" and r.accuracy is not None and accuracy.get(r.parent_id) is not None
+                  and r.accuracy > accuracy[r.parent_id]) for r in rows]
+    return {"novel_valid": [int(r.status == "ok") for r in rows], "improved": better, "duplicates": sum(r.status == "duplicate" for r in rows),
             "failed": sum(r.status not in ("ok", "duplicate") for r in rows), "retries": retries,
             "tokens": sum(r.completion_tokens or 0 for r in rows), "span_s": span}
 
@@ -77,23 +81,28 @@ def main() -> int:
     args.root.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     per_seed: dict[int, dict[str, list[int]]] = {}
-    totals = {arm: {"n": 0, "novel_valid": 0, "duplicates": 0, "failed": 0, "retries": 0, "tokens": 0, "span_s": 0.0}
+    improved: dict[int, dict[str, list[int]]] = {}
+    totals = {arm: {"n": 0, "novel_valid": 0, "improved": 0, "duplicates": 0, "failed": 0, "retries": 0, "tokens": 0, "span_s": 0.0}
               for arm in ARMS}
     for seed in seeds:
         for arm in ARMS:
             got = read_arm(run_arm(args.root, seed, arm, args, extra), args.from_cycle)
             per_seed.setdefault(seed, {})["control" if arm == "off" else arm] = got["novel_valid"]
+            improved.setdefault(seed, {})["control" if arm == "off" else arm] = got["improved"]
             t = totals[arm]
             t["n"] += len(got["novel_valid"])
             t["novel_valid"] += sum(got["novel_valid"])
+            t["improved"] += sum(got["improved"])
             for k in ("duplicates", "failed", "retries", "tokens", "span_s"):
                 t[k] += got[k]
     diff = bootstrap_diff(per_seed, arm="on")
+    diff_improved = bootstrap_diff(improved, arm="on")
     print(f"{args.llm}, seeds {args.seeds}, cycles {args.from_cycle}..{args.cycles - 1} of {args.cycles}, "
           f"{args.candidates} candidates a cycle, {args.dataset}")
     print(f"{'':28s}{'on':>12s}{'off (baseline)':>16s}")
     rows = (("candidates", lambda t: f"{t['n']}"),
             ("novel and valid", lambda t: f"{t['novel_valid'] / max(1, t['n']):.1%}"),
+            ("improved over parent", lambda t: f"{t['improved'] / max(1, t['n']):.1%}"),
             ("near-copies left", lambda t: f"{t['duplicates'] / max(1, t['n']):.1%}"),
             ("other failures", lambda t: f"{t['failed'] / max(1, t['n']):.1%}"),
             ("near-copy retries asked", lambda t: f"{t['retries']}"),
@@ -101,8 +110,10 @@ def main() -> int:
             ("run span, all seeds (s)", lambda t: f"{t['span_s']:.0f}"))
     for name, show in rows:
         print(f"{name:28s}{show(totals['on']):>12s}{show(totals['off']):>16s}")
-    print(f"on - off, novel and valid: {diff['diff']:+.1%} [{diff['ci95'][0]:+.1%}, {diff['ci95'][1]:+.1%}]")
+    for name, d in (("novel and valid", diff), ("improved over parent", diff_improved)):
+        print(f"on - off, {name}: {d['diff']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]")
     (args.root / "retry_duplicates.json").write_text(json.dumps({"totals": totals, "difference": diff,
+                                                                 "difference_improved": diff_improved,
                                                                  "args": {k: str(v) for k, v in vars(args).items()}},
                                                                 indent=1))
     return 0

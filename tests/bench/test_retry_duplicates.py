@@ -31,6 +31,8 @@ def test_the_benchmark_runs_both_arms_and_its_figures_match_the_archives(tmp_pat
         assert len(rows) == got[arm]["n"] == 4
         assert got[arm]["novel_valid"] == sum(r.status == "ok" and r.novel for r in rows)
         assert got[arm]["duplicates"] == sum(r.status == "duplicate" for r in rows)
+        parent = {r.id: r.accuracy for r in store.candidates()}
+        assert got[arm]["improved"] == sum(r.status == "ok" and r.accuracy > parent[r.parent_id] for r in rows)
         asked = [m for r in rows for m in store.get_trajectory(r.id) if m["role"] == "user"
                  and m["content"].startswith("Your answer could not be used. Error `duplicate`")]
         assert got[arm]["retries"] == len(asked)
