@@ -21,8 +21,10 @@ require_tmux()
 @pytest.mark.slow
 def test_review_in_a_terminal_survives_a_kill_at_a_question(tmp_path):
     run = tmp_path / "run"
+    config = tmp_path / "no-retry.toml"  # a near-copy is recorded at once, so that two of the three are asked
+    config.write_text("[search]\nretry_duplicates = false\n")
     cli = (f"{sys.executable} -m deltanas.agent.cli run --review --plain --llm mutate --cycles 1 --candidates 3 "
-           f"--dataset digits --baselines lenet --sandbox process --timeout 120")
+           f"--dataset digits --baselines lenet --sandbox process --timeout 120 --config {config}")
     env = {"DELTANAS_CACHE": os.environ["DELTANAS_CACHE"], "HF_HUB_OFFLINE": "1", "TERM": "xterm"}
     pane = Pane(f"{cli} --run-dir {run}", env)
     try:
