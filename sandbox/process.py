@@ -349,9 +349,9 @@ class ProcessSandbox:
         abi, user = self.landlock_abi, self.job_user
         ll = (f"ABI {abi}: reads only the system dirs, Python (without the folders that hold test labels), "
               f"the deltanas.sandbox folder, the dataset handle, /proc and the CPU's entries in /sys; writes only "
-              f"its work dir (a GPU job also its GPU's device files, and /proc "
-              + ("where CUDA names its threads)" if self._job_uid() is not None
-                 else "never: as root, CUDA cannot start under Landlock)")
+              f"its work dir (a GPU job also its GPU's device files, "
+              + ("and /proc where CUDA names its threads)" if self._job_uid() is not None
+                 else "but not /proc: as root, CUDA cannot start under Landlock)")
               + ("; no TCP" if abi >= 4 else "")
               + ("; no abstract UNIX socket or signal beyond its own processes" if abi >= 6 else ""))
         if self.is_root and user is None and not self._confinement.seccomp:
