@@ -66,8 +66,8 @@ def route_after_review(state: CandidateState, chat: bool = False) -> Literal["pr
 
 
 def route_after_train(state: CandidateState, max_repairs: int) -> Literal["repair", "record"]:
-    duplicate = not (state.get("novelty") or {}).get("novel", True)  # trained for the record only
-    failed = (state.get("outcome") or {}).get("status") in cn.REPAIRABLE and not duplicate
+    # a near-copy is trained for the record only, never repaired
+    failed = (state.get("outcome") or {}).get("status") in cn.REPAIRABLE and not cn.is_duplicate(state)
     return "repair" if failed and state.get("attempts", 0) < max_repairs else "record"
 
 
