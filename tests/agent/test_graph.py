@@ -435,7 +435,8 @@ def test_a_near_copy_goes_back_to_the_model_with_new_edit_sites_and_then_trains(
         lines = parent.splitlines()
         assert all(f"line {i + 1}: `{lines[i].strip()}`" in turn for i in r.sites)
     retries = [p for p in seen if "Error `duplicate`" in p.messages[-1]["content"]]
-    assert len(retries) == 2 and all(p.grammar and p.hunks == len(r.sites) for p, r in zip(retries, rows))
+    assert len(retries) == 2 and all(p.grammar for p in retries)  # the two retries may come in either order
+    assert sorted(p.hunks for p in retries) == sorted(len(r.sites) for r in rows)
 
 
 def test_near_copies_are_retried_within_max_repairs_and_recorded_when_they_stay(tmp_path):
