@@ -49,6 +49,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -246,6 +247,7 @@ class ProcessSandbox:
         or False as `use_bwrap` does."""
         self.work_root = Path(work_root)
         self.work_root.mkdir(parents=True, exist_ok=True)
+        self.moved_work_root: tuple[Path, Path, str] | None = None  # (asked, used, why): `_open_work_root`
         self.python = python
         self.keep = keep
         self._masked = masked
@@ -292,11 +294,14 @@ class ProcessSandbox:
             self._why["uid drop"] = "turned off (drop_uid=False)"
         elif not self.is_root:
             self._why["uid drop"] = f"not needed: the host runs as uid {os.geteuid()}, not root"
-        elif why := self._probe(dataclasses.replace(self._confinement, user=job_user)):
-            closed = _closed_on_the_way(job_user, [Path(self.python).resolve(), *self._read_roots(), self.work_root])
-            self._why["uid drop"] = f"uid {job_user[0]} cannot start the worker: " + (closed or why)
         else:
-            self._confinement = dataclasses.replace(self._confinement, user=job_user)
+            self._open_work_root(job_user)
+            if why := self._probe(dataclasses.replace(self._confinement, user=job_user)):
+                closed = _closed_on_the_way(job_user, [Path(self.python).resolve(), *self._read_roots(),
+                                                       self.work_root])
+                self._why["uid drop"] = f"uid {job_user[0]} cannot start the worker: " + (closed or why)
+            else:
+                self._confinement = dataclasses.replace(self._confinement, user=job_user)
         if use_namespaces is False:
             self._why["network namespace"] = "turned off (use_namespaces=False)"
         elif why := self._probe(dataclasses.replace(self._confinement, netns=True)):
@@ -314,6 +319,22 @@ class ProcessSandbox:
                             ("seccomp", use_seccomp)):
             if asked and name in self._why:
                 raise RuntimeError(f"{name} was required, but it is not in force here: {self._why[name]}")
+
+    def _open_work_root(self, user: tuple[int, int]) -> None:
+        """As root, with a run folder that `user` cannot walk to (under /root, or a 0700
+        temporary dir): the jobs' work dirs move to a folder of their own under the system's
+        temporary dir, 0711, so that the uid drop, which a GPU job under Landlock needs, stays
+        possible. Removed on `close` unless `keep`. `moved_work_root` says where, and why."""
+        closed = _closed_on_the_way(user, [self.work_root])
+        if not closed:
+            return
+        moved = Path(tempfile.mkdtemp(prefix="deltanas-jobs-"))
+        moved.chmod(0o711)
+        if _closed_on_the_way(user, [moved]):
+            shutil.rmtree(moved, ignore_errors=True)
+            return
+        self.moved_work_root = (self.work_root, moved, closed)
+        self.work_root = moved
 
     def _probe(self, confinement: Confinement) -> str:
         """"" when a worker's Python starts here under `confinement` and reaches the work root;
@@ -363,7 +384,7 @@ class ProcessSandbox:
                                "namespaces of every kind"),
                 ("landlock", ll),
                 ("uid drop", f"runs as uid {user[0]}, gid {user[1]}, no other groups: what only root may read is "
-                             f"closed to it, and root's capabilities are gone" if user else ""),
+                             f"closed to it, and root's capabilities are gone" + self._moved_note() if user else ""),
                 ("network namespace", "bubblewrap's own" if self.fs_isolated else "its own, with no network"),
                 ("seccomp", "refuses new UNIX sockets (the way to the host's daemons), io_uring, chmod, chown, "
                             "device nodes, opening files by handle, mounts, kernel modules, bpf, ptrace and the "
@@ -371,6 +392,12 @@ class ProcessSandbox:
                 ("rlimits", f"data memory, file size, CPU time, no core dumps; {nproc}")]
         return [{"name": name, "in_force": name not in self._why, "why": self._why.get(name, what)}
                 for name, what in rows]
+
+    def _moved_note(self) -> str:
+        if not self.moved_work_root:
+            return ""
+        asked, used, why = self.moved_work_root
+        return f"; its work dirs are in {used}, not {asked}, because {why}"
 
     def gpu_blocker(self, device: str) -> str:
         """Why a job on `device` cannot start CUDA in this sandbox, in a sentence; "" where it can.
@@ -462,6 +489,8 @@ class ProcessSandbox:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        if self.moved_work_root and not self.keep:
+            shutil.rmtree(self.work_root, ignore_errors=True)
 
     def _execute(self, workdir: Path, job: Job, meta: dict) -> tuple[int, str]:
         """Runs the worker to its end; returns its exit status and who killed it ("", "timeout", "output", "closed")."""

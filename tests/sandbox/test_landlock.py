@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -479,6 +480,32 @@ def test_as_root_the_job_runs_as_nobody_and_cannot_read_roots_files(root_world, 
     # root read the results back and removed every job dir
     assert sorted(p.name for p in (run_dir / "work").iterdir()) == ["other-job", "predictions", "warm"]
     assert list((run_dir / "work" / "warm").iterdir()) == []
+
+
+@pytest.mark.slow
+@AS_ROOT
+def test_as_root_a_run_folder_closed_to_nobody_moves_the_job_dirs_out_and_keeps_the_uid_drop(root_world,
+                                                                                           nobody_python):
+    """A run under /root or a 0700 temporary dir: the uid drop (which a GPU job under Landlock
+    needs) stays, with the work dirs in a 0711 folder of the sandbox's own, removed on close."""
+    closed = root_world[0].parent / "closed-run"
+    closed.mkdir(mode=0o700)
+    sb = ProcessSandbox(closed / "run" / ".work", python=nobody_python, use_bwrap=False, drop_uid=True, warm=True)
+    try:
+        assert sb.job_user == NOBODY
+        asked, used, why = sb.moved_work_root
+        assert asked == closed / "run" / ".work" and used == sb.work_root and f"{closed} (mode 0700)" in why
+        assert stat.S_IMODE(used.stat().st_mode) == 0o711 and not used.is_relative_to(closed)
+        row = {layer["name"]: layer for layer in sb.layers()}["uid drop"]
+        assert row["in_force"] and f"its work dirs are in {used}, not {asked}" in row["why"]
+        assert sb.gpu_blocker("cuda") == ""
+        result = sb.run(Job(candidate_id="good", source=NET, dataset_dir=str(root_world[1]), batch_size=64,
+                            limits=LIMITS))
+        assert result.status == "ok", result.error + result.log_tail
+        assert Path(result.predictions_path).is_relative_to(used)
+    finally:
+        sb.close()
+    assert not used.exists()
 
 
 @pytest.mark.slow
