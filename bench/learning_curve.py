@@ -25,7 +25,9 @@ draws). It writes
 with per-cycle intervals, drawn by `deltanas report`'s own compare_plot) under `--root`.
 An interrupted benchmark is finished where it stopped: a run with an archive is resumed. `--parallel N`
 runs N arms at once (each its own process, model and sandbox: on a large GPU they share the card);
-`--no-run` reads the archives as they are.
+`--no-run` reads the archives as they are. A cycle a run had not finished is left out of its
+curve, and the difference is taken over the window's cycles that every run finished (it says so
+when that is fewer than asked).
 """
 from __future__ import annotations
 
@@ -77,16 +79,19 @@ def run_arm(root: Path, seed: int, arm: str, args: argparse.Namespace, extra: li
 
 
 def outcomes(run_dir: Path) -> dict[int, list[dict]]:
-    """Per cycle, each candidate's valid / novel_valid / improved as 0 or 1, and its accuracy."""
+    """Per finished cycle, each candidate's valid / novel_valid / improved as 0 or 1, and its
+    accuracy. A cycle the run had not finished (a benchmark stopped early) is left out whole:
+    its candidates that had ended are the quick ones, not a sample of the cycle."""
     store = Store(run_dir / "archive.sqlite", readonly=True)
     try:
         rows = store.candidates()
+        finished = {c["cycle"] for c in store.cycles() if c["finished_at"] is not None}
     finally:
         store.close()
     acc = {r.id: r.accuracy for r in rows}
     out: dict[int, list[dict]] = {}
     for r in rows:
-        if r.cycle < 0 or not r.final:
+        if r.cycle < 0 or r.cycle not in finished or not r.final:
             continue
         ok = r.status == "ok" and r.accuracy is not None
         parent = acc.get(r.parent_id)
@@ -218,11 +223,13 @@ def main() -> int:
             probes = dict(zip(keys, pool.map(probe, [runs[k] for k in keys], [args.llm] * len(keys),
                                              [args.probe_tokens] * len(keys))))
 
+    common = set.intersection(*(set(d) for d in data.values()))  # cycles every run finished
+    window = [c for c in range(lo, hi + 1) if c in common]
     curves: dict[str, list[dict]] = {}
     for arm in arms:
         points = []
         for c in range(args.cycles):
-            point = {"cycle": c}
+            point = {"cycle": c, "runs": sum(c in data[(s, arm)] for s in seeds)}
             for key, name in (("valid_rate", "valid"), ("novel_valid_rate", "novel_valid"),
                               ("improved_rate", "improved")):
                 by_seed = [[o[name] for o in data[(s, arm)].get(c, [])] for s in seeds]
@@ -242,12 +249,15 @@ def main() -> int:
     for arm in learners:
         differences[arm] = {}
         for name in METRICS:
-            per_seed = {s: {a: [o[name] for c in range(lo, hi + 1) for o in data[(s, a)].get(c, [])]
-                            for a in (arm, "control")} for s in seeds}
+            if not window:
+                continue
+            per_seed = {s: {a: [o[name] for c in window for o in data[(s, a)][c]] for a in (arm, "control")}
+                        for s in seeds}
             differences[arm][name] = bootstrap_diff(per_seed, arm=arm)
     report = {"llm": args.llm, "seeds": seeds, "cycles": args.cycles, "candidates": args.candidates,
               "dataset": args.dataset, "constrain": args.constrain, "cold_start_from": args.cold_start_from,
-              "extra": extra, "window": [lo, hi], "curves": curves, "difference": differences[learners[0]],
+              "extra": extra, "window": [lo, hi], "compared": window, "curves": curves,
+              "difference": differences[learners[0]],
               "differences": differences,
               "runs": {f"{s}/{arm}": str(d) for (s, arm), d in runs.items()}}
     (root / "learning_curve.json").write_text(json.dumps(report, indent=2))
@@ -257,15 +267,20 @@ def main() -> int:
     cols = [k for k, _ in CURVES] + ["best_accuracy"] + (["free_apply_rate"] if probes else [])
     lines = [f"{args.llm}, seeds {seeds}, {args.cycles} cycles x {args.candidates} candidates, {args.dataset}, "
              f"constrain={args.constrain}, cold start from {args.cold_start_from or 'nothing'}", "",
-             "| arm | cycle | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 2)]
+             "| arm | cycle | runs finished | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 3)]
     for arm, points in curves.items():
         for p in points:
             cells = ["—" if p.get(k) is None else f"{100 * p[k]:.1f}%" for k in cols]
-            lines.append(f"| {arm} | {p['cycle']} | " + " | ".join(cells) + " |")
-    for arm, window in differences.items():
-        lines += ["", f"{arm} − control over cycles {lo}–{hi} (0-based), 95% bootstrap interval over seeds and "
-                  "candidates:"]
-        for name, r in window.items():
+            lines.append(f"| {arm} | {p['cycle']} | {p['runs']} of {len(seeds)} | " + " | ".join(cells) + " |")
+    if window != list(range(lo, hi + 1)):
+        lines += ["", f"Cycles {lo}–{hi} were asked for the comparison; every run had finished "
+                  + (f"only cycles {', '.join(map(str, window))} of them." if window else "none of them: no difference.")]
+    for arm, by_metric in differences.items():
+        if not by_metric:
+            continue
+        lines += ["", f"{arm} − control over cycles {', '.join(map(str, window))} (0-based), 95% bootstrap interval "
+                  "over seeds and candidates:"]
+        for name, r in by_metric.items():
             a, b = r["ci95"]
             verdict = "excludes zero" if a > 0 or b < 0 else "includes zero"
             lines.append(f"- {name}: {100 * r['diff']:+.1f} points [{100 * a:+.1f}, {100 * b:+.1f}] ({verdict})")

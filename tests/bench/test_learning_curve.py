@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -81,12 +82,24 @@ def test_the_benchmark_runs_both_arms_and_its_figures_match_the_archives(tmp_pat
     store.close()
     # the mutator does not learn: from the same seeds both arms propose the same candidates
     assert report["difference"]["valid"]["diff"] == 0.0
-    assert "learn − control over cycles 0–1" in proc.stdout
+    assert "learn − control over cycles 0, 1 (0-based)" in proc.stdout
 
     # --no-run reads the finished archives again and gives the same figures; it runs nothing
     again = subprocess.run(cmd[:cmd.index("--")] + ["--no-run"], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((root / "learning_curve.json").read_text())["curves"] == report["curves"]
+    # a run stopped inside cycle 1: that cycle leaves its curve, and the difference is taken over cycle 0
+    db = sqlite3.connect(root / "seed-1" / "control" / "archive.sqlite")
+    with db:
+        db.execute("UPDATE cycles SET finished_at = NULL WHERE cycle = 1")
+    db.close()
+    cut = subprocess.run(cmd[:cmd.index("--")] + ["--no-run"], capture_output=True, text=True, env=env, timeout=300)
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    partial = json.loads((root / "learning_curve.json").read_text())
+    assert [p["runs"] for p in partial["curves"]["control"]] == [2, 1] and partial["compared"] == [0]
+    assert partial["curves"]["control"][0] == report["curves"]["control"][0]
+    assert "every run had finished only cycles 0 of them" in cut.stdout
+    assert "learn − control over cycles 0 (0-based)" in cut.stdout
     missing = subprocess.run(cmd[:cmd.index("--root") + 1] + [str(tmp_path / "none"), "--no-run"],
                              capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode != 0 and "has no archive" in missing.stderr
