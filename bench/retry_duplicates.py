@@ -6,7 +6,9 @@
 
 Per seed, `deltanas run` twice with identical settings and LoRA off: `on` sends a near-copy back
 to the model with its similarity and newly drawn edit sites (within `search.max_repairs`), `off`
-records it as `duplicate` at once (the search before this option). Each archive's candidates from
+records it as `duplicate` at once (the search before this option). With `--against narrow` the
+baseline arm retries too, but at as many edit sites as the first answer had (`search.retry_widen
+= 0`, the option as it first was), where `on` draws `retry_widen` more at each retry. Each archive's candidates from
 `--from-cycle` on (default 1: cycle 0 is the cold-start mutator's) are read, and per arm it prints:
 - novel and valid: trained, and under the novelty threshold (the figure the option is for);
 - improved: novel and valid, and more accurate than its parent;
@@ -30,7 +32,9 @@ from learning_curve import bootstrap_diff
 
 from deltanas.agent.archive import Store
 
-ARMS = ("on", "off")
+SETTINGS = {"on": "retry_duplicates = true",  # the defaults: retried, more edit sites at each retry
+            "off": "retry_duplicates = false",  # recorded at once, the search before the option
+            "narrow": "retry_duplicates = true\nretry_widen = 0"}  # retried at as many sites (the first retry)
 
 
 def run_arm(root: Path, seed: int, arm: str, args: argparse.Namespace, extra: list[str]) -> Path:
@@ -38,7 +42,7 @@ def run_arm(root: Path, seed: int, arm: str, args: argparse.Namespace, extra: li
     if (run_dir / "archive.sqlite").is_file() or args.no_run:
         return run_dir
     cfg = root / f"{arm}.toml"
-    cfg.write_text(f"[learn]\nenabled = false\n\n[search]\nretry_duplicates = {'true' if arm == 'on' else 'false'}\n")
+    cfg.write_text(f"[learn]\nenabled = false\n\n[search]\n{SETTINGS[arm]}\n")
     cmd = [sys.executable, "-m", "deltanas.agent.cli", "run", "--plain", "--run-dir", str(run_dir), "--config",
            str(cfg), "--llm", args.llm, "--cycles", str(args.cycles), "--candidates", str(args.candidates),
            "--seed", str(seed), "--dataset", args.dataset, *(["--preset", "quick"] if args.quick else []), *extra]
@@ -76,6 +80,9 @@ def main() -> int:
     ap.add_argument("--from-cycle", type=int, default=1, help="the first cycle counted (0 is the mutator's)")
     ap.add_argument("--root", type=Path, default=Path("runs/retry-duplicates"))
     ap.add_argument("--no-run", action="store_true", help="read the archives under --root as they are")
+    ap.add_argument("--against", choices=["off", "narrow"], default="off",
+                    help="the baseline arm: near-copies recorded at once (off), or retried at as many edit sites "
+                         "as the first answer had (narrow: search.retry_widen = 0)")
     argv, extra = passthrough.split(sys.argv[1:])
     args = ap.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
@@ -83,12 +90,12 @@ def main() -> int:
     per_seed: dict[int, dict[str, list[int]]] = {}
     improved: dict[int, dict[str, list[int]]] = {}
     totals = {arm: {"n": 0, "novel_valid": 0, "improved": 0, "duplicates": 0, "failed": 0, "retries": 0, "tokens": 0, "span_s": 0.0}
-              for arm in ARMS}
+              for arm in ("on", args.against)}
     for seed in seeds:
-        for arm in ARMS:
+        for arm in ("on", args.against):
             got = read_arm(run_arm(args.root, seed, arm, args, extra), args.from_cycle)
-            per_seed.setdefault(seed, {})["control" if arm == "off" else arm] = got["novel_valid"]
-            improved.setdefault(seed, {})["control" if arm == "off" else arm] = got["improved"]
+            per_seed.setdefault(seed, {})["control" if arm == args.against else arm] = got["novel_valid"]
+            improved.setdefault(seed, {})["control" if arm == args.against else arm] = got["improved"]
             t = totals[arm]
             t["n"] += len(got["novel_valid"])
             t["novel_valid"] += sum(got["novel_valid"])
@@ -99,7 +106,7 @@ def main() -> int:
     diff_improved = bootstrap_diff(improved, arm="on")
     print(f"{args.llm}, seeds {args.seeds}, cycles {args.from_cycle}..{args.cycles - 1} of {args.cycles}, "
           f"{args.candidates} candidates a cycle, {args.dataset}")
-    print(f"{'':28s}{'on':>12s}{'off (baseline)':>16s}")
+    print(f"{'':28s}{'on':>12s}{args.against + ' (baseline)':>20s}")
     rows = (("candidates", lambda t: f"{t['n']}"),
             ("novel and valid", lambda t: f"{t['novel_valid'] / max(1, t['n']):.1%}"),
             ("improved over parent", lambda t: f"{t['improved'] / max(1, t['n']):.1%}"),
@@ -109,9 +116,9 @@ def main() -> int:
             ("output tokens / candidate", lambda t: f"{t['tokens'] / max(1, t['n']):.0f}"),
             ("run span, all seeds (s)", lambda t: f"{t['span_s']:.0f}"))
     for name, show in rows:
-        print(f"{name:28s}{show(totals['on']):>12s}{show(totals['off']):>16s}")
+        print(f"{name:28s}{show(totals['on']):>12s}{show(totals[args.against]):>20s}")
     for name, d in (("novel and valid", diff), ("improved over parent", diff_improved)):
-        print(f"on - off, {name}: {d['diff']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]")
+        print(f"on - {args.against}, {name}: {d['diff']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]")
     (args.root / "retry_duplicates.json").write_text(json.dumps({"totals": totals, "difference": diff,
                                                                  "difference_improved": diff_improved,
                                                                  "args": {k: str(v) for k, v in vars(args).items()}},

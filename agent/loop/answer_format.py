@@ -47,10 +47,12 @@ def families_for(config: Config, llm, parent_source: str, cycle: int, idx: int,
 
 
 def sites_for(config: Config, llm, parent_source: str, cycle: int, idx: int, attempt: int = 0) -> list[int] | None:
-    """The parent lines a candidate's edits go to, when the search places edits."""
+    """The parent lines a candidate's edits go to, when the search places edits: `search.edit_sites`
+    of them, and `retry_widen` more for each near-copy retry (`attempt`)."""
     if not _grammar(config, llm) or config.llm.sites != "sampled":
         return None
-    return pick_sites(parent_source, _draw_key(config, cycle, idx, attempt), config.search.edit_sites,
+    s = config.search
+    return pick_sites(parent_source, _draw_key(config, cycle, idx, attempt), s.edit_sites + attempt * s.retry_widen,
                       allow_train_changes=config.search.allow_train_changes,
                       typed=config.llm.layers == "typed") or None
 
@@ -59,8 +61,8 @@ def format_for(config: Config, llm, parent_source: str, sites: list[int] | None,
                families: tuple[str, ...] | None = None) -> AnswerFormat:
     s = config.search
     fmt = answer_format(parent_source, mode=s.mode, constrain=effective_constrain(llm, config.llm.constrain),
-                        shape=DiffShape(max_hunks=s.max_hunks, max_removed=s.max_removed, max_added=s.max_added,
-                                        min_added=s.min_added),
+                        shape=DiffShape(max_hunks=max(s.max_hunks, len(sites or ())), max_removed=s.max_removed,
+                                        max_added=s.max_added, min_added=s.min_added),
                         allow_train_changes=s.allow_train_changes, sites=sites,
                         typed=config.llm.layers == "typed", families=families)
     if fmt.note:

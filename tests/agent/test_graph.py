@@ -432,6 +432,7 @@ def test_a_near_copy_goes_back_to_the_model_with_new_edit_sites_and_then_trains(
         assert re.search(r"near-copy of base-lenet \(similarity 0\.9\d; a new network is below 0\.90\)", turn)
         first = sites_for(deps.config, deps.llm, parent, 0, r.idx)
         assert first and r.sites and r.sites != first  # drawn again for the retry, and recorded
+        assert len(r.sites) == len(first) + deps.config.search.retry_widen == 6  # and more of them
         lines = parent.splitlines()
         assert all(f"line {i + 1}: `{lines[i].strip()}`" in turn for i in r.sites)
     retries = [p for p in seen if "Error `duplicate`" in p.messages[-1]["content"]]
