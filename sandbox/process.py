@@ -297,6 +297,7 @@ class ProcessSandbox:
         else:
             self._open_work_root(job_user)
             if why := self._probe(dataclasses.replace(self._confinement, user=job_user)):
+                self._restore_work_root()
                 closed = _closed_on_the_way(job_user, [Path(self.python).resolve(), *self._read_roots(),
                                                        self.work_root])
                 self._why["uid drop"] = f"uid {job_user[0]} cannot start the worker: " + (closed or why)
@@ -326,15 +327,21 @@ class ProcessSandbox:
         temporary dir, 0711, so that the uid drop, which a GPU job under Landlock needs, stays
         possible. Removed on `close` unless `keep`. `moved_work_root` says where, and why."""
         closed = _closed_on_the_way(user, [self.work_root])
-        if not closed:
-            return
+        if not closed or _closed_on_the_way(user, [Path(self.python).resolve()]):
+            return  # nothing to move, or the uid drop fails whatever the work root
         moved = Path(tempfile.mkdtemp(prefix="deltanas-jobs-"))
         moved.chmod(0o711)
-        if _closed_on_the_way(user, [moved]):
-            shutil.rmtree(moved, ignore_errors=True)
-            return
         self.moved_work_root = (self.work_root, moved, closed)
         self.work_root = moved
+        if _closed_on_the_way(user, [moved]):
+            self._restore_work_root()
+
+    def _restore_work_root(self) -> None:
+        """Back to the run's own work root, where the uid drop is not taken after all."""
+        if self.moved_work_root:
+            shutil.rmtree(self.work_root, ignore_errors=True)
+            self.work_root = self.moved_work_root[0]
+            self.moved_work_root = None
 
     def _probe(self, confinement: Confinement) -> str:
         """"" when a worker's Python starts here under `confinement` and reaches the work root;

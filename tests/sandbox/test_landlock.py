@@ -508,6 +508,22 @@ def test_as_root_a_run_folder_closed_to_nobody_moves_the_job_dirs_out_and_keeps_
     assert not used.exists()
 
 
+@AS_ROOT
+def test_as_root_the_job_dirs_stay_in_the_run_folder_when_python_is_closed_to_nobody_anyway(tmp_path):
+    """Where uid 65534 cannot start this Python (it lies under /root), moving the work root would
+    not make the uid drop possible: it stays where the run put it."""
+    if python_for(NOBODY, tmp_path) == sys.executable:
+        pytest.skip("this Python is open to uid 65534")
+    before = set(Path(tempfile.gettempdir()).glob("deltanas-jobs-*"))
+    sb = ProcessSandbox(tmp_path / "run" / ".work", use_bwrap=False, warm=False)
+    try:
+        assert sb.moved_work_root is None and sb.work_root == tmp_path / "run" / ".work" and sb.job_user is None
+        assert {layer["name"]: layer for layer in sb.layers()}["uid drop"]["why"].startswith("uid 65534 cannot start")
+    finally:
+        sb.close()
+    assert set(Path(tempfile.gettempdir()).glob("deltanas-jobs-*")) <= before  # no folder made and left
+
+
 @pytest.mark.slow
 @AS_ROOT
 @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
