@@ -111,10 +111,12 @@ class SearchConfig(_Section):
     `max_repairs`: with the similarity it reached, and new edit sites and layer kinds where the
     search draws them. A cheap second draw (no training) instead of a lost candidate; the
     near-copies that remain are recorded as `duplicate`. Off under `train_duplicates`."""
-    retry_widen: int = Field(2, ge=0)
+    retry_widen: int = Field(0, ge=0)
     """A near-copy sent back as the candidate's k-th retry draws `edit_sites` + k × this many edit
     sites (as many as the parent has), with a hunk allowed for each: a near-copy changed too little,
-    and as many small edits elsewhere in a long parent make a near-copy again. 0: as many sites."""
+    and as many small edits elsewhere in a long parent make a near-copy again. Off by default: each
+    hunk costs about a hundred tokens, and under a 384-token cap the wider answers ran out (on the
+    CPU, 2: near-copies left 0% against 21%, but 31% failed to apply against 0%; bench/RESULTS.md)."""
     edit_sites: int = Field(4, gt=0)
     """Under sampled sites, the layer lines each candidate edits, one hunk apiece. One-line edits
     are near-copies under the paper's novelty rule (similarity 0.95-0.98 to the parent); edits at

@@ -6,9 +6,9 @@
 
 Per seed, `deltanas run` twice with identical settings and LoRA off: `on` sends a near-copy back
 to the model with its similarity and newly drawn edit sites (within `search.max_repairs`), `off`
-records it as `duplicate` at once (the search before this option). With `--against narrow` the
-baseline arm retries too, but at as many edit sites as the first answer had (`search.retry_widen
-= 0`, the option as it first was), where `on` draws `retry_widen` more at each retry. Each archive's candidates from
+records it as `duplicate` at once (the search before this option). `--arms wide,on` measures
+wider retries against the default ones: `wide` draws 2 more edit sites at each near-copy retry
+(`search.retry_widen = 2`), `on` as many as the first answer had (0, the default). Each archive's candidates from
 `--from-cycle` on (default 1: cycle 0 is the cold-start mutator's) are read, and per arm it prints:
 - novel and valid: trained, and under the novelty threshold (the figure the option is for);
 - improved: novel and valid, and more accurate than its parent;
@@ -32,9 +32,9 @@ from learning_curve import bootstrap_diff
 
 from deltanas.agent.archive import Store
 
-SETTINGS = {"on": "retry_duplicates = true",  # the defaults: retried, more edit sites at each retry
+SETTINGS = {"on": "retry_duplicates = true\nretry_widen = 0",  # retried at as many sites (the defaults)
             "off": "retry_duplicates = false",  # recorded at once, the search before the option
-            "narrow": "retry_duplicates = true\nretry_widen = 0"}  # retried at as many sites (the first retry)
+            "wide": "retry_duplicates = true\nretry_widen = 2"}  # retried at 2 more sites at each retry
 
 
 def run_arm(root: Path, seed: int, arm: str, args: argparse.Namespace, extra: list[str]) -> Path:
@@ -80,33 +80,33 @@ def main() -> int:
     ap.add_argument("--from-cycle", type=int, default=1, help="the first cycle counted (0 is the mutator's)")
     ap.add_argument("--root", type=Path, default=Path("runs/retry-duplicates"))
     ap.add_argument("--no-run", action="store_true", help="read the archives under --root as they are")
-    ap.add_argument("--against", choices=["off", "narrow"], default="off",
-                    help="the baseline arm: near-copies recorded at once (off), or retried at as many edit sites "
-                         "as the first answer had (narrow: search.retry_widen = 0)")
+    ap.add_argument("--arms", default="on,off", choices=["on,off", "wide,on"],
+                    help="the arm measured, then its baseline (default on,off)")
     argv, extra = passthrough.split(sys.argv[1:])
     args = ap.parse_args(argv)
+    arm, base = args.arms.split(",")
     args.root.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     per_seed: dict[int, dict[str, list[int]]] = {}
     improved: dict[int, dict[str, list[int]]] = {}
-    totals = {arm: {"n": 0, "novel_valid": 0, "improved": 0, "duplicates": 0, "failed": 0, "retries": 0, "tokens": 0, "span_s": 0.0}
-              for arm in ("on", args.against)}
+    totals = {a: {"n": 0, "novel_valid": 0, "improved": 0, "duplicates": 0, "failed": 0, "retries": 0, "tokens": 0,
+                  "span_s": 0.0} for a in (arm, base)}
     for seed in seeds:
-        for arm in ("on", args.against):
-            got = read_arm(run_arm(args.root, seed, arm, args, extra), args.from_cycle)
-            per_seed.setdefault(seed, {})["control" if arm == args.against else arm] = got["novel_valid"]
-            improved.setdefault(seed, {})["control" if arm == args.against else arm] = got["improved"]
-            t = totals[arm]
+        for a in (arm, base):
+            got = read_arm(run_arm(args.root, seed, a, args, extra), args.from_cycle)
+            per_seed.setdefault(seed, {})["control" if a == base else a] = got["novel_valid"]
+            improved.setdefault(seed, {})["control" if a == base else a] = got["improved"]
+            t = totals[a]
             t["n"] += len(got["novel_valid"])
             t["novel_valid"] += sum(got["novel_valid"])
             t["improved"] += sum(got["improved"])
             for k in ("duplicates", "failed", "retries", "tokens", "span_s"):
                 t[k] += got[k]
-    diff = bootstrap_diff(per_seed, arm="on")
-    diff_improved = bootstrap_diff(improved, arm="on")
+    diff = bootstrap_diff(per_seed, arm=arm)
+    diff_improved = bootstrap_diff(improved, arm=arm)
     print(f"{args.llm}, seeds {args.seeds}, cycles {args.from_cycle}..{args.cycles - 1} of {args.cycles}, "
           f"{args.candidates} candidates a cycle, {args.dataset}")
-    print(f"{'':28s}{'on':>12s}{args.against + ' (baseline)':>20s}")
+    print(f"{'':28s}{arm:>12s}{base + ' (baseline)':>20s}")
     rows = (("candidates", lambda t: f"{t['n']}"),
             ("novel and valid", lambda t: f"{t['novel_valid'] / max(1, t['n']):.1%}"),
             ("improved over parent", lambda t: f"{t['improved'] / max(1, t['n']):.1%}"),
@@ -116,9 +116,9 @@ def main() -> int:
             ("output tokens / candidate", lambda t: f"{t['tokens'] / max(1, t['n']):.0f}"),
             ("run span, all seeds (s)", lambda t: f"{t['span_s']:.0f}"))
     for name, show in rows:
-        print(f"{name:28s}{show(totals['on']):>12s}{show(totals[args.against]):>20s}")
+        print(f"{name:28s}{show(totals[arm]):>12s}{show(totals[base]):>20s}")
     for name, d in (("novel and valid", diff), ("improved over parent", diff_improved)):
-        print(f"on - {args.against}, {name}: {d['diff']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]")
+        print(f"{arm} - {base}, {name}: {d['diff']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]")
     (args.root / "retry_duplicates.json").write_text(json.dumps({"totals": totals, "difference": diff,
                                                                  "difference_improved": diff_improved,
                                                                  "args": {k: str(v) for k, v in vars(args).items()}},

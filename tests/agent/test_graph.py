@@ -420,7 +420,8 @@ def test_a_near_copy_goes_back_to_the_model_with_new_edit_sites_and_then_trains(
 
     ex = InstantExecutor()
     deps = make_deps(tmp_path, _Grammared(answer), ex, **{"search.cycles": 1, "search.candidates": 2,
-                                                          "llm.constrain": "grammar", "llm.sites": "sampled"})
+                                                          "llm.constrain": "grammar", "llm.sites": "sampled",
+                                                          "search.retry_widen": 2})
     assert run_graph(deps, InMemorySaver()).status == "finished"
     rows = deps.store.candidates(cycle=0)
     assert [(r.status, r.attempts) for r in rows] == [("ok", 1), ("ok", 1)]
