@@ -8,7 +8,10 @@ Per seed, `deltanas run` twice with identical settings and LoRA off: `on` sends 
 to the model with its similarity and newly drawn edit sites (within `search.max_repairs`), `off`
 records it as `duplicate` at once (the search before this option). `--arms wide,on` measures
 wider retries against the default ones: `wide` draws 2 more edit sites at each near-copy retry
-(`search.retry_widen = 2`), `on` as many as the first answer had (0, the default). Each archive's candidates from
+(`search.retry_widen = 2`), `on` as many as the first answer had (0, the default). `--arms on,repeat`
+and `on,apart` measure `search.layer_repeats`: `on` (the default, `no`) adds each kind of layer once
+at most in a change group, `apart` never twice in a row, `repeat` (`yes`) as the model likes. Each
+arm differs from the defaults in its one setting. Each archive's candidates from
 `--from-cycle` on (default 1: cycle 0 is the cold-start mutator's) are read, and per arm it prints:
 - novel and valid: trained, and under the novelty threshold (the figure the option is for);
 - improved: novel and valid, and more accurate than its parent;
@@ -32,9 +35,11 @@ from learning_curve import bootstrap_diff
 
 from deltanas.agent.archive import Store
 
-SETTINGS = {"on": "retry_duplicates = true\nretry_widen = 0",  # retried at as many sites (the defaults)
-            "off": "retry_duplicates = false",  # recorded at once, the search before the option
-            "wide": "retry_duplicates = true\nretry_widen = 2"}  # retried at 2 more sites at each retry
+SETTINGS = {"on": "",  # the defaults: near-copies retried at as many sites, each kind of layer once a group
+            "off": "retry_duplicates = false",  # near-copies recorded at once, the search before the retry
+            "wide": "retry_widen = 2",  # 2 more sites at each retry
+            "apart": "layer_repeats = \"apart\"",  # a kind of layer never twice in a row
+            "repeat": "layer_repeats = \"yes\""}  # a kind of layer again as the model likes
 
 
 def run_arm(root: Path, seed: int, arm: str, args: argparse.Namespace, extra: list[str]) -> Path:
@@ -80,11 +85,13 @@ def main() -> int:
     ap.add_argument("--from-cycle", type=int, default=1, help="the first cycle counted (0 is the mutator's)")
     ap.add_argument("--root", type=Path, default=Path("runs/retry-duplicates"))
     ap.add_argument("--no-run", action="store_true", help="read the archives under --root as they are")
-    ap.add_argument("--arms", default="on,off", choices=["on,off", "wide,on"],
-                    help="the arm measured, then its baseline (default on,off)")
+    ap.add_argument("--arms", default="on,off", help="the arm measured, then its baseline, of "
+                    f"{', '.join(SETTINGS)} (default on,off)")
     argv, extra = passthrough.split(sys.argv[1:])
     args = ap.parse_args(argv)
-    arm, base = args.arms.split(",")
+    arm, _, base = args.arms.partition(",")
+    if arm == base or not {arm, base} <= set(SETTINGS):
+        ap.error(f"--arms: two different arms of {', '.join(SETTINGS)}, the measured one first")
     args.root.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     per_seed: dict[int, dict[str, list[int]]] = {}

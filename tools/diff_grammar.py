@@ -32,7 +32,10 @@ accepts, shaped like an edit rather than a rewrite:
 - `typed`: a `+` line inside a one-element-per-line `nn.Sequential` is a layer from the menu of
   `tools/layer_types.py`, which keeps the tensor shape there (its channel count read from the
   parent), and a removed run there is whole layers that keep it too. Any answer at typed anchors
-  builds a network whose shapes fit.
+  builds a network whose shapes fit. `DiffShape.repeats` says whether a group may add a kind of
+  layer more than once: `apart`, never twice in a row (not `GELU` twice); `no`, once at most
+  (not `GELU`, `BatchNorm2d`, `GELU`). A repeated line repeats its shingles, and the novelty
+  rule counts the child a near-copy.
 
 Full mode's grammar is one ```python fence that holds a `class Net` line.
 """
@@ -54,6 +57,7 @@ DIFF_PREFIX = f"```diff\n--- a/{TARGET}\n+++ b/{TARGET}\n"
 FULL_PREFIX = "```python\n"
 CLOSE = "```"
 MAX_PARENT_LINES = 5000
+REPEATS = ("yes", "apart", "no")
 # A hunk may open at each site, and a parser holds one item per site at the answer's first byte:
 # llguidance's (and vLLM's) default is at most 2,000 items in one row.
 MAX_SITES = 800
@@ -75,6 +79,8 @@ class DiffShape:
     max_removed: int = 6  # per change group
     max_added: int = 8  # per change group
     min_added: int = 1  # per group that only adds
+    repeats: str = "yes"  # under typed layers, a kind again in a group: yes, apart (not in a row), no
+
 
     def __post_init__(self) -> None:
         for name in ("max_hunks", "max_removed", "max_added", "min_added"):
@@ -82,6 +88,8 @@ class DiffShape:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.min_added > self.max_added:
             raise ValueError(f"min_added ({self.min_added}) is above max_added ({self.max_added})")
+        if self.repeats not in REPEATS:
+            raise ValueError(f"repeats must be one of {REPEATS}, got {self.repeats!r}")
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,7 @@ class _Builder:
             self._next[m] = nxt
         self._plus: dict[tuple, str] = {}  # (indentation alternatives, context, exclusions, flow) -> rule name
         self._menus: dict[object, str] = {}  # flow -> the terminal of the layers that keep it
+        self._parts: dict[object, list[str]] = {}  # flow -> a terminal per kind of layer that keeps it
         self.counts = anchor_counts(lines)
         self.depth = bracket_depths(lines)
 
@@ -254,12 +263,30 @@ class _Builder:
             self.rules[name] = menu(flow, nn, families)
         return name
 
+    def parts(self, j: int) -> list[str]:
+        """The terminals of the layers an `nn.Sequential` may take at gap j, one per kind."""
+        from deltanas.tools.layer_types import menu_parts
+
+        flows, _, nn, families = self.typed
+        flow = flows.get(j)
+        names = self._parts.get(flow)
+        if names is None:
+            names = self._parts[flow] = []
+            for part in menu_parts(flow, nn, families).values():
+                names.append(f"KIND{len(self._parts) - 1}_{len(names)}")
+                self.rules[names[-1]] = part
+        return names
+
     def plus(self, j: int, at_least: int, removed: tuple[int, ...] = ()) -> str:
         """The rule for `at_least` to max_added lines added at gap j. Under narrowed sites, a line
         that repeats one the group removed is not admitted: the pair would change nothing."""
         ind, kind = self.indents(j), self.context(j)
-        terminal = self.menu(j) if self.typed and kind == "MODULE" else kind
         exclude = tuple(sorted({self.lines[k].strip() for k in removed})) if self.narrow else ()
+        if self.typed and kind == "MODULE" and self.shape.repeats != "yes":
+            parts = self.parts(j)  # where too few kinds fit for the count asked, they may repeat
+            if len(parts) >= max(2, at_least if self.shape.repeats == "no" else 0):
+                return self.kinds(ind, parts, exclude, at_least)
+        terminal = self.menu(j) if self.typed and kind == "MODULE" else kind
         key = ("|".join(ind), terminal, exclude)
         name = self._plus.get(key)
         if name is None:
@@ -280,6 +307,41 @@ class _Builder:
         if rule not in self.rules:
             self.rules[rule] = f"{name.upper()}{{{at_least},{self.shape.max_added}}}"
         return rule
+
+    def kinds(self, ind: tuple[str, ...], kinds: list[str], exclude: tuple[str, ...], at_least: int) -> str:
+        """`plus` where a group may not repeat a kind of layer (`DiffShape.repeats`): `at_least` to
+        max_added layers from the kinds' terminals, none of the kind just added (`apart`) or of any
+        kind already added (`no`). A rule per state: the kinds that may not come next, and the count."""
+        key = ("|".join(ind), tuple(kinds), exclude)
+        name = self._plus.get(key)
+        if name is None:
+            name = self._plus[key] = f"plus{len(self._plus)}"
+            alt = "|".join(re.escape(x).replace("\\ ", " ") for x in ind)
+            same = "|".join(_lark_regex(x) for x in exclude)
+            for n, k in enumerate(kinds):
+                body = k
+                if exclude:
+                    body = f"{name.upper()}_{n}_BODY"
+                    self.rules[body] = f"{k} & ~/(?:{same})" + r"[ \t]*/"
+                self.rules[f"{name.upper()}_{n}"] = f'"+" /(?:{alt})/ {body} "\\n"'
+        apart = self.shape.repeats == "apart"
+
+        def run(barred: int, done: int) -> str:  # barred: a bit per kind that may not come next
+            rule = f"{name}_{at_least}_{barred}_{done}"
+            if rule not in self.rules:
+                self.rules[rule] = ""  # claimed before the rules it refers to are made
+                more = []
+                for n in range(len(kinds)):
+                    if barred >> n & 1:
+                        continue
+                    after = (1 << n) if apart else barred | (1 << n)
+                    last = done + 1 >= self.shape.max_added or after == (1 << len(kinds)) - 1
+                    more.append(f"{name.upper()}_{n}" + ("" if last else f" {run(after, done + 1)}"))
+                body = " | ".join(more)
+                self.rules[rule] = f"({body})?" if done >= at_least else body
+            return rule
+
+        return run(0, 0)
 
     def body_terminals(self) -> dict[str, str]:
         """One added line's text, by where it lands. Everywhere: brackets balanced (three levels

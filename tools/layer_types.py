@@ -289,18 +289,33 @@ def _alternatives(family: str, nn: str, c: str | None) -> list[str]:
               + (f"{c}, {c})" if family == "linear" else f"{c})"))]
 
 
-def menu(flow: Flow | None, nn: str = "nn.", families: tuple[str, ...] | None = None) -> str:
-    """A Lark terminal expression for one layer (with its comma) that keeps `flow`, of the given
-    kinds (default: all). Before a layer that works in place, no `ReLU`: its backward needs the
-    output the next layer overwrites."""
+def _fitting(flow: Flow | None, nn: str, families: tuple[str, ...] | None) -> dict[str, list[str]]:
+    """Each kind's alternatives for one layer that keeps `flow`, of the given kinds (default: all),
+    for the kinds that fit there. Before a layer that works in place, no `ReLU`: its backward needs
+    the output the next layer overwrites. Where none of the kinds fits, a GELU: an activation
+    always fits."""
     f = flow or Flow()
-    alts: list[str] = []
+    out: dict[str, list[str]] = {}
     for fam in families or tuple(FAMILIES):
-        where = FAMILIES[fam][0]
         if fam == "relu" and f.before_inplace:
             continue
-        if where == "any" or where == f.dim:
-            alts += _alternatives(fam, nn, f.channels)
-    if not alts:  # kinds that all fit elsewhere: an activation always fits
-        alts = _alternatives("gelu", nn, None)
+        alts = _alternatives(fam, nn, f.channels) if FAMILIES[fam][0] in ("any", f.dim) else []
+        if alts:
+            out[fam] = alts
+    return out or {"gelu": _alternatives("gelu", nn, None)}
+
+
+def _terminal(alts: list[str]) -> str:
     return "(" + " | ".join(alts) + r') /,[ \t]*/'
+
+
+def menu(flow: Flow | None, nn: str = "nn.", families: tuple[str, ...] | None = None) -> str:
+    """A Lark terminal expression for one layer (with its comma) that keeps `flow`, of the given
+    kinds (default: all)."""
+    return _terminal([a for alts in _fitting(flow, nn, families).values() for a in alts])
+
+
+def menu_parts(flow: Flow | None, nn: str = "nn.", families: tuple[str, ...] | None = None) -> dict[str, str]:
+    """`menu`, one terminal expression per kind that fits: a grammar that tells the kinds apart can
+    ask two layers added one after the other to be of different kinds."""
+    return {fam: _terminal(alts) for fam, alts in _fitting(flow, nn, families).items()}

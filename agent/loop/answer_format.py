@@ -62,7 +62,8 @@ def format_for(config: Config, llm, parent_source: str, sites: list[int] | None,
     s = config.search
     fmt = answer_format(parent_source, mode=s.mode, constrain=effective_constrain(llm, config.llm.constrain),
                         shape=DiffShape(max_hunks=max(s.max_hunks, len(sites or ())), max_removed=s.max_removed,
-                                        max_added=s.max_added, min_added=s.min_added),
+                                        max_added=s.max_added, min_added=s.min_added,
+                                        repeats=s.layer_repeats),
                         allow_train_changes=s.allow_train_changes, sites=sites,
                         typed=config.llm.layers == "typed", families=families)
     if fmt.note:

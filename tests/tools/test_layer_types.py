@@ -88,7 +88,7 @@ def test_any_answer_at_typed_sites_builds_a_network_that_runs(name):
     for t in range(4):
         rng = random.Random(t)
         anchors = pick_sites(src, f"typed-{t}", 4, typed=True)
-        g = delta_grammar(src, anchors=anchors, typed=True, shape=DiffShape(max_added=3))
+        g = delta_grammar(src, anchors=anchors, typed=True, shape=DiffShape(max_added=3, repeats=("yes", "apart", "no", "no")[t]))
         ans = _sample(g.lark, rng)
         assert ans.count("\n@@") + ans.startswith("@@") == len(g.windows) == len(anchors) >= 3, ans  # each, once
         res = apply_model_output(src, DIFF_PREFIX + ans)
@@ -183,6 +183,56 @@ def test_each_candidate_gets_its_own_kinds_of_layer_and_the_grammar_holds_it_to_
     chat = propose_messages(parent_source=LENET, dataset="mnist", in_shape=(1, 1, 28, 28), num_classes=10,
                             parent_accuracy=0.9, sites=[relu], families=chosen)
     assert ", ".join(family_names(chosen)) in chat[-1]["content"]
+
+
+@pytest.mark.parametrize("repeats", ["apart", "no"])
+def test_a_group_repeats_no_kind_of_layer_where_asked(repeats):
+    """SmolLM2 asked for two lines wrote one layer twice (`nn.GELU()` and `nn.GELU()`), and kept
+    from that, alternated two: a repeated line repeats its shingles and makes a near-copy. Under
+    `apart` a kind never follows itself; under `no` a group adds each kind once at most."""
+    chosen = ("gelu", "elu", "dropout2d", "batchnorm", "conv3x3", "linear")
+    relu = line_of("nn.ReLU(inplace=True),")
+    head = f"{hunk_header(anchor_counts(LINES), LINES, relu + 1)}\n {LINES[relu]}\n"
+
+    def answer(*layers: str) -> str:
+        return head + "".join(f"+{' ' * 12}nn.{x},\n" for x in layers) + f" {LINES[relu + 1]}\n```"
+
+    shape = {"min_added": 2, "max_added": 4}
+    same = delta_grammar(LENET, anchors=[relu], typed=True, families=chosen, shape=DiffShape(**shape))
+    held = delta_grammar(LENET, anchors=[relu], typed=True, families=chosen, shape=DiffShape(**shape, repeats=repeats))
+    twice = [("GELU()", "GELU()"), ("BatchNorm2d(16)", "BatchNorm2d(16)"), ("Dropout2d(0.2)", "Dropout2d(0.25)"),
+             ("Conv2d(16, 16, kernel_size=3, padding=1)", "Conv2d(16, 16, kernel_size=3, padding=1, bias=False)"),
+             ("GELU()", "ELU()", "ELU()")]
+    for layers in twice:
+        assert accepts(same.lark, answer(*layers)) and not accepts(held.lark, answer(*layers)), layers
+    again = ("GELU()", "BatchNorm2d(16)", "GELU()")  # a kind again, not in a row
+    assert accepts(same.lark, answer(*again)) and accepts(held.lark, answer(*again)) == (repeats == "apart")
+    mixed = [("GELU()", "BatchNorm2d(16)"),
+             ("Dropout2d(0.2)", "Conv2d(16, 16, kernel_size=3, padding=1)", "ELU()", "BatchNorm2d(16)")]
+    for layers in mixed:
+        assert accepts(same.lark, answer(*layers)) and accepts(held.lark, answer(*layers)), layers
+    for g in (same, held):  # the counts still hold: two lines at least, four at most
+        assert not accepts(g.lark, answer("GELU()"))
+        assert not accepts(g.lark, answer("GELU()", "ELU()", "BatchNorm2d(16)", "Dropout2d(0.1)", "ELU()"))
+    # a removed layer still cannot come back in its own place, and replacing it needs no second line
+    swap = (f"{hunk_header(anchor_counts(LINES), LINES, relu)}\n {LINES[relu - 1]}\n-{LINES[relu]}\n"
+            f"+{' ' * 12}%s\n {LINES[relu + 1]}\n```")
+    narrow = delta_grammar(LENET, anchors=[relu], typed=True, shape=DiffShape(**shape, repeats=repeats),
+                           families=("relu", "gelu", "batchnorm"))
+    assert accepts(narrow.lark, swap % "nn.GELU(),")
+    assert not accepts(narrow.lark, swap % "nn.ReLU(inplace=True),")
+    # where too few kinds fit for the lines asked, they may repeat: the group must stay possible
+    lin = line_of("nn.Linear(120, 84),")
+    flat_head = f"{hunk_header(anchor_counts(LINES), LINES, lin + 1)}\n {LINES[lin]}\n"
+    lone = delta_grammar(LENET, anchors=[lin], typed=True, families=("batchnorm", "linear"),
+                         shape=DiffShape(**shape, repeats=repeats))
+    assert accepts(lone.lark, flat_head + f"+{' ' * 12}nn.Linear(84, 84),\n" * 2 + f" {LINES[lin + 1]}\n```")
+    three = delta_grammar(LENET, anchors=[lin], typed=True, families=("gelu", "linear", "batchnorm"),
+                          shape=DiffShape(min_added=3, max_added=4, repeats=repeats))  # two kinds fit flat
+    assert accepts(three.lark, flat_head + f"+{' ' * 12}nn.GELU(),\n+{' ' * 12}nn.Linear(84, 84),\n"
+                   f"+{' ' * 12}nn.GELU(),\n" + f" {LINES[lin + 1]}\n```")
+    with pytest.raises(ValueError, match="repeats must be one of"):
+        DiffShape(repeats="never")
 
 
 def test_hostile_parents_get_a_typed_grammar_in_time_or_a_typed_error():
