@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import time
 from collections import Counter
@@ -58,6 +59,7 @@ FULL_PREFIX = "```python\n"
 CLOSE = "```"
 MAX_PARENT_LINES = 5000
 REPEATS = ("yes", "apart", "no")
+MAX_KIND_STATES = 1000  # rules a group's "each kind once" may take (tools/layer_types.py draws 6 kinds: 63)
 # A hunk may open at each site, and a parser holds one item per site at the answer's first byte:
 # llguidance's (and vLLM's) default is at most 2,000 items in one row.
 MAX_SITES = 800
@@ -80,7 +82,6 @@ class DiffShape:
     max_added: int = 8  # per change group
     min_added: int = 1  # per group that only adds
     repeats: str = "yes"  # under typed layers, a kind again in a group: yes, apart (not in a row), no
-
 
     def __post_init__(self) -> None:
         for name in ("max_hunks", "max_removed", "max_added", "min_added"):
@@ -324,7 +325,10 @@ class _Builder:
                     body = f"{name.upper()}_{n}_BODY"
                     self.rules[body] = f"{k} & ~/(?:{same})" + r"[ \t]*/"
                 self.rules[f"{name.upper()}_{n}"] = f'"+" /(?:{alt})/ {body} "\\n"'
-        apart = self.shape.repeats == "apart"
+        # Once at most needs a rule per set of kinds used: with many kinds (no draw narrowed them)
+        # and long groups, that is thousands; never twice in a row then holds instead.
+        apart = self.shape.repeats == "apart" or sum(
+            math.comb(len(kinds), k) for k in range(self.shape.max_added)) > MAX_KIND_STATES
 
         def run(barred: int, done: int) -> str:  # barred: a bit per kind that may not come next
             rule = f"{name}_{at_least}_{barred}_{done}"

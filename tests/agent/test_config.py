@@ -42,6 +42,7 @@ def test_roundtrip_dump(tmp_path):
     ("[search]\nedit_sites = 5\n", "max_hunks is 4"),
     ("[search]\nmin_added = 7\n", "above max_added"),
     ("[llm]\nlayers = \"any\"\n", "llm.layers"),
+    ("[search]\nlayer_repeats = \"never\"\n", "search.layer_repeats"),
 ])
 def test_bad_config_is_one_clear_message(tmp_path, text, needle):
     p = tmp_path / "bad.toml"

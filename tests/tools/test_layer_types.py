@@ -231,6 +231,11 @@ def test_a_group_repeats_no_kind_of_layer_where_asked(repeats):
                           shape=DiffShape(min_added=3, max_added=4, repeats=repeats))  # two kinds fit flat
     assert accepts(three.lark, flat_head + f"+{' ' * 12}nn.GELU(),\n+{' ' * 12}nn.Linear(84, 84),\n"
                    f"+{' ' * 12}nn.GELU(),\n" + f" {LINES[lin + 1]}\n```")
+    # every kind offered (no draw), six lines a group: once at most would take thousands of rules,
+    # so never twice in a row holds instead
+    every = delta_grammar(LENET, anchors=[relu], typed=True, shape=DiffShape(min_added=2, max_added=6, repeats=repeats))
+    assert every.rules < 400
+    assert accepts(every.lark, answer(*again)) and not accepts(every.lark, answer("GELU()", "GELU()"))
     with pytest.raises(ValueError, match="repeats must be one of"):
         DiffShape(repeats="never")
 
