@@ -49,6 +49,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from deltanas.tools.diff_extract import normalise_newlines
 from deltanas.tools.protected import protected_functions
@@ -190,13 +191,23 @@ def edit_sites(source: str, *, allow_train_changes: bool = False) -> tuple[list[
     return sorted(removable | insertable), removable
 
 
+class _Typing(NamedTuple):
+    """What typed layers read from the parent (tools/layer_types.py)."""
+
+    flows: dict  # gap -> Flow
+    removable: set[int]  # one-line elements whose removal keeps the flow
+    nn: str  # how the parent names torch.nn
+    families: tuple[str, ...] | None  # the kinds of layer a `+` line may be
+    keepers: set[int]  # last lines of elements whose backward reads their output
+
+
 class _Builder:
     def __init__(self, lines: list[str], shape: DiffShape, sites: list[int], removable: set[int],
-                 narrow: bool = False, windows: list[list[int]] | None = None, typed: tuple | None = None):
+                 narrow: bool = False, windows: list[list[int]] | None = None, typed: _Typing | None = None):
         self.lines, self.shape = lines, shape
         self.narrow = narrow  # sites were given: a small grammar can afford per-group terminals
         self.windows = windows  # hunk h edits windows[h - 1], every window in order (None: any sites)
-        self.typed = typed  # (flows, removable elements, nn prefix, kinds): layers from a menu in a Sequential
+        self.typed = typed  # layers from a menu in a Sequential
         self.n = len(lines)
         self.sites = sites
         self.site_set = set(sites)
@@ -256,24 +267,22 @@ class _Builder:
         """The terminal of the layers an `nn.Sequential` may take at gap j (tools/layer_types.py)."""
         from deltanas.tools.layer_types import menu
 
-        flows, _, nn, families = self.typed
-        flow = flows.get(j)
+        flow = self.typed.flows.get(j)
         name = self._menus.get(flow)
         if name is None:
             name = self._menus[flow] = f"LAYER{len(self._menus)}"
-            self.rules[name] = menu(flow, nn, families)
+            self.rules[name] = menu(flow, self.typed.nn, self.typed.families)
         return name
 
     def parts(self, j: int) -> list[str]:
         """The terminals of the layers an `nn.Sequential` may take at gap j, one per kind."""
         from deltanas.tools.layer_types import menu_parts
 
-        flows, _, nn, families = self.typed
-        flow = flows.get(j)
+        flow = self.typed.flows.get(j)
         names = self._parts.get(flow)
         if names is None:
             names = self._parts[flow] = []
-            for part in menu_parts(flow, nn, families).values():
+            for part in menu_parts(flow, self.typed.nn, self.typed.families).values():
                 names.append(f"KIND{len(self._parts) - 1}_{len(names)}")
                 self.rules[names[-1]] = part
         return names
@@ -470,7 +479,7 @@ class _Builder:
         layers = self.typed is not None and self.context(i) == "MODULE"  # whole layers that keep the flow
         for k in range(1, self.shape.max_removed + 1):
             j = i + k - 1
-            if j >= self.n or j not in self.removable or (layers and j not in self.typed[1]):
+            if j >= self.n or j not in self.removable or (layers and j not in self.typed.removable):
                 break
             if self.lines[j].strip() and len(_indent(self.lines[j])) < first:
                 break
@@ -482,7 +491,7 @@ class _Builder:
             then = self.after(h, j + 1)
             if then is None:
                 break
-            adds = self.plus(j + 1, 1 if self.empties(i, j + 1) else 0, tuple(range(i, j + 1)))
+            adds = self.plus(j + 1, 1 if self.empties(i, j + 1) or self.exposes(i, j + 1) else 0, tuple(range(i, j + 1)))
             alts.append(f"{' '.join(removed)} {adds} {then}")
         then = self.after(h, i) if i < self.n else None
         if then is not None:
@@ -490,6 +499,15 @@ class _Builder:
         if not alts:
             raise AssertionError(f"no change group at line {i}")
         return alts
+
+    def exposes(self, i: int, j: int) -> bool:
+        """Would removing layers i..j-1 put a layer in place (`ReLU(inplace=True)`) right after one
+        whose backward reads its output (a `ReLU`)? The first's output would be overwritten, and
+        training fails; a layer added between them keeps it."""
+        if self.typed is None:
+            return False
+        flow = self.typed.flows.get(j)
+        return i - 1 in self.typed.keepers and flow is not None and flow.before_inplace
 
     def empties(self, i: int, j: int) -> bool:
         """Would removing lines i..j-1 leave the block they are in without a statement?"""
@@ -547,9 +565,10 @@ def delta_grammar(parent_source: str, *, shape: DiffShape | None = None, allow_t
                                              "parse by default. Narrow them with sites (llm.sites = \"sampled\")")
     typing = None
     if typed:
-        from deltanas.tools.layer_types import flows, nn_prefix, removable_lines
+        from deltanas.tools.layer_types import flows, nn_prefix, output_keepers, removable_lines
 
-        typing = (flows(parent_source), removable_lines(parent_source), nn_prefix(parent_source), families)
+        typing = _Typing(flows(parent_source), removable_lines(parent_source), nn_prefix(parent_source), families,
+                         output_keepers(parent_source))
     builder = _Builder(lines, shape, allowed, removable, narrow=sites is not None, windows=windows, typed=typing)
     lark = builder.build()
     return Grammar(lark=lark, prefix=DIFF_PREFIX, kind="delta", rules=len(builder.rules) + 1,

@@ -28,6 +28,7 @@ TRANSPARENT = {"ReLU", "ReLU6", "GELU", "SiLU", "Mish", "ELU", "CELU", "SELU", "
                "LeakyReLU", "PReLU", "Tanh", "Sigmoid", "Softplus", "Hardtanh", "Identity", "Dropout",
                "AlphaDropout"}
 SPATIAL_SAME = {"Dropout2d"}  # spatial in, the same out
+OUTPUT_BACKWARD = {"ReLU", "Sigmoid", "Tanh"}  # their backward reads their output (in place, every one does)
 NORM2D = {"BatchNorm2d": 0, "InstanceNorm2d": 0, "GroupNorm": 1}  # the argument that names the channels
 NORM1D = {"BatchNorm1d": 0, "LayerNorm": 0}
 POOL2D = {"MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d"}
@@ -49,6 +50,7 @@ class _Element:
     c_out: str | None = None
     keeps_shape: bool = False  # removing it leaves the flow as it was
     inplace: bool = False  # it overwrites its input (`inplace=True`)
+    keeps_output: bool = False  # its backward reads its own output: a layer in place after it breaks that
 
 
 def _name(call: ast.expr) -> str:
@@ -97,13 +99,13 @@ def _element(lines: list[bytes], node: ast.expr) -> _Element:
     inplace = any(k.arg == "inplace" and not (isinstance(k.value, ast.Constant) and not k.value.value)
                   for k in node.keywords)
     if name in TRANSPARENT and inplace:
-        return _Element(first, last, "transparent", keeps_shape=True, inplace=True)
+        return _Element(first, last, "transparent", keeps_shape=True, inplace=True, keeps_output=True)
 
     def text(n: ast.expr | None) -> str | None:
         return None if n is None else _segment(lines, n)
 
     if name in TRANSPARENT:
-        return _Element(first, last, "transparent", keeps_shape=True)
+        return _Element(first, last, "transparent", keeps_shape=True, keeps_output=name in OUTPUT_BACKWARD)
     if name in SPATIAL_SAME:
         return _Element(first, last, "spatial_same", keeps_shape=True)
     if name in NORM2D:
@@ -196,6 +198,14 @@ def removable_lines(source: str) -> set[int]:
     removal keeps the flow: activations, dropout, norms, a same-shape convolution or linear."""
     tree = ast.parse(source)
     return {e.first for elems in _sequentials(source, tree) for e in elems if e.keeps_shape and e.first == e.last}
+
+
+def output_keepers(source: str) -> set[int]:
+    """The last lines (0-based) of the elements of such an `nn.Sequential` whose backward reads
+    their own output (`ReLU`, and any layer in place): removing what follows one must not leave a
+    layer in place right after it, which would overwrite that output (autograd then refuses)."""
+    tree = ast.parse(source)
+    return {e.last for elems in _sequentials(source, tree) for e in elems if e.keeps_output}
 
 
 def nn_prefix(source: str) -> str:

@@ -240,6 +240,38 @@ def test_a_group_repeats_no_kind_of_layer_where_asked(repeats):
         DiffShape(repeats="never")
 
 
+def test_removing_a_layer_never_leaves_one_in_place_right_after_a_relu():
+    """A run removed `nn.Conv2d(16, 16, 3, padding=1)` from between two `ReLU(inplace=True)`: the
+    second then overwrote the output the first's backward reads, and training crashed. Such a
+    removal must now put a layer in its place."""
+    src = get_baseline("lenet").source.replace(
+        "            nn.ReLU(inplace=True),\n            nn.MaxPool2d(2),\n            nn.Conv2d(16, 32",
+        "            nn.ReLU(inplace=True),\n            nn.Conv2d(16, 16, kernel_size=3, padding=1),\n"
+        "            nn.ReLU(inplace=True),\n            nn.MaxPool2d(2),\n            nn.Conv2d(16, 32", 1)
+    lines = src.splitlines()
+    conv = line_of("nn.Conv2d(16, 16, kernel_size=3, padding=1),", src)
+    assert lines[conv - 1].strip() == lines[conv + 1].strip() == "nn.ReLU(inplace=True),"
+    head = f"{hunk_header(anchor_counts(lines), lines, conv)}\n {lines[conv - 1]}\n-{lines[conv]}\n"
+    bare = head + f" {lines[conv + 1]}\n```"
+    kept = head + f"+{' ' * 12}nn.BatchNorm2d(16),\n {lines[conv + 1]}\n```"
+    for repeats in ("yes", "no"):
+        g = delta_grammar(src, anchors=[conv], typed=True, shape=DiffShape(repeats=repeats))
+        assert not accepts(g.lark, bare) and accepts(g.lark, kept), repeats
+    assert accepts(delta_grammar(src, anchors=[conv], typed=False).lark, bare)  # free layers: the repair loop's
+    x = torch.randn(4, 1, 28, 28)
+    for answer, fails in ((bare, True), (kept, False)):
+        res = apply_model_output(src, DIFF_PREFIX + answer)
+        assert res.ok, res.error
+        ns: dict = {}
+        exec(compile(res.source, "net", "exec"), ns)
+        net = ns["Net"]((1, 1, 28, 28), (10,), {"lr": 0.01, "momentum": 0.9, "dropout": 0.2}, torch.device("cpu"))
+        if fails:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                net(x).square().mean().backward()
+        else:
+            net(x).square().mean().backward()
+
+
 def test_hostile_parents_get_a_typed_grammar_in_time_or_a_typed_error():
     """A 2,000-line nn.Sequential of repeated lines with odd characters around it: four typed
     sites are drawn, the grammar compiles within seconds and an answer there applies; a parent
