@@ -134,7 +134,8 @@ class SearchConfig(_Section):
     never twice in a row; `no`, once at most. Asked for two lines, SmolLM2 wrote the same layer
     twice in 57-81% of its hunks (`nn.GELU()` and `nn.GELU()` again), and kept from that, it
     alternated two (`LayerNorm`, `GELU`, `LayerNorm`, ...): a repeated line repeats its shingles,
-    and the novelty rule counts the child a near-copy. Where one kind alone fits, it may repeat."""
+    and the novelty rule counts the child a near-copy. Where too few kinds fit for the lines
+    asked (`min_added`), they may repeat."""
     tournament_size: int = Field(3, gt=0)
     """Parent selection: best of this many random archive members..."""
     explore: float = Field(0.2, ge=0, le=1)
