@@ -8,6 +8,7 @@ on sys.path so test files can `import support`.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import random
@@ -272,3 +273,18 @@ def changed_lines(before: str, after: str) -> list[str]:
 
     body = list(difflib.unified_diff(before.split("\n"), after.split("\n"), lineterm="", n=0))[2:]
     return [line for line in body if line[:1] in "+-"]
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str):
+    """A script of bench/ as a module (`bench/<name>.py`), its folder first on sys.path as when it
+    runs, and registered under its name (dataclasses look their module up while being made)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from support import load_bench
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "grammar_libs.py"
 PARENTS = {"lenet", "resnet+helpers"}  # --quick: lenet and the 200-line parent
@@ -100,18 +102,10 @@ def test_other_libraries_are_measured_beside_llguidance(tmp_path):
         assert r["status"] == "infeasible" and "no CFG support" in r["note"], r
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("grammar_libs_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being made
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_grammar_as_one_regex_admits_the_answer_and_refuses_a_wrong_one():
     """The outlines-core path, checked with Python's re: the inlined narrowed grammar takes the
     bench's answer and not the same answer with a broken context line."""
-    gl = _load_bench()
+    gl = load_bench("grammar_libs")
     src = gl.get_baseline("lenet").source
     answer = gl.find_answer(src)
     assert answer is not None and gl.accepts(gl.delta_grammar(src).lark, answer.text)
@@ -125,7 +119,7 @@ def test_the_grammar_as_one_regex_admits_the_answer_and_refuses_a_wrong_one():
 
 
 def test_regex_terminals_become_ebnf_with_shared_groups():
-    gl = _load_bench()
+    gl = load_bench("grammar_libs")
     assert gl.regex_to_ebnf(r"(?:    |\t){0,2}x") == '("    " | "\\t"){0,2} "x"'
     shared: dict[str, str] = {}
     ebnf = gl.regex_to_ebnf(r"(?:a|\((?:b|\[c*\])*\)|\[(?:b|\[c*\])*\])*", shared)

@@ -2,7 +2,6 @@
 interval on known data, and the whole measurement on the tiny GGUF model with a real adapter."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,15 +13,9 @@ import pytest
 
 from deltanas.agent.archive import CandidateRow, Store
 
+from support import load_bench
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("learnability", ROOT / "bench" / "learnability.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_run(path: Path, tag: str) -> Path:
@@ -43,7 +36,7 @@ def make_run(path: Path, tag: str) -> Path:
 
 
 def test_it_trains_on_improving_answers_and_scores_every_answer_that_trained(tmp_path):
-    la = load_bench()
+    la = load_bench("learnability")
     run = make_run(tmp_path / "r", "a")
     train = la.training([run], from_cycle=1, limit=10, seed=0)
     assert sorted(e["completion"][0]["content"] for e in train) == ["```diff\n+ a up1\n```", "```diff\n+ a up2\n```"]
@@ -56,7 +49,7 @@ def test_it_trains_on_improving_answers_and_scores_every_answer_that_trained(tmp
 
 
 def test_the_interval_is_right_on_known_data():
-    la = load_bench()
+    la = load_bench("learnability")
     assert la.bootstrap([1.0, 1.0], [0.0, 0.0]) == (1.0, 1.0, 1.0)
     diff, lo, hi = la.bootstrap([0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0], n=2000)
     assert diff == 0.0 and lo < 0 < hi

@@ -3,7 +3,6 @@ sandbox trains on the real digits set), its figures recomputed here from the arc
 interval on known data, and `deltanas report --against` on the same runs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sqlite3
@@ -16,19 +15,13 @@ import pytest
 from deltanas.agent.archive import Store
 from deltanas.agent.cli import main
 
+from support import load_bench
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("learning_curve", ROOT / "bench" / "learning_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_interval_is_right_on_known_data():
-    lc = load_bench()
+    lc = load_bench("learning_curve")
     sure = lc.bootstrap_diff({s: {"learn": [1, 1, 1], "control": [0, 0, 0]} for s in range(3)}, draws=500)
     assert sure["diff"] == 1.0 and sure["ci95"] == [1.0, 1.0]
     none = lc.bootstrap_diff({s: {"learn": [0, 1], "control": [0, 1]} for s in range(3)}, draws=2000)
@@ -39,7 +32,7 @@ def test_the_interval_is_right_on_known_data():
 
 
 def test_the_interval_is_taken_against_the_control_for_each_learning_arm():
-    lc = load_bench()
+    lc = load_bench("learning_curve")
     per_seed = {s: {"dpo": [1, 1], "learn": [0, 0], "control": [0, 1]} for s in range(3)}
     assert lc.bootstrap_diff(per_seed, draws=200, arm="dpo")["diff"] == 0.5
     assert lc.bootstrap_diff(per_seed, draws=200)["diff"] == -0.5
